@@ -1,0 +1,60 @@
+"""The registry of attribution methods: each method file registers itself with `@register`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import XAuditError
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    """A method's raw attributions (Captum's shapes and signs) and optional per-example extras."""
+
+    attributions: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered attribution method. `layer` methods return (N, 1, h, w) maps at the CAM layer;
+    the others return input-shaped (N, C, H, W) attributions."""
+
+    name: str
+    fn: Callable[..., MethodOutput]
+    layer: bool
+    defaults: dict[str, Any]
+    paper: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, *, layer: bool = False, paper: str = "", **defaults: Any):
+    """Register `fn(ctx, **params) -> MethodOutput` under `name`, with its default parameters."""
+    def wrap(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
+        if name in METHODS:
+            raise RuntimeError(f"attribution method {name!r} registered twice")
+        METHODS[name] = Method(name, fn, layer, dict(defaults), paper)
+        return fn
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    """Return the registered method `name`, or raise naming the known ones."""
+    if name not in METHODS:
+        raise XAuditError(f"attribute: 'methods' must name registered methods {sorted(METHODS)}; got {name!r}")
+    return METHODS[name]
+
+
+def resolve_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the method's defaults updated with `params`; unknown parameter names are an error."""
+    method = get_method(name)
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(method.defaults))
+    if unknown:
+        raise XAuditError(f"attribute: parameters {unknown} are not known to method {name!r}; "
+                          f"it takes {sorted(method.defaults)}")
+    return {**method.defaults, **params}

@@ -1,0 +1,222 @@
+"""Compute several attribution methods for a batch, sharing the clean forward and the gradient pass.
+
+Vocabulary (as Captum): `model`, `inputs` (N, C, H, W), `target` (N,) class per example, `attributions`,
+`baselines`. The clean forward (logits, prediction) is computed once per batch; one forward/backward feeds
+every gradient-pass method (saliency, input x gradient, Grad-CAM, Grad-CAM++).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import XAuditError
+from ._registry import get_method, resolve_params
+
+
+def find_layer(model: nn.Module, name: str | None) -> nn.Module:
+    """Return the module at dotted path `name`, or the last `Conv2d` when `name` is None."""
+    if name:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            raise XAuditError(f"attribute: 'target_layer' {name!r} is not a submodule of "
+                              f"{type(model).__name__}") from None
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise XAuditError(f"attribute: CAM methods need a convolutional layer; {type(model).__name__} has no "
+                          f"Conv2d, so give 'target_layer' in the model card")
+    return convs[-1]
+
+
+@contextmanager
+def capture_layer(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the layer's output (and keep it in the graph) for the duration; the hook is always removed."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise XAuditError(f"attribute: the CAM layer must output a tensor; it gave {type(output).__name__}")
+        if output.requires_grad:
+            output.retain_grad()
+        store["activations"] = output
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class GradientPass:
+    """One forward/backward of sum_i logits[i, target_i]: input gradient, CAM-layer activations and gradients."""
+
+    input_grad: torch.Tensor
+    activations: torch.Tensor | None
+    layer_grad: torch.Tensor | None
+
+
+def chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@dataclass
+class Context:
+    """What a method sees: the batch, its targets, the clean logits, and helpers that batch model calls."""
+
+    model: nn.Module
+    inputs: torch.Tensor
+    target: torch.Tensor
+    logits: torch.Tensor
+    layer: nn.Module | None
+    seed: int
+    max_batch: int
+    _pass: GradientPass | None = field(default=None, repr=False)
+
+    def generator(self, salt: int) -> torch.Generator:
+        """Return a generator seeded from the context seed and a per-method salt (device-agnostic)."""
+        g = torch.Generator(device=self.inputs.device)
+        g.manual_seed((self.seed * 1_000_003 + salt) % (2 ** 63))
+        return g
+
+    def gradient_pass(self) -> GradientPass:
+        if self._pass is None:
+            self._pass = _gradient_pass(self.model, self.inputs, self.target, self.layer)
+        return self._pass
+
+    def target_output(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Return logits[i, target_i] for many inputs, in chunks of `max_batch`, without autograd."""
+        out = torch.empty(len(x), device=x.device, dtype=self.logits.dtype)
+        with torch.inference_mode():
+            for s in chunks(len(x), self.max_batch):
+                out[s] = self.model(x[s]).gather(1, target[s, None])[:, 0].to(out.dtype)
+        return out
+
+    def target_gradient(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Return d logits[i, target_i] / d x_i for many inputs, in chunks of `max_batch`."""
+        grads = torch.empty_like(x)
+        for s in chunks(len(x), self.max_batch):
+            grads[s] = _input_gradient(self.model, x[s], target[s])
+        return grads
+
+
+def _input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        out = model(xg).gather(1, target[:, None]).sum()
+        (grad,) = torch.autograd.grad(out, xg)
+    return grad
+
+
+def _gradient_pass(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: nn.Module | None) -> GradientPass:
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        if layer is None:
+            out = model(xg).gather(1, target[:, None]).sum()
+            (grad,) = torch.autograd.grad(out, xg)
+            return GradientPass(grad, None, None)
+        with capture_layer(layer) as store:
+            out = model(xg).gather(1, target[:, None]).sum()
+        acts = store["activations"]
+        grad, layer_grad = torch.autograd.grad(out, (xg, acts))
+    return GradientPass(grad, acts.detach(), layer_grad)
+
+
+@dataclass(frozen=True)
+class AttributionResult:
+    """Attributions of one batch: clean `logits` (N, K), the `target` (N,) explained, raw `attributions`
+    per method, and per-method extras such as the integrated-gradients completeness delta."""
+
+    logits: torch.Tensor
+    target: torch.Tensor
+    attributions: dict[str, torch.Tensor]
+    extras: dict[str, dict[str, torch.Tensor]]
+
+
+def resolve_target(target: Any, logits: torch.Tensor) -> torch.Tensor:
+    """Return a (N,) long tensor of classes: the prediction for None/'predicted', else the given classes."""
+    n, k = logits.shape
+    if target is None or (isinstance(target, str) and target == "predicted"):
+        return logits.argmax(1)
+    if isinstance(target, int):
+        t = torch.full((n,), target, dtype=torch.long, device=logits.device)
+    else:
+        t = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
+        if t.numel() == 1 and n != 1:
+            t = t.expand(n).clone()
+    if t.shape != (n,) or (t.numel() and (t.min() < 0 or t.max() >= k)):
+        raise XAuditError(f"attribute: 'target' must be 'predicted', a class index, or one class in 0..{k - 1} "
+                          f"per example ({n}); got {target!r}")
+    return t
+
+
+def attribute(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    methods: Sequence[str],
+    target: Any = None,
+    params: dict[str, dict[str, Any]] | None = None,
+    target_layer: str | None = None,
+    seed: int = 0,
+    max_batch: int = 256,
+    logits: torch.Tensor | None = None,
+) -> AttributionResult:
+    """Return the attributions of every method in `methods` for `inputs` (N, C, H, W).
+
+    `target` is None / 'predicted' (default), an int, or one class per example. `params` maps a method
+    name to its parameters (see each method's file). `max_batch` bounds how many images (or perturbed
+    copies) go through the model at once. `logits`, when the caller already has the clean forward, is reused.
+    """
+    if inputs.ndim != 4:
+        raise XAuditError(f"attribute: 'inputs' must be (N, C, H, W); got shape {tuple(inputs.shape)}")
+    specs = [get_method(m) for m in methods]
+    resolved = {m.name: resolve_params(m.name, (params or {}).get(m.name)) for m in specs}
+    unused = sorted(set(params or {}) - set(resolved))
+    if unused:
+        raise XAuditError(f"attribute: 'params' given for {unused}, which are not among 'methods' {list(methods)}")
+    was_training = model.training
+    model.eval()
+    try:
+        if logits is None:
+            with torch.inference_mode():
+                logits = torch.cat([model(inputs[s]) for s in chunks(len(inputs), max_batch)]) if len(inputs) \
+                    else torch.empty(0, 0)
+        logits = logits.detach().clone()
+        tgt = resolve_target(target, logits)
+        layer = find_layer(model, target_layer) if any(m.layer for m in specs) else None
+        ctx = Context(model, inputs.detach(), tgt, logits, layer, seed, max_batch)
+        attributions, extras = {}, {}
+        for m in specs:
+            out = m.fn(ctx, **resolved[m.name])
+            attributions[m.name] = out.attributions.detach()
+            extras[m.name] = {k: v.detach() for k, v in out.extras.items()}
+    finally:
+        model.train(was_training)
+    return AttributionResult(logits, tgt, attributions, extras)
+
+
+def display_heatmap(attributions: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Return an (N, H, W) map in [0, 1] for overlays and statistics, from any method's raw output.
+
+    Input-shaped (N, C, H, W) attributions: |a| summed over channels, area-resampled to `size`.
+    Layer maps (N, 1, h, w): bilinearly resized to `size`. Each map is divided by its maximum
+    (an all-zero map stays zero).
+    """
+    a = attributions.detach().float()
+    if a.ndim == 3:
+        a = a[:, None]
+    m = a.abs().sum(1, keepdim=True)
+    if m.shape[-2:] != tuple(size):
+        if m.shape[-2] >= size[0] and m.shape[-1] >= size[1]:
+            m = torch.nn.functional.adaptive_avg_pool2d(m, size)
+        else:
+            m = torch.nn.functional.interpolate(m, size=size, mode="bilinear", align_corners=False)
+    m = m[:, 0]
+    peak = m.flatten(1).amax(1).clamp_min(torch.finfo(m.dtype).tiny)
+    return (m / peak[:, None, None]).clamp(0, 1)
+
+

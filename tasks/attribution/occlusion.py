@@ -1,0 +1,35 @@
+"""Occlusion: for each window, the drop of the target logit when the window is replaced by a baseline,
+spread over the window's pixels and averaged over the windows covering each pixel (Zeiler & Fergus 2014,
+https://arxiv.org/abs/1311.2901; Captum's `Occlusion` over all channels)."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import XAuditError
+from ._registry import MethodOutput, register
+
+
+@register("occlusion", paper="https://arxiv.org/abs/1311.2901", window=8, stride=4, baseline=0.0)
+def occlusion(ctx, window: int, stride: int, baseline: float) -> MethodOutput:
+    """Return the occlusion attributions (N, C, H, W); every window of every image is batched together.
+    Pixels no window covers get 0."""
+    x = ctx.inputs
+    n, c, h, w = x.shape
+    if not (1 <= window <= min(h, w)) or stride < 1:
+        raise XAuditError(f"occlusion: 'window' must be in 1..{min(h, w)} and 'stride' >= 1; "
+                          f"got window={window}, stride={stride}")
+    ys = range(0, h - window + 1, stride)
+    xs = range(0, w - window + 1, stride)
+    masks = torch.zeros(len(ys) * len(xs), 1, h, w, device=x.device, dtype=x.dtype)
+    for i, (y0, x0) in enumerate((y0, x0) for y0 in ys for x0 in xs):
+        masks[i, :, y0:y0 + window, x0:x0 + window] = 1
+    fx = ctx.logits.gather(1, ctx.target[:, None])[:, 0].to(x.dtype)
+    total = torch.zeros_like(x)
+    per_call = max(1, ctx.max_batch // n)
+    for s in range(0, len(masks), per_call):
+        m = masks[s:s + per_call]                                    # (k, 1, H, W)
+        occluded = (x[None] * (1 - m[:, None]) + baseline * m[:, None]).reshape(-1, c, h, w)
+        drop = fx.repeat(len(m)) - ctx.target_output(occluded, ctx.target.repeat(len(m)))
+        total += (drop.view(len(m), n, 1, 1, 1) * m[:, None]).sum(0)
+    counts = masks.sum(0)                                            # (1, H, W)
+    return MethodOutput(torch.where(counts > 0, total / counts.clamp_min(1), torch.zeros_like(total)))

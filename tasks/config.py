@@ -1,0 +1,163 @@
+"""The audit configuration: one pydantic model, the flow's parameter (validated, and a form in the Prefect UI).
+
+`load_config(path)` reads YAML or JSON and resolves relative paths against the config file's folder, so a
+config and the files it names travel together.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import XAuditError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which model to audit. `card` names a JSON model card whose fields are the defaults for the others."""
+
+    card: Path | None = None
+    name: str | None = None
+    version: str | None = None
+    factory: str | None = Field(None, description="import path 'package.module:callable' that builds the nn.Module")
+    weights: Path | None = Field(None, description="safetensors file, or a weights-only torch state dict")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_size: tuple[int, int] | None = None
+    channels: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    class_names: list[str] | None = None
+    target_layer: str | None = Field(None, description="module path of the CAM layer; default: the last Conv2d")
+
+
+class DataSpec(_Strict):
+    """Which examples to audit: a Parquet file of encoded images, or an ImageFolder directory."""
+
+    path: Path
+    format: Literal["parquet", "imagefolder", "auto"] = "auto"
+    filter: dict[str, Any] = Field(default_factory=dict, description="column: value, or column: [values]")
+    id_column: str = "example_id"
+    image_column: str = "image_png"
+    label_column: str = "label"
+    roi_column: str | None = Field(None, description="column of PNG region-of-interest masks (nonzero = inside)")
+    metadata_columns: list[str] | None = Field(None, description="default: every other scalar column")
+    limit: int | None = Field(None, ge=1)
+
+
+class AttributionSpec(_Strict):
+    methods: list[str] = Field(default_factory=lambda: ["saliency", "gradcam"])
+    target: Literal["predicted", "label"] = "predicted"
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method parameters")
+    heatmap_size: int = Field(32, ge=4, le=256, description="side of the stored low-resolution heatmap")
+    batch_size: int = Field(64, ge=1)
+
+
+class Threshold(_Strict):
+    """A check on one metric: a bound on its value, or on its gap below/above the overall value."""
+
+    metric: str
+    slice: str | None = Field(None, description="'overall', 'site=C', 'site=C&split=test'; None = every slice")
+    lower: float | None = None
+    upper: float | None = None
+    max_gap: float | None = Field(None, ge=0, description="largest allowed |slice - overall| in the bad direction")
+    gate_on: Literal["estimate", "interval"] = "estimate"
+    severity: Literal["fail", "warn"] = "fail"
+    sub_key: str | None = Field(None, description="class name, for per-class metrics")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "Threshold":
+        if self.lower is None and self.upper is None and self.max_gap is None:
+            raise ValueError(f"threshold on {self.metric!r} needs 'lower', 'upper' or 'max_gap'")
+        return self
+
+
+class MetricsSpec(_Strict):
+    slices: list[list[str]] = Field(
+        default_factory=lambda: [[]], description="each entry a list of columns to cross; [] is overall"
+    )
+    metrics: list[str] | None = Field(None, description="default: every registered metric")
+    bootstrap_replicates: int = Field(1000, ge=0)
+    confidence_level: float = Field(0.95, gt=0, lt=1)
+    min_slice_size: int = Field(10, ge=1)
+    thresholds: list[Threshold] = Field(default_factory=list)
+
+
+class ReportSpec(_Strict):
+    title: str = "Model audit"
+    formats: list[Literal["html", "pdf"]] = Field(default_factory=lambda: ["html", "pdf"])
+    gallery_size: int = Field(4, ge=0, le=32)
+    prepared_by: str | None = None
+    reviewed_by: str | None = None
+    organisation: str | None = None
+    limitations: list[str] = Field(default_factory=list)
+
+
+class AuditConfig(_Strict):
+    """Everything an audit needs; the flow's only parameter."""
+
+    model: ModelSpec
+    data: DataSpec
+    attribution: AttributionSpec = Field(default_factory=AttributionSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+    output_dir: Path = Path("runs")
+    run_id: str | None = Field(None, description="fixed id: a rerun with the same id resumes")
+    seed: int = 0
+    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'")
+    shard_size: int = Field(512, ge=1)
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/\\\0") or v.startswith(".")):
+            raise ValueError(f"run_id must be a plain folder name; got {v!r}")
+        return v
+
+
+def _resolve(base: Path, value: Any) -> Any:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AuditConfig:
+    """Return the `AuditConfig` in a YAML/JSON file, with relative model/data paths resolved against it."""
+    path = Path(path)
+    if not path.is_file():
+        raise XAuditError(f"load_config: 'path' must be an existing YAML or JSON file; got {str(path)!r}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise XAuditError(f"load_config: {path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise XAuditError(f"load_config: {path} must hold a mapping; got {type(raw).__name__}")
+    base = path.resolve().parent
+    model = dict(raw.get("model") or {})
+    for key in ("card", "weights"):
+        if key in model:
+            model[key] = _resolve(base, model[key])
+    raw["model"] = model
+    data = dict(raw.get("data") or {})
+    if "path" in data:
+        data["path"] = _resolve(base, data["path"])
+    raw["data"] = data
+    raw.update(overrides or {})
+    return parse_config(raw, source=str(path))
+
+
+def parse_config(raw: dict[str, Any] | AuditConfig, source: str = "config") -> AuditConfig:
+    """Return a validated `AuditConfig`; pydantic's errors become one `XAuditError` listing each field."""
+    if isinstance(raw, AuditConfig):
+        return raw
+    try:
+        return AuditConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise XAuditError(f"load_config: {source} is not a valid audit config:\n" + "\n".join(lines)) from None
