@@ -148,8 +148,8 @@ def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult
     """Stream the filtered source into Parquet shards `out_dir/shard-NNNNN.parquet` of `shard_size` rows.
 
     The fingerprint is the sha256 over the per-row digests (every column, in source order), so it
-    identifies the audited content whatever file it came from. Rows with a missing or repeated id are
-    kept here and rejected at decode, so no row disappears without a reason.
+    identifies the audited content whatever file it came from. Rows with a missing or repeated id cannot
+    be told apart later: they go to `out_dir/ingest-rejects.parquet` with their reason.
     """
     out_dir = Path(out_dir)
     batches, fmt, _ = _source_batches(spec)
@@ -157,6 +157,8 @@ def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult
     shards: list[str] = []
     pending: list[pa.RecordBatch] = []
     pending_rows = n_rows = 0
+    seen: set[str] = set()
+    rejects: list[dict[str, str]] = []
     meta_cols: list[str] | None = None
     columns: list[str] | None = None
 
@@ -178,9 +180,22 @@ def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult
         batch = batch.select(columns)
         if spec.limit is not None:
             batch = batch.slice(0, max(0, spec.limit - n_rows))
-        for row in batch.to_pylist():
+        keep = []
+        for i, row in enumerate(batch.to_pylist()):
             fingerprint.update(_row_digest(row))
+            eid = row[spec.id_column]
+            if eid is None or str(eid) == "":
+                rejects.append({"example_id": f"<row {n_rows + i}>", "stage": "ingest",
+                                "reason": f"missing '{spec.id_column}'"})
+            elif str(eid) in seen:
+                rejects.append({"example_id": str(eid), "stage": "ingest",
+                                "reason": f"duplicate '{spec.id_column}' (first occurrence kept)"})
+            else:
+                seen.add(str(eid))
+                keep.append(i)
         n_rows += batch.num_rows
+        if len(keep) < batch.num_rows:
+            batch = batch.take(pa.array(keep, type=pa.int64()))
         pending.append(batch)
         pending_rows += batch.num_rows
         flush()
@@ -189,7 +204,8 @@ def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult
     flush(final=True)
     if n_rows == 0:
         raise XAuditError(f"ingest: no rows left in {str(spec.path)!r} after 'data.filter' {spec.filter}")
-    return IngestResult(tuple(shards), n_rows, 0, fingerprint.hexdigest(), str(spec.path), fmt,
+    write_parquet(out_dir / "ingest-rejects.parquet", rejects_table(rejects))
+    return IngestResult(tuple(shards), n_rows, len(rejects), fingerprint.hexdigest(), str(spec.path), fmt,
                         tuple(meta_cols or ()))
 
 
@@ -212,30 +228,20 @@ def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(im) > 0
 
 
-def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec, seen_ids: set[str] | None = None) -> DecodedShard:
-    """Return the shard's good rows as normalised tensors, and a reject (with its reason) for every bad row.
-
-    `seen_ids`, when given, holds ids from earlier shards so repeated ids are rejected across the dataset.
-    """
+def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedShard:
+    """Return the shard's good rows as normalised tensors, and a reject (with its reason) for every bad row."""
     table = pq.read_table(path)
     name_to_index = {n: i for i, n in enumerate(card.class_names)}
     ids, images, labels, masks, keep, rejects = [], [], [], [], [], []
-    seen = seen_ids if seen_ids is not None else set()
     id_col = table[spec.id_column].to_pylist()
     img_col = table[spec.image_column].to_pylist()
     lab_col = table[spec.label_column].to_pylist()
     roi_col = table[spec.roi_column].to_pylist() if spec.roi_column else None
     for i, (eid, img, lab) in enumerate(zip(id_col, img_col, lab_col)):
-        rid = str(eid) if eid is not None else f"<row {i} of {Path(path).name}>"
+        rid = str(eid)
 
         def reject(reason: str) -> None:
             rejects.append({"example_id": rid, "stage": "decode", "reason": reason})
-        if eid is None or str(eid) == "":
-            reject(f"missing '{spec.id_column}'")
-            continue
-        if rid in seen:
-            reject(f"duplicate '{spec.id_column}' {rid!r} (first occurrence kept)")
-            continue
         if lab is None:
             reject(f"missing '{spec.label_column}'")
             continue
@@ -270,7 +276,6 @@ def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec, seen_ids: se
                     reject(f"corrupt region-of-interest mask: {type(exc).__name__}: {exc}")
                     continue
             masks.append(mask)
-        seen.add(rid)
         ids.append(rid)
         images.append(arr)
         labels.append(label)

@@ -25,6 +25,7 @@ class Method:
     name: str
     fn: Callable[..., MethodOutput]
     layer: bool
+    gradient_pass: bool
     defaults: dict[str, Any]
     paper: str
 
@@ -32,12 +33,13 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, layer: bool = False, paper: str = "", **defaults: Any):
-    """Register `fn(ctx, **params) -> MethodOutput` under `name`, with its default parameters."""
+def register(name: str, *, layer: bool = False, gradient_pass: bool = False, paper: str = "", **defaults: Any):
+    """Register `fn(ctx, **params) -> MethodOutput` under `name`, with its default parameters.
+    `gradient_pass=True` says the method only reads `ctx.gradient_pass()` (the shared forward/backward)."""
     def wrap(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
         if name in METHODS:
             raise RuntimeError(f"attribution method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, layer, dict(defaults), paper)
+        METHODS[name] = Method(name, fn, layer, gradient_pass, dict(defaults), paper)
         return fn
     return wrap
 

@@ -85,7 +85,7 @@ class Context:
 
     def gradient_pass(self) -> GradientPass:
         if self._pass is None:
-            self._pass = _gradient_pass(self.model, self.inputs, self.target, self.layer)
+            _, _, self._pass = _gradient_pass(self.model, self.inputs, lambda _: self.target, self.layer)
         return self._pass
 
     def target_output(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -112,18 +112,23 @@ def _input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> 
     return grad
 
 
-def _gradient_pass(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: nn.Module | None) -> GradientPass:
+def _gradient_pass(model: nn.Module, x: torch.Tensor, target: Callable[[torch.Tensor], torch.Tensor],
+                   layer: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, GradientPass]:
+    """One forward with autograd (its logits are the clean forward) and one backward of the chosen logits.
+    `target` maps the logits to the (N,) classes to explain. Returns (logits, target, pass)."""
     with torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         if layer is None:
-            out = model(xg).gather(1, target[:, None]).sum()
-            (grad,) = torch.autograd.grad(out, xg)
-            return GradientPass(grad, None, None)
+            logits = model(xg)
+            tgt = target(logits.detach())
+            (grad,) = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), xg)
+            return logits.detach(), tgt, GradientPass(grad, None, None)
         with capture_layer(layer) as store:
-            out = model(xg).gather(1, target[:, None]).sum()
+            logits = model(xg)
+        tgt = target(logits.detach())
         acts = store["activations"]
-        grad, layer_grad = torch.autograd.grad(out, (xg, acts))
-    return GradientPass(grad, acts.detach(), layer_grad)
+        grad, layer_grad = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), (xg, acts))
+    return logits.detach(), tgt, GradientPass(grad, acts.detach(), layer_grad)
 
 
 @dataclass(frozen=True)
@@ -181,14 +186,18 @@ def attribute(
     was_training = model.training
     model.eval()
     try:
-        if logits is None:
-            with torch.inference_mode():
-                logits = torch.cat([model(inputs[s]) for s in chunks(len(inputs), max_batch)]) if len(inputs) \
-                    else torch.empty(0, 0)
-        logits = logits.detach().clone()
-        tgt = resolve_target(target, logits)
         layer = find_layer(model, target_layer) if any(m.layer for m in specs) else None
-        ctx = Context(model, inputs.detach(), tgt, logits, layer, seed, max_batch)
+        shared = None
+        if logits is None and any(m.gradient_pass for m in specs) and len(inputs) <= max_batch:
+            # The gradient pass's forward is the clean forward: one forward/backward for the whole family.
+            logits, tgt, shared = _gradient_pass(model, inputs, lambda lg: resolve_target(target, lg), layer)
+        else:
+            if logits is None:
+                with torch.inference_mode():
+                    logits = torch.cat([model(inputs[s]) for s in chunks(len(inputs), max_batch)])
+            logits = logits.detach().clone()
+            tgt = resolve_target(target, logits)
+        ctx = Context(model, inputs.detach(), tgt, logits, layer, seed, max_batch, shared)
         attributions, extras = {}, {}
         for m in specs:
             out = m.fn(ctx, **resolved[m.name])

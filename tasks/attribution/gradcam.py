@@ -5,7 +5,7 @@ import torch
 from ._registry import MethodOutput, register
 
 
-@register("gradcam", layer=True, paper="https://arxiv.org/abs/1610.02391")
+@register("gradcam", gradient_pass=True, layer=True, paper="https://arxiv.org/abs/1610.02391")
 def gradcam(ctx) -> MethodOutput:
     """Return the (N, 1, h, w) Grad-CAM map at the CAM layer, from the shared gradient pass."""
     p = ctx.gradient_pass()

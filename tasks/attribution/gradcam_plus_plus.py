@@ -5,7 +5,7 @@ import torch
 from ._registry import MethodOutput, register
 
 
-@register("gradcam_plus_plus", layer=True, paper="https://arxiv.org/abs/1710.11063", eps=1e-6)
+@register("gradcam_plus_plus", gradient_pass=True, layer=True, paper="https://arxiv.org/abs/1710.11063", eps=1e-6)
 def gradcam_plus_plus(ctx, eps: float) -> MethodOutput:
     """Return the (N, 1, h, w) Grad-CAM++ map at the CAM layer, from the shared gradient pass."""
     p = ctx.gradient_pass()

@@ -1,0 +1,86 @@
+"""The `xaudit` command line.
+
+    xaudit run CONFIG [CONFIG ...] [--run-id ID] [--output-dir DIR] [--device DEV] [--gate]
+    xaudit render RUN_DIR [--format html|pdf ...]
+    xaudit verify RUN_DIR
+
+Exit codes: 0 done (and, with --gate, no audit FAILED); 1 an audit FAILED under --gate, or verify found a
+mismatch; 2 bad input (config, model, data).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from tasks.errors import XAuditError
+
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xaudit", description="Audit PyTorch image classifiers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an audit for each config file")
+    run.add_argument("configs", nargs="*", default=["data/demo_audit.yaml"], metavar="CONFIG",
+                     help="YAML/JSON audit config (default: the bundled demo, data/demo_audit.yaml)")
+    run.add_argument("--run-id", help="fixed run id (a rerun with the same id resumes); one config only")
+    run.add_argument("--output-dir", help="parent folder of run directories (default: runs)")
+    run.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
+    run.add_argument("--gate", action="store_true", help="exit 1 when an audit's verdict is FAIL")
+    render = sub.add_parser("render", help="re-render a run's reports from its files, without recomputing")
+    render.add_argument("run_dir")
+    render.add_argument("--format", action="append", choices=["html", "pdf"], dest="formats")
+    verify = sub.add_parser("verify", help="re-hash a run's artifacts against its manifest")
+    verify.add_argument("run_dir")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tasks.config import load_config
+    overrides = {k: v for k, v in (("run_id", args.run_id), ("output_dir", args.output_dir),
+                                   ("device", args.device)) if v}
+    if args.run_id and len(args.configs) > 1:
+        raise XAuditError("xaudit run: '--run-id' needs exactly one CONFIG")
+    configs = [load_config(c, overrides) for c in args.configs]     # validate all before running any
+    from flows.audit import audit
+    worst = EXIT_OK
+    for path, config in zip(args.configs, configs):
+        t0 = time.perf_counter()
+        result = audit(config)
+        took = time.perf_counter() - t0
+        print(f"{path}: {result['verdict']} · accuracy {result['accuracy']:.3f} · {result['scored']} scored, "
+              f"{result['rejected']} rejected · {took:.1f} s")
+        print(f"run directory: {Path(result['run_dir']).resolve()}")
+        if args.gate and result["verdict"] == "FAIL":
+            worst = EXIT_FAIL
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "render":
+            from tasks.report import render_report
+            for fmt, path in render_report(args.run_dir, tuple(args.formats or ("html", "pdf"))).items():
+                print(f"{fmt}: {path}")
+            return EXIT_OK
+        if args.command == "verify":
+            from tasks.outputs import verify_run
+            problems = verify_run(args.run_dir)
+            for p in problems:
+                print(p)
+            print("verified: every artifact matches manifest.json" if not problems else
+                  f"{len(problems)} problem(s)")
+            return EXIT_FAIL if problems else EXIT_OK
+    except XAuditError as exc:
+        print(f"xaudit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

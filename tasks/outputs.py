@@ -1,0 +1,173 @@
+"""Assemble a run's outputs: merge shard parts, compute per-slice metrics and checks, write the manifest.
+
+Output files of a run directory (schemas in the README):
+  predictions.parquet, explanations.parquet, rejects.parquet, metrics.parquet,
+  validation.parquet, validation.json, manifest.json, report.html, report.pdf
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import AuditConfig
+from .errors import XAuditError
+from .io import atomic_path, sha256_file, sha256_json, write_json, write_parquet
+from .metrics import ExampleStat, evaluate, validate
+from .models import ModelCard
+from .scoring import EXPLANATION_STATS
+
+ARTIFACTS = ("predictions.parquet", "explanations.parquet", "rejects.parquet", "metrics.parquet",
+             "validation.parquet", "validation.json", "report.html", "report.pdf")
+LIBRARIES = ("xaudit", "torch", "torchvision", "numpy", "pandas", "pyarrow", "prefect", "jinja2", "weasyprint",
+             "pillow", "pydantic", "safetensors")
+
+
+def merge_parquet(parts: Sequence[str | Path], path: str | Path, schema: pa.Schema | None = None) -> int:
+    """Concatenate Parquet `parts` into `path` one part at a time (atomically); returns the row count."""
+    rows = 0
+    with atomic_path(path) as tmp:
+        writer = None
+        try:
+            for part in parts:
+                table = pq.read_table(part)
+                if schema is not None:
+                    table = table.cast(schema)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table)
+                rows += table.num_rows
+            if writer is None:
+                if schema is None:
+                    raise XAuditError(f"merge_parquet: no parts to merge into {path}")
+                writer = pq.ParquetWriter(tmp, schema, compression="zstd")
+        finally:
+            if writer is not None:
+                writer.close()
+    return rows
+
+
+@dataclass(frozen=True)
+class MetricsSummary:
+    verdict: str
+    n_checks: int
+    n_failed: int
+    accuracy: float | None
+
+
+def example_stats(predictions: pa.Table, explanations: pa.Table) -> dict[str, ExampleStat]:
+    """Return the explanation statistics per method as per-example columns aligned with `predictions`,
+    named '<method>.<stat>' (for example 'gradcam.roi_mass'); stats that are undefined everywhere are left out."""
+    ids = predictions["example_id"].to_pylist()
+    position = {e: i for i, e in enumerate(ids)}
+    ex = explanations.select(["example_id", "method", *EXPLANATION_STATS]).to_pandas()
+    out: dict[str, ExampleStat] = {}
+    for method, group in ex.groupby("method", sort=True):
+        idx = np.array([position[e] for e in group["example_id"]], dtype=np.int64)
+        for stat, (higher, _) in EXPLANATION_STATS.items():
+            values = np.full(len(ids), np.nan)
+            values[idx] = group[stat].to_numpy(dtype=np.float64)
+            if np.isfinite(values).any():
+                out[f"{method}.{stat}"] = ExampleStat(values, higher)
+    return out
+
+
+def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, run_id: str) -> MetricsSummary:
+    """Write metrics.parquet, validation.parquet and validation.json for the run; returns the verdict."""
+    run_dir = Path(run_dir)
+    preds = pq.read_table(run_dir / "predictions.parquet")
+    expl = pq.read_table(run_dir / "explanations.parquet")
+    if preds.num_rows == 0:
+        raise XAuditError("compute_metrics: no example was scored (all were rejected); see rejects.parquet")
+    probs = np.asarray(preds["probabilities"].combine_chunks().flatten(), dtype=np.float64).reshape(preds.num_rows, -1)
+    reserved = {"example_id", "label", "label_name", "prediction", "prediction_name", "confidence", "correct",
+                "probabilities", "shard"}
+    metadata = preds.select([c for c in preds.column_names if c not in reserved]).to_pandas()
+    spec = config.metrics
+    ev = evaluate(
+        labels=preds["label"].to_numpy(), probabilities=probs, metadata=metadata, slices=spec.slices,
+        metrics=spec.metrics, example_stats=example_stats(preds, expl), class_names=card.class_names,
+        replicates=spec.bootstrap_replicates, seed=config.seed, level=spec.confidence_level,
+        min_slice_size=spec.min_slice_size,
+    )
+    table = ev.table
+    table.insert(0, "model", f"{card.name}@{card.version}")
+    table.insert(0, "run_id", run_id)
+    interval = {"ci_method": ev.method, "ci_replicates": str(ev.replicates), "ci_seed": str(ev.seed),
+                "ci_level": str(ev.level)}
+    write_parquet(run_dir / "metrics.parquet", pa.Table.from_pandas(table, preserve_index=False), interval)
+    result = validate(ev, spec.thresholds)
+    checks = result.table()
+    checks.insert(0, "run_id", run_id)
+    write_parquet(run_dir / "validation.parquet", pa.Table.from_pandas(checks, preserve_index=False))
+    write_json(run_dir / "validation.json", {"run_id": run_id, "model": f"{card.name}@{card.version}",
+                                             "interval": interval, **result.to_dict()})
+    overall = table[(table.slice_key == "overall") & (table.metric == "accuracy")]
+    return MetricsSummary(result.verdict, len(result.checks), sum(c.status == "FAIL" for c in result.checks),
+                          float(overall.value.iloc[0]) if len(overall) else None)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = importlib_metadata.version(lib)
+        except importlib_metadata.PackageNotFoundError:
+            out[lib] = "not installed"
+    return out
+
+
+def artifact_hashes(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Return {name: {sha256, bytes}} for every artifact present in the run directory."""
+    run_dir = Path(run_dir)
+    return {name: {"sha256": sha256_file(run_dir / name), "bytes": (run_dir / name).stat().st_size}
+            for name in ARTIFACTS if (run_dir / name).is_file()}
+
+
+def build_manifest(run_id: str, started: datetime, config: AuditConfig, card: ModelCard, data: dict[str, Any],
+                   flow_run_id: str | None, device: str, run_dir: str | Path, verdict: str) -> dict[str, Any]:
+    """Return the run manifest: identity of model, data, code and environment, and every artifact's hash."""
+    cfg = json.loads(config.model_dump_json())
+    return {
+        "schema": "xaudit.manifest/1",
+        "run_id": run_id,
+        "created_utc": started.astimezone(timezone.utc).isoformat(timespec="seconds"),
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "verdict": verdict,
+        "config": cfg,
+        "config_sha256": sha256_json(cfg),
+        "model": card.to_dict(),
+        "data": data,
+        "seeds": {"run": config.seed, "bootstrap": config.seed, "attribution": config.seed},
+        "prefect_flow_run_id": flow_run_id,
+        "device": device,
+        "libraries": library_versions(),
+        "artifacts": artifact_hashes(run_dir),
+    }
+
+
+def verify_run(run_dir: str | Path) -> list[str]:
+    """Return the problems found re-hashing a run's artifacts against its manifest (empty when intact)."""
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise XAuditError(f"verify: {str(run_dir)!r} must be a run directory with a manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    problems = []
+    for name, info in manifest.get("artifacts", {}).items():
+        path = run_dir / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != info["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (modified after the run)")
+    return problems
+

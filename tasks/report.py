@@ -1,0 +1,331 @@
+"""Render a run's report (HTML and PDF/A-3b) from its Parquet outputs and manifest; no recomputation.
+
+Data-derived text (labels, metadata, ids) is escaped by Jinja's autoescaping; the PDF renderer may only
+read the report's own inline `data:` URLs.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from PIL import Image
+
+from .errors import XAuditError
+from .io import atomic_path, write_bytes
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+KEY_METRICS = ("accuracy", "f1_macro", "auc_ovr_macro", "ece", "log_loss")
+THUMB = 96
+
+
+def environment() -> Environment:
+    """Return the Jinja environment: autoescaping on, undefined variables an error."""
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "j2", "svg"],
+                      default=True), undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = lambda x, d=3: "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) \
+        else f"{x:.{d}f}"
+    env.filters["pct"] = lambda x: "–" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
+    return env
+
+
+# --- images ----------------------------------------------------------------------------------------------
+
+def _colormap(v: np.ndarray) -> np.ndarray:
+    """Map [0, 1] to RGB with a perceptually ordered dark-blue -> yellow ramp (viridis-like, 5 anchors)."""
+    anchors = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    x = np.clip(v, 0, 1) * (len(anchors) - 1)
+    i = np.minimum(x.astype(int), len(anchors) - 2)
+    f = (x - i)[..., None]
+    return anchors[i] * (1 - f) + anchors[i + 1] * f
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_rgb(data: bytes, size: int = THUMB) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB").resize((size, size), Image.NEAREST), dtype=np.float64)
+
+
+def overlay_uri(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55) -> str:
+    """Return a PNG data URI of `heatmap` (h, w in [0, 1]) blended over an RGB `image`."""
+    size = image.shape[0]
+    hm = np.asarray(Image.fromarray((heatmap * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)) / 255.0
+    a = alpha * hm[..., None]
+    return png_data_uri(image * (1 - a) + _colormap(hm) * a)
+
+
+def heatmap_uri(heatmap: np.ndarray, size: int = THUMB) -> str:
+    hm = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
+    return png_data_uri(_colormap(hm / 255.0))
+
+
+# --- charts ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    value: float
+    lo: float | None
+    hi: float | None
+    n: int
+    flagged: bool
+
+
+def bar_chart(rows: pd.DataFrame, metric: str, flagged: set[tuple[str, str]], bounds=(0.0, 1.0)) -> dict[str, Any]:
+    """Return the geometry of a horizontal bar chart of `metric` per slice with interval whiskers."""
+    sub = rows[(rows.metric == metric) & (rows.sub_key == "") & ~rows.suppressed]
+    lo_b = bounds[0]
+    hi_b = bounds[1] if np.isfinite(bounds[1]) else max(1e-9, float(np.nanmax(sub.ci_high.fillna(sub.value))) * 1.1)
+    vals = sub.value.to_numpy(dtype=float)
+    if metric in ("accuracy", "f1_macro", "auc_ovr_macro", "precision_macro", "recall_macro") and len(vals):
+        lo_b = max(0.0, np.floor((np.nanmin(sub.ci_low.fillna(sub.value)) - 0.05) * 10) / 10)
+    width, left, row_h = 520, 150, 22
+
+    def x(v):
+        return left + (float(v) - lo_b) / (hi_b - lo_b) * (width - left - 20)
+    bars = []
+    for i, r in enumerate(sub.itertuples()):
+        label = "overall" if r.slice_key == "overall" else f"{r.slice_key}={r.slice_value}"
+        bars.append(dict(label=label, y=10 + i * row_h, x0=x(lo_b), x1=x(r.value), value=r.value,
+                         lo=None if pd.isna(r.ci_low) else x(r.ci_low), hi=None if pd.isna(r.ci_high) else x(r.ci_high),
+                         n=r.n, flagged=(r.slice_key, r.slice_value) in flagged))
+    ticks = [dict(x=x(t), label=f"{t:.2f}") for t in np.linspace(lo_b, hi_b, 5)]
+    return dict(metric=metric, bars=bars, width=width, height=30 + len(bars) * row_h, ticks=ticks, left=left)
+
+
+def confusion_chart(metrics: pd.DataFrame, class_names: list[str]) -> dict[str, Any]:
+    cm = metrics[(metrics.slice_key == "overall") & (metrics.metric == "confusion")]
+    k = len(class_names)
+    counts = np.zeros((k, k))
+    index = {c: i for i, c in enumerate(class_names)}
+    for sub, v in zip(cm.sub_key, cm.value):
+        t, p = sub.split("->", 1)
+        counts[index[t], index[p]] = v
+    row = counts.sum(1, keepdims=True)
+    share = np.divide(counts, row, out=np.zeros_like(counts), where=row > 0)
+    cell = max(14, min(28, 300 // max(k, 1)))
+    cells = [dict(x=40 + j * cell, y=20 + i * cell, count=int(counts[i, j]), shade=float(share[i, j]),
+                  dark=share[i, j] > 0.5) for i in range(k) for j in range(k)]
+    return dict(cells=cells, cell=cell, names=class_names, size=40 + k * cell + 10, k=k)
+
+
+def calibration_chart(pred: pd.DataFrame, bins: int = 10) -> dict[str, Any]:
+    conf = pred.confidence.to_numpy()
+    correct = pred.correct.to_numpy().astype(float)
+    b = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    pts = []
+    for i in range(bins):
+        m = b == i
+        if m.any():
+            pts.append(dict(x=30 + conf[m].mean() * 220, y=250 - correct[m].mean() * 220, n=int(m.sum()),
+                            r=2 + 6 * np.sqrt(m.sum() / len(conf))))
+    return dict(points=pts)
+
+
+# --- gallery ---------------------------------------------------------------------------------------------
+
+def _load_images(run_dir: Path, ids: list[str], id_col: str, image_col: str) -> dict[str, bytes]:
+    shards = sorted((run_dir / "inputs").glob("shard-*.parquet"))
+    if not shards or not ids:
+        return {}
+    table = ds.dataset([str(s) for s in shards], format="parquet").to_table(
+        columns=[id_col, image_col], filter=pc.field(id_col).isin(ids))
+    return dict(zip(table[id_col].to_pylist(), table[image_col].to_pylist()))
+
+
+def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None, per_slice: int,
+            id_col: str, image_col: str) -> list[dict[str, Any]]:
+    """Return, per value of `slice_col` (or overall), examples with an overlay per method: the most
+    confident correct, the most confident misclassified, and the least aligned with the region of interest."""
+    if per_slice == 0:
+        return []
+    methods = sorted(expl.method.unique())
+    first = methods[0] if methods else None
+    roi = expl[expl.method == first].set_index("example_id").roi_mass if first else pd.Series(dtype=float)
+    groups = pred.groupby(slice_col, sort=True) if slice_col else [("all", pred)]
+    chosen: list[tuple[str, list[tuple[str, str]]]] = []
+    for value, g in groups:
+        picks: list[tuple[str, str]] = []
+        right = g[g.correct].sort_values("confidence", ascending=False)
+        wrong = g[~g.correct].sort_values("confidence", ascending=False)
+        align = roi.reindex(g.example_id).dropna().sort_values()
+        quota = {"most confident correct": max(1, per_slice // 4), "misclassified": max(1, per_slice // 2),
+                 "least aligned with ROI": max(1, per_slice // 4)}
+        for why, ids in (("most confident correct", right.example_id), ("misclassified", wrong.example_id),
+                         ("least aligned with ROI", align.index)):
+            for e in list(ids):
+                if sum(1 for _, w in picks if w == why) >= quota[why] or len(picks) >= per_slice:
+                    break
+                if e not in {p for p, _ in picks}:
+                    picks.append((e, why))
+        chosen.append((str(value), picks))
+    wanted = [e for _, picks in chosen for e, _ in picks]
+    images = _load_images(run_dir, wanted, id_col, image_col)
+    heat = expl[expl.example_id.isin(wanted)].set_index(["example_id", "method"])
+    info = pred.set_index("example_id")
+    out = []
+    for value, picks in chosen:
+        items = []
+        for e, why in picks:
+            if e not in images:
+                continue
+            base = _image_rgb(images[e])
+            row = info.loc[e]
+            overlays = []
+            for m in methods:
+                if (e, m) in heat.index:
+                    h = heat.loc[(e, m)]
+                    hm = np.asarray(h.heatmap, dtype=float).reshape(int(h.heatmap_height), int(h.heatmap_width)) / 255.0
+                    overlays.append(dict(method=m, uri=overlay_uri(base, hm),
+                                         roi_mass=None if pd.isna(h.roi_mass) else float(h.roi_mass)))
+            items.append(dict(example_id=e, why=why, label=row.label_name, prediction=row.prediction_name,
+                              confidence=float(row.confidence), correct=bool(row.correct),
+                              image=png_data_uri(base), overlays=overlays))
+        out.append(dict(slice_value=value, examples=items))
+    return out
+
+
+def mean_maps(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None) -> list[dict[str, Any]]:
+    """Return the mean heatmap per slice value and method (each map rescaled to its own maximum)."""
+    if expl.empty:
+        return []
+    key = pred.set_index("example_id")[slice_col] if slice_col else pd.Series("all", index=pred.example_id)
+    e = expl.assign(slice_value=key.reindex(expl.example_id).to_numpy())
+    out = []
+    for (value, method), g in e.groupby(["slice_value", "method"], sort=True):
+        h, w = int(g.heatmap_height.iloc[0]), int(g.heatmap_width.iloc[0])
+        m = np.stack(g.heatmap.to_numpy()).astype(float).mean(0).reshape(h, w)
+        out.append(dict(slice_value=str(value), method=method, uri=heatmap_uri(m / max(m.max(), 1e-12)), n=len(g)))
+    return out
+
+
+def method_agreement(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None) -> list[dict[str, Any]]:
+    """Return the mean Spearman rank correlation of the stored heatmaps between each pair of methods, per slice."""
+    methods = sorted(expl.method.unique())
+    if len(methods) < 2:
+        return []
+    maps = {m: expl[expl.method == m].set_index("example_id").heatmap for m in methods}
+    ids = pred.example_id.to_numpy()
+    labels = pred[slice_col].astype(str).to_numpy() if slice_col else np.full(len(ids), "all")
+    out = []
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            A = np.stack(maps[a].reindex(ids).to_numpy()).astype(float)
+            B = np.stack(maps[b].reindex(ids).to_numpy()).astype(float)
+            ra, rb = A.argsort(1).argsort(1), B.argsort(1).argsort(1)
+            ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+            rho = (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+            for value in sorted(set(labels)):
+                out.append(dict(pair=f"{a} vs {b}", slice_value=value, rho=float(np.nanmean(rho[labels == value]))))
+    return out
+
+
+# --- context and rendering -------------------------------------------------------------------------------
+
+def report_context(run_dir: str | Path) -> dict[str, Any]:
+    """Return everything the templates need, read from the run directory only."""
+    run_dir = Path(run_dir)
+    for name in ("manifest.json", "predictions.parquet", "metrics.parquet", "explanations.parquet",
+                 "validation.json", "rejects.parquet"):
+        if not (run_dir / name).is_file():
+            raise XAuditError(f"render: {str(run_dir)!r} must be a finished run directory; {name} is missing")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    validation = json.loads((run_dir / "validation.json").read_text())
+    metrics = pq.read_table(run_dir / "metrics.parquet").to_pandas()
+    pred = pq.read_table(run_dir / "predictions.parquet").to_pandas()
+    expl = pq.read_table(run_dir / "explanations.parquet").to_pandas()
+    rejects = pq.read_table(run_dir / "rejects.parquet").to_pandas()
+    cfg = manifest["config"]
+    card = manifest["model"]
+    failed = [c for c in validation["checks"] if c["status"] != "PASS"]
+    flagged = {(c["slice_key"], c["slice_value"]) for c in failed}
+    slice_cols = [s for s in cfg["metrics"]["slices"] if len(s) == 1]
+    slice_col = slice_cols[0][0] if slice_cols else None
+    scalar = metrics[(metrics.sub_key == "") & (metrics.metric != "confusion")]
+    slices = []
+    for (key, value), g in scalar.groupby(["slice_key", "slice_value"], sort=False):
+        vals = {r.metric: dict(value=r.value, lo=r.ci_low, hi=r.ci_high) for r in g.itertuples()}
+        slices.append(dict(key=key, value=value, n=int(g.n.iloc[0]), suppressed=bool(g.suppressed.iloc[0]),
+                           flagged=(key, value) in flagged, metrics=vals))
+    from .metrics import METRICS
+    expl_metrics = sorted(m for m in scalar.metric.unique() if "." in m)
+    charts = [bar_chart(scalar, m, flagged, METRICS[m].bounds if m in METRICS else (0.0, 1.0))
+              for m in ("accuracy", *[m for m in expl_metrics if m.endswith("roi_mass")]) if m in set(scalar.metric)]
+    key_metrics = [m for m in KEY_METRICS if m in set(scalar.metric)]
+    interval = validation.get("interval", {})
+    methods = sorted(expl.method.unique())
+    params = cfg["attribution"]["params"]
+    return dict(
+        title=cfg["report"]["title"], manifest=manifest, card=card, cfg=cfg, validation=validation,
+        verdict=validation["verdict"], failed=failed, checks=validation["checks"], slices=slices,
+        key_metrics=key_metrics, expl_metrics=expl_metrics, charts=charts,
+        confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
+        gallery=gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
+                        cfg["data"]["image_column"]),
+        mean_maps=mean_maps(pred, expl, slice_col), agreement=method_agreement(pred, expl, slice_col),
+        slice_col=slice_col, methods=[dict(name=m, params=params.get(m, {})) for m in methods],
+        metric_names=sorted(m for m in scalar.metric.unique()),
+        interval=interval, rejects=rejects.to_dict("records"), n_scored=len(pred),
+        n_rejected=len(rejects), suppressed=[s for s in slices if s["suppressed"]],
+        report=cfg["report"], artifacts=manifest.get("artifacts", {}),
+    )
+
+
+def render_html(run_dir: str | Path) -> str:
+    """Return the report as one self-contained HTML document."""
+    return environment().get_template("report.html.j2").render(**report_context(run_dir))
+
+
+class DataOnlyFetcher:
+    """A WeasyPrint URL fetcher that serves only `data:` URLs and records every other URL it refused."""
+
+    def __init__(self) -> None:
+        from weasyprint.urls import URLFetcher
+        self._inner = URLFetcher(allowed_protocols={"data"}, fail_on_errors=False)
+        self._fail_on_errors = False
+        self.refused: list[str] = []
+
+    def __call__(self, url: str, *args, **kwargs):
+        if not url.startswith("data:"):
+            self.refused.append(url)
+            raise ValueError(f"xaudit reports load only inline data: URLs; refused {url[:80]!r}")
+        return self._inner(url, *args, **kwargs)
+
+
+def render_pdf(html: str, path: str | Path, attachments: list[Path], fetcher: DataOnlyFetcher | None = None) -> Path:
+    """Write `html` as a PDF/A-3b file with `attachments` embedded; returns the path."""
+    import weasyprint
+    fetcher = fetcher or DataOnlyFetcher()
+    files = [weasyprint.Attachment(string=p.read_bytes(), name=p.name, description=f"xaudit evidence: {p.name}",
+                                   relationship="Data", url_fetcher=fetcher) for p in attachments]
+    document = weasyprint.HTML(string=html, url_fetcher=fetcher).render()
+    with atomic_path(path) as tmp:
+        document.write_pdf(tmp, pdf_variant="pdf/a-3b", attachments=files, uncompressed_pdf=False)
+    return Path(path)
+
+
+def render_report(run_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf")) -> dict[str, str]:
+    """Render report.html and/or report.pdf into the run directory; returns {format: path}."""
+    run_dir = Path(run_dir)
+    html = render_html(run_dir)
+    out: dict[str, str] = {}
+    if "html" in formats:
+        out["html"] = str(write_bytes(run_dir / "report.html", html.encode()))
+    if "pdf" in formats:
+        evidence = [run_dir / n for n in ("metrics.parquet", "validation.json", "manifest.json")]
+        out["pdf"] = str(render_pdf(html, run_dir / "report.pdf", evidence))
+    return out

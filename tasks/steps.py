@@ -1,0 +1,134 @@
+"""Prefect tasks: thin wrappers over the pure functions. Between tasks travel paths, small dicts and hashes.
+
+This is the only module of `tasks` that imports Prefect.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.runtime import flow_run
+
+from . import outputs, report
+from .config import AuditConfig, ModelSpec
+from .data import REJECT_SCHEMA, ingest
+from .errors import XAuditError
+from .io import sha256_file, sha256_json, write_json
+from .models import ModelCard, build_model, pick_device, resolve_card
+from .scoring import score_shard
+
+CODE_VERSION = "xaudit-scoring/2"   # bump when scoring output changes, so cached shards are recomputed
+IO_RETRIES = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=lambda t, r, s: not isinstance(
+    getattr(s, "data", None), XAuditError))
+
+
+@task(name="prepare-run")
+def prepare_run(config: AuditConfig) -> dict[str, str]:
+    """Create the run directory; returns {run_id, run_dir, started}."""
+    started = datetime.now(timezone.utc)
+    run_id = config.run_id or f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    run_dir = Path(config.output_dir) / run_id
+    (run_dir / "inputs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "parts").mkdir(exist_ok=True)
+    return {"run_id": run_id, "run_dir": str(run_dir), "started": started.isoformat(),
+            "flow_run_id": str(flow_run.get_id()) if flow_run.get_id() else None}
+
+
+@task(name="resolve-model")
+def resolve_model(spec: ModelSpec) -> dict[str, Any]:
+    """Resolve the model card and hash the weights; returns the card as a dict."""
+    return resolve_card(spec).to_dict()
+
+
+@task(name="ingest-data", **IO_RETRIES)
+def ingest_data(config: AuditConfig, run_dir: str) -> dict[str, Any]:
+    """Filter the dataset into input shards under the run; returns counts and the content fingerprint."""
+    result = ingest(config.data, Path(run_dir) / "inputs", config.shard_size)
+    return asdict(result)
+
+
+@functools.lru_cache(maxsize=4)
+def _model(weights: str, weights_sha256: str, device: str, card_json: str) -> torch.nn.Module:
+    return build_model(ModelCard(**json.loads(card_json)), device)
+
+
+def _card(card: dict[str, Any]) -> ModelCard:
+    return ModelCard(**{**card, "input_size": tuple(card["input_size"]), "mean": tuple(card["mean"]),
+                        "std": tuple(card["std"]), "class_names": tuple(card["class_names"])})
+
+
+@task(name="score-shard", **IO_RETRIES)
+def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -> dict[str, Any]:
+    """Predict and attribute one input shard; reuses the shard's parts when its cache key matches."""
+    parts = Path(run_dir) / "parts"
+    key = sha256_json({"shard": sha256_file(shard), "weights": card["weights_sha256"], "code": CODE_VERSION,
+                       "attribution": config.attribution.model_dump(), "seed": config.seed,
+                       "data": config.data.model_dump(include={"roi_column", "id_column", "image_column",
+                                                               "label_column"})})
+    key_file = parts / f"{Path(shard).stem}.key.json"
+    if key_file.is_file():
+        done = json.loads(key_file.read_text())
+        if done.get("key") == key and all(Path(done[k]).is_file() for k in ("predictions", "explanations", "rejects")):
+            return {**done, "cached": True}
+    device = pick_device(config.device)
+    c = _card(card)
+    model = _model(c.weights, c.weights_sha256, str(device), json.dumps(card, default=list))
+    out = asdict(score_shard(shard, c, config, model, device, parts))
+    write_json(key_file, {**out, "key": key})
+    return {**out, "key": key, "cached": False}
+
+
+@task(name="merge-outputs", **IO_RETRIES)
+def merge_outputs(run_dir: str, shard_outputs: list[dict[str, Any]], n_rows: int, max_reject_fraction: float) -> dict[str, int]:
+    """Merge the shard parts into predictions/explanations/rejects.parquet; fail past the reject budget."""
+    rd = Path(run_dir)
+    n_pred = outputs.merge_parquet([s["predictions"] for s in shard_outputs], rd / "predictions.parquet")
+    outputs.merge_parquet([s["explanations"] for s in shard_outputs], rd / "explanations.parquet")
+    n_rej = outputs.merge_parquet([rd / "inputs" / "ingest-rejects.parquet", *[s["rejects"] for s in shard_outputs]],
+                                  rd / "rejects.parquet", REJECT_SCHEMA)
+    if n_rows and n_rej / n_rows > max_reject_fraction:
+        raise XAuditError(f"audit: {n_rej} of {n_rows} rows ({n_rej / n_rows:.1%}) were rejected, more than "
+                          f"'max_reject_fraction' {max_reject_fraction:.1%}; see {rd / 'rejects.parquet'}")
+    return {"scored": n_pred, "rejected": n_rej}
+
+
+@task(name="compute-metrics")
+def compute_metrics(run_dir: str, config: AuditConfig, card: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """Per-slice metrics, intervals and checks; returns the verdict and counts."""
+    return asdict(outputs.compute_metrics(run_dir, config, _card(card), run_id))
+
+
+@task(name="write-manifest", **IO_RETRIES)
+def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any], data: dict[str, Any],
+                   verdict: str) -> str:
+    """Write manifest.json with the hash of every artifact present; returns its path."""
+    data_identity = {k: data[k] for k in ("source", "source_format", "fingerprint", "n_rows", "metadata_columns")}
+    data_identity["format"] = data_identity.pop("source_format")
+    if Path(data["source"]).is_file():
+        data_identity["source_sha256"] = sha256_file(data["source"])
+    manifest = outputs.build_manifest(run["run_id"], datetime.fromisoformat(run["started"]), config, _card(card),
+                                      data_identity, run["flow_run_id"], str(pick_device(config.device)),
+                                      run["run_dir"], verdict)
+    return str(write_json(Path(run["run_dir"]) / "manifest.json", manifest))
+
+
+@task(name="render-report")
+def render(run_dir: str, formats: list[str]) -> dict[str, str]:
+    """Render report.html / report.pdf from the run's files."""
+    return report.render_report(run_dir, tuple(formats))
+
+
+@task(name="seal-manifest", **IO_RETRIES)
+def seal_manifest(run_dir: str) -> str:
+    """Add the reports' hashes to manifest.json (the PDF embeds the manifest as it was before rendering)."""
+    path = Path(run_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["artifacts"] = outputs.artifact_hashes(run_dir)
+    return str(write_json(path, manifest))
