@@ -23,8 +23,8 @@ def default_workers() -> int:
 @flow(name="xaudit-audit", task_runner=ThreadPoolTaskRunner(max_workers=default_workers()), log_prints=False)
 def audit(config: AuditConfig) -> dict[str, Any]:
     """Audit one model on one dataset slice; returns the run directory, verdict and counts."""
+    card = steps.resolve_model(config.model)          # bad model input fails before a run directory exists
     run = steps.prepare_run(config)
-    card = steps.resolve_model(config.model)
     data = steps.ingest_data(config, run["run_dir"])
     futures = [steps.score.submit(shard, card, config, run["run_dir"]) for shard in data["shards"]]
     shard_outputs = [f.result() for f in futures]

@@ -11,7 +11,10 @@ from ._registry import MethodOutput, register
 
 
 def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
-    """Return (step weights, alphas) on [0, 1] for `method` (Captum's names and rules)."""
+    """Return (step weights, alphas) on [0, 1] for `method` (Captum's names and nodes).
+
+    The weights always sum to 1. Captum's 'riemann_trapezoid' uses 1/n with halved ends (summing to
+    (n-1)/n, which shrinks every attribution by that factor); here it is the trapezoid rule proper."""
     if n_steps < 1 or (method == "riemann_trapezoid" and n_steps < 2):
         raise XAuditError(f"integrated_gradients: 'n_steps' must be >= 2; got {n_steps}")
     n = n_steps

@@ -1,0 +1,94 @@
+"""Build a small, fully deterministic run directory (no model, fixed run id and clock) for report tests."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from tasks.config import parse_config
+from tasks.io import write_json
+from tasks.metrics import ExampleStat, evaluate, validate
+from tasks.outputs import artifact_hashes
+
+CLASSES = ["cat", "dog", "<img src=x onerror=alert(1)>"]
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build(run_dir: Path, hostile: bool = True) -> Path:
+    rng = np.random.default_rng(42)
+    n, k = 60, 3
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "inputs").mkdir(exist_ok=True)
+    ids = [f"ex-{i:03d}" for i in range(n)]
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), y] += 1.5
+    p = np.round(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 4)
+    p = p / p.sum(1, keepdims=True)
+    pred = p.argmax(1)
+    sites = np.array(["north", "south", "file:///etc/passwd" if hostile else "east"])[rng.integers(0, 3, n)]
+    images = [_png(rng.integers(0, 255, (16, 16))) for _ in range(n)]
+    pq.write_table(pa.table({"example_id": ids, "image_png": images, "label": y.tolist(), "site": sites}),
+                   run_dir / "inputs" / "shard-00000.parquet")
+    names = np.array(CLASSES)
+    pq.write_table(pa.table({
+        "example_id": ids, "label": y, "label_name": names[y], "prediction": pred, "prediction_name": names[pred],
+        "confidence": p.max(1), "correct": pred == y,
+        "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1).astype(np.float32)), k),
+        "shard": ["shard-00000"] * n, "site": sites}), run_dir / "predictions.parquet")
+    heat = rng.integers(0, 256, (2 * n, 64)).astype(np.uint8)
+    roi = np.round(rng.random(2 * n), 3)
+    pq.write_table(pa.table({
+        "example_id": ids * 2, "method": ["saliency"] * n + ["gradcam"] * n, "target": np.tile(pred, 2),
+        "attribution_sum": np.zeros(2 * n), "attribution_abs_sum": np.ones(2 * n),
+        "completeness_delta": [None] * (2 * n), "roi_mass": roi, "pointing_game": (roi > 0.5).astype(float),
+        "heatmap_height": np.full(2 * n, 8, np.int32), "heatmap_width": np.full(2 * n, 8, np.int32),
+        "heatmap": pa.FixedSizeListArray.from_arrays(pa.array(heat.reshape(-1)), 64)}), run_dir / "explanations.parquet")
+    pq.write_table(pa.Table.from_pylist([{"example_id": "ex-bad", "stage": "decode",
+                                          "reason": "corrupt image: <b>not a PNG</b>"}]), run_dir / "rejects.parquet")
+    config = parse_config({
+        "model": {"name": "pets", "factory": "tasks.nets:demo_cnn", "weights": "pets.safetensors"},
+        "data": {"path": "pets.parquet", "filter": {"site": ["north", "south"]}},
+        "run_id": "golden-run", "attribution": {"methods": ["saliency", "gradcam"], "heatmap_size": 8},
+        "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200, "min_slice_size": 5,
+                    "thresholds": [{"metric": "accuracy", "lower": 0.95},
+                                   {"metric": "gradcam.roi_mass", "lower": 0.4, "severity": "warn"}]},
+        "report": {"title": "Pets classifier audit", "prepared_by": "A. Auditor", "reviewed_by": "R. Viewer",
+                   "gallery_size": 2, "limitations": ["Synthetic data for report tests."]},
+    })
+    stats = {f"{m}.roi_mass": ExampleStat(roi[i * n:(i + 1) * n], True) for i, m in enumerate(["saliency", "gradcam"])}
+    ev = evaluate(y, p, pq.read_table(run_dir / "predictions.parquet").select(["site"]).to_pandas(),
+                  slices=[[], ["site"]], example_stats=stats, class_names=CLASSES, replicates=200, seed=0,
+                  min_slice_size=5)
+    table = ev.table
+    table.insert(0, "model", "pets@2.0")
+    table.insert(0, "run_id", "golden-run")
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), run_dir / "metrics.parquet")
+    result = validate(ev, config.metrics.thresholds)
+    write_json(run_dir / "validation.json", {"run_id": "golden-run", "model": "pets@2.0", **result.to_dict(),
+               "interval": {"ci_method": ev.method, "ci_replicates": "200", "ci_seed": "0", "ci_level": "0.95"}})
+    card = {"name": "pets", "version": "2.0", "factory": "tasks.nets:demo_cnn", "weights": "pets.safetensors",
+            "weights_sha256": "0" * 64, "kwargs": {}, "input_size": [16, 16], "channels": 1, "mean": [0.5],
+            "std": [0.25], "class_names": CLASSES, "target_layer": None, "description": "A pets model.", "extra": {}}
+    manifest = {
+        "schema": "xaudit.manifest/1", "run_id": "golden-run", "created_utc": "2026-01-02T03:04:05+00:00",
+        "finished_utc": "2026-01-02T03:05:00+00:00", "verdict": result.verdict,
+        "config": json.loads(config.model_dump_json()), "config_sha256": "c" * 64, "model": card,
+        "data": {"source": "pets.parquet", "format": "parquet", "fingerprint": "f" * 64, "n_rows": n + 1,
+                 "metadata_columns": ["site"]},
+        "seeds": {"run": 0}, "prefect_flow_run_id": "00000000-0000-0000-0000-000000000000", "device": "cpu",
+        "libraries": {"python": "3.x", "torch": "x"}, "artifacts": {},
+    }
+    manifest["artifacts"] = {k: {"sha256": "a" * 64, "bytes": 1} for k in artifact_hashes(run_dir)}
+    write_json(run_dir / "manifest.json", manifest)
+    return run_dir

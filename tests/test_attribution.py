@@ -1,0 +1,207 @@
+"""Attribution methods against their oracles (Captum, pytorch-grad-cam), axioms and contracts."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tasks.attribution import METHODS, attribute, display_heatmap
+from tasks.errors import XAuditError
+from tasks.nets import DemoCNN
+
+captum_attr = pytest.importorskip("captum.attr")
+
+
+def demo_model():
+    torch.manual_seed(0)
+    return DemoCNN(in_channels=3).eval()
+
+
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=10).eval()
+
+
+MODELS = {
+    "demo_cnn": (demo_model, (3, 32, 32), "features.6"),
+    "resnet18": (resnet, (3, 64, 64), "layer4"),
+}
+
+
+@pytest.fixture(params=list(MODELS))
+def setup(request):
+    make, shape, layer = MODELS[request.param]
+    return make(), shape, layer
+
+
+def inputs_for(shape, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g)
+
+
+def distinct_targets(n, k=10):
+    return torch.arange(n) * 3 % k     # a different class on (almost) every row
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_gradient_family_equals_captum(setup, n):
+    model, shape, layer_name = setup
+    x = inputs_for(shape, n)
+    t = distinct_targets(n)
+    res = attribute(model, x, ["saliency", "input_x_gradient", "gradcam"], target=t, target_layer=layer_name)
+    sal = captum_attr.Saliency(model).attribute(x, target=t, abs=True)
+    ixg = captum_attr.InputXGradient(model).attribute(x, target=t)
+    layer = model.get_submodule(layer_name)
+    cam = captum_attr.LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)
+    torch.testing.assert_close(res.attributions["saliency"], sal, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.attributions["input_x_gradient"], ixg, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.attributions["gradcam"], cam, rtol=1e-4, atol=1e-6)
+    # display maps: Captum's LayerAttribution.interpolate (bilinear) then max-normalised
+    up = captum_attr.LayerAttribution.interpolate(cam, shape[1:], interpolate_mode="bilinear")[:, 0]
+    expected = up / up.flatten(1).amax(1).clamp_min(1e-30)[:, None, None]
+    torch.testing.assert_close(display_heatmap(res.attributions["gradcam"], shape[1:]), expected.clamp(0, 1),
+                               rtol=1e-4, atol=1e-5)
+    # per-row targets matter: no row is all zeros when the row's map is not (a peer's known failure)
+    assert (res.attributions["saliency"].flatten(1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_gradcam_plus_plus_equals_pytorch_grad_cam(setup, n):
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    model, shape, layer_name = setup
+    x = inputs_for(shape, n, seed=2)
+    t = distinct_targets(n)
+    res = attribute(model, x, ["gradcam_plus_plus"], target=t, target_layer=layer_name)
+    assert all(p.grad is None for p in model.parameters())          # checked before the peer's backward()
+    with pgc.GradCAMPlusPlus(model=model, target_layers=[model.get_submodule(layer_name)]) as cam:
+        theirs = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t]))
+    # pytorch-grad-cam min-max scales each ReLU'd map and resizes it (OpenCV bilinear) to the input size
+    ours = torch.nn.functional.interpolate(res.attributions["gradcam_plus_plus"], size=shape[1:], mode="bilinear",
+                                           align_corners=False)[:, 0]
+    lo = ours.flatten(1).amin(1)[:, None, None]
+    hi = ours.flatten(1).amax(1)[:, None, None]
+    ours = (ours - lo) / (hi - lo + 1e-7)
+    for i in range(n):
+        if theirs[i].max() > 0:
+            corr = torch.corrcoef(torch.stack([ours[i].flatten(), theirs[i].flatten().float()]))[0, 1]
+            assert corr > 0.999, f"row {i}: correlation {corr:.5f}"
+
+
+@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid", "riemann_left"])
+def test_integrated_gradients_equals_captum(setup, method):
+    model, shape, _ = setup
+    x = inputs_for(shape, 3)
+    t = distinct_targets(3)
+    res = attribute(model, x, ["integrated_gradients"], target=t, max_batch=8,
+                    params={"integrated_gradients": {"n_steps": 12, "method": method}})
+    ref, delta = captum_attr.IntegratedGradients(model).attribute(
+        x, target=t, n_steps=12, method=method, return_convergence_delta=True)
+    if method == "riemann_trapezoid":
+        # Captum's trapezoid weights are 1/n with halved ends (they sum to (n-1)/n); ours are the trapezoid
+        # rule's 1/(n-1) with halved ends (they sum to 1), so ours = Captum's * n / (n-1), exactly.
+        ref = ref * 12 / 11
+    torch.testing.assert_close(res.attributions["integrated_gradients"], ref, rtol=1e-3, atol=1e-5)
+    if method != "riemann_trapezoid":
+        torch.testing.assert_close(res.extras["integrated_gradients"]["delta"], delta.float(), rtol=1e-2, atol=1e-4)
+
+
+def test_integrated_gradients_completeness_on_demo_cnn():
+    model = demo_model()
+    x = inputs_for((3, 32, 32), 4)
+    for baseline in ("zeros", "blur", "uniform"):
+        res = attribute(model, x, ["integrated_gradients"],
+                        params={"integrated_gradients": {"n_steps": 64, "baseline": baseline}})
+        attr = res.attributions["integrated_gradients"]
+        delta = res.extras["integrated_gradients"]["delta"]
+        scale = attr.flatten(1).abs().sum(1)
+        assert (delta.abs() <= 0.02 * scale + 1e-3).all(), (baseline, delta, scale)
+
+
+def test_occlusion_equals_captum(setup):
+    model, shape, _ = setup
+    x = inputs_for(shape, 3)
+    t = distinct_targets(3)
+    window, stride = (8, 4) if shape[1] == 32 else (16, 8)
+    res = attribute(model, x, ["occlusion"], target=t, max_batch=16,
+                    params={"occlusion": {"window": window, "stride": stride}})
+    ref = captum_attr.Occlusion(model).attribute(x, target=t, sliding_window_shapes=(shape[0], window, window),
+                                                 strides=(shape[0], stride, stride), baselines=0.0)
+    torch.testing.assert_close(res.attributions["occlusion"], ref, rtol=1e-3, atol=1e-4)
+
+
+def test_smoothgrad_agrees_with_captum_noise_tunnel():
+    model = demo_model()
+    x = inputs_for((3, 32, 32), 2)
+    res = attribute(model, x, ["smoothgrad"], params={"smoothgrad": {"n_samples": 200, "stdev": 0.3}})
+    torch.manual_seed(0)
+    ref = captum_attr.NoiseTunnel(captum_attr.Saliency(model)).attribute(
+        x, nt_type="smoothgrad", nt_samples=200, stdevs=0.3, target=res.target)
+    ours = res.attributions["smoothgrad"]
+    # statistical agreement: two independent Monte-Carlo estimates of the same expectation
+    corr = torch.corrcoef(torch.stack([ours.flatten(), ref.flatten()]))[0, 1]
+    assert corr > 0.95
+    assert abs(ours.mean() / ref.mean() - 1) < 0.1
+
+
+def test_linear_model_attributions_are_exact():
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x = torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 1, 2, 4])
+    res = attribute(lin, x, ["saliency", "input_x_gradient", "integrated_gradients"], target=t)
+    w = lin[1].weight[t].view(4, 3, 8, 8)
+    torch.testing.assert_close(res.attributions["saliency"], w.abs())
+    torch.testing.assert_close(res.attributions["input_x_gradient"], x * w)
+    torch.testing.assert_close(res.attributions["integrated_gradients"], x * w, rtol=1e-4, atol=1e-5)
+
+
+PARAMS = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4},
+          "occlusion": {"window": 8, "stride": 8}}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_contract_every_registered_method(name):
+    model = demo_model()
+    before = copy.deepcopy(model.state_dict())
+    x = inputs_for((3, 32, 32), 5)
+    x_copy = x.clone()
+    params = {name: PARAMS[name]} if name in PARAMS else None
+    res = attribute(model, x, [name], params=params, seed=3)
+    a = res.attributions[name]
+    expected = (5, 1, 8, 8) if METHODS[name].layer else tuple(x.shape)
+    assert tuple(a.shape) == expected and a.dtype == torch.float32 and a.device == x.device
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(x, x_copy)                                 # inputs unchanged
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())                # no stray .grad
+    again = attribute(model, x, [name], params=params, seed=3).attributions[name]
+    torch.testing.assert_close(a, again)                                  # seeded runs repeat
+    rows = torch.cat([attribute(model, x[i:i + 1], [name], target=res.target[i:i + 1], params=params,
+                                seed=3).attributions[name] for i in range(5)])
+    if name != "smoothgrad":   # SmoothGrad's noise is drawn per batch, so rows differ by design
+        torch.testing.assert_close(a, rows, rtol=1e-4, atol=1e-5)         # batch == row by row
+    small = attribute(model, x, [name], params=params, seed=3, max_batch=2).attributions[name]
+    torch.testing.assert_close(a, small, rtol=1e-4, atol=1e-5)            # chunk size does not matter
+    hm = display_heatmap(a, (16, 16))
+    assert hm.shape == (5, 16, 16) and hm.min() >= 0 and hm.max() <= 1
+
+
+def test_cam_without_conv_layer_is_a_clear_error():
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    with pytest.raises(XAuditError, match="no Conv2d"):
+        attribute(lin, torch.randn(2, 3, 2, 2), ["gradcam"])
+
+
+def test_unknown_method_and_parameter_are_clear_errors():
+    model = demo_model()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(XAuditError, match="registered methods"):
+        attribute(model, x, ["lrp"])
+    with pytest.raises(XAuditError, match="not known to method 'integrated_gradients'"):
+        attribute(model, x, ["integrated_gradients"], params={"integrated_gradients": {"steps": 3}})
+    with pytest.raises(XAuditError, match="target"):
+        attribute(model, x, ["saliency"], target=[11])

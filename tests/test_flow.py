@@ -1,0 +1,95 @@
+"""The real audit flow under Prefect (temporary API server), on a small slice of the bundled demo."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DATA
+from flows.audit import audit
+from flows.cli import main as cli
+from tasks.config import load_config
+from tasks.outputs import verify_run
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """40 test-split rows of the demo, one with corrupt image bytes."""
+    table = pq.read_table(DATA / "digits.parquet").to_pandas()
+    table = table[table.split == "test"].head(40).reset_index(drop=True)
+    table.loc[5, "image_png"] = b"corrupt"
+    path = tmp_path_factory.mktemp("data") / "small.parquet"
+    table.to_parquet(path)
+    return path
+
+
+def config_for(small_data, tmp_path, **extra):
+    return load_config(DATA / "demo_audit.yaml", {
+        "data": {"path": str(small_data), "roi_column": "roi_png", "metadata_columns": ["site", "split"]},
+        "output_dir": str(tmp_path), "shard_size": 16, "run_id": "flow-test",
+        "attribution": {"methods": ["saliency", "gradcam"], "batch_size": 8},
+        "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 100, "min_slice_size": 5,
+                    "thresholds": [{"metric": "accuracy", "lower": 0.5}]},
+        **extra,
+    })
+
+
+def test_audit_flow_end_to_end_and_resume(prefect_harness, small_data, tmp_path):
+    config = config_for(small_data, tmp_path)
+    result = audit(config)
+    run_dir = tmp_path / "flow-test"
+    assert result["run_dir"] == str(run_dir) and result["verdict"] in {"PASS", "WARN"}
+    assert result["scored"] == 39 and result["rejected"] == 1 and result["cached_shards"] == 0
+    for name in ("predictions.parquet", "metrics.parquet", "explanations.parquet", "rejects.parquet",
+                 "validation.json", "validation.parquet", "manifest.json", "report.html", "report.pdf"):
+        assert (run_dir / name).is_file(), name
+    preds = pq.read_table(run_dir / "predictions.parquet").to_pandas()
+    assert len(preds) == 39 and preds.example_id.is_unique
+    assert np.allclose(np.stack(preds.probabilities).sum(1), 1, atol=1e-5)
+    expl = pq.read_table(run_dir / "explanations.parquet").to_pandas()
+    assert len(expl) == 78 and set(expl.method) == {"saliency", "gradcam"}
+    assert expl.roi_mass.between(0, 1).all()
+    rejects = pq.read_table(run_dir / "rejects.parquet").to_pylist()
+    assert len(rejects) == 1 and rejects[0]["reason"].startswith("corrupt image")
+    metrics = pq.read_table(run_dir / "metrics.parquet")
+    assert metrics.schema.metadata[b"ci_replicates"] == b"100"
+    m = metrics.to_pandas()
+    acc = m[(m.metric == "accuracy")].set_index("slice_value")
+    assert acc.loc["all", "n"] == 39 and acc.drop("all").n.sum() == 39
+    assert acc.loc["all", "value"] == pytest.approx(preds.correct.mean())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["prefect_flow_run_id"] and manifest["run_id"] == "flow-test"
+    assert manifest["model"]["weights_sha256"] and len(manifest["data"]["fingerprint"]) == 64
+    assert {"report.pdf", "report.html", "metrics.parquet"} <= set(manifest["artifacts"])
+    assert verify_run(run_dir) == []
+    html = (run_dir / "report.html").read_text()
+    assert "1 rejected" in html and "corrupt image" in html
+
+    # a rerun with the same run id reuses every shard and produces identical tables
+    before = {n: pq.read_table(run_dir / n) for n in ("predictions.parquet", "explanations.parquet",
+                                                       "metrics.parquet")}
+    again = audit(config)
+    assert again["cached_shards"] == 3
+    for name, table in before.items():
+        assert pq.read_table(run_dir / name).equals(table), name
+
+    # tampering is detected
+    (run_dir / "metrics.parquet").write_bytes(b"tampered")
+    assert verify_run(run_dir) == ["metrics.parquet: sha256 differs from the manifest (modified after the run)"]
+
+
+def test_cli_bad_input_exit_code_and_message(prefect_harness, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {card: nowhere.json}\ndata: {path: nowhere.parquet}\n")
+    assert cli(["run", str(bad), "--output-dir", str(tmp_path / "runs")]) == 2
+    assert "'model.card' must be an existing JSON model card" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()          # nothing half-made is left behind
+
+
+def test_too_many_rejects_fail_the_run_after_keeping_them(prefect_harness, small_data, tmp_path):
+    config = config_for(small_data, tmp_path, max_reject_fraction=0.0)
+    with pytest.raises(Exception, match="more than 'max_reject_fraction'"):
+        audit(config)
+    assert len(pq.read_table(tmp_path / "flow-test" / "rejects.parquet")) == 1

@@ -1,0 +1,203 @@
+"""Slice metrics against scikit-learn (a pandas groupby as the slicing oracle), bootstrap coverage,
+properties of slicing, and threshold checks."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings, strategies as st
+from sklearn import metrics as skm
+
+from tasks.config import Threshold
+from tasks.errors import XAuditError
+from tasks.metrics import METRICS, ExampleStat, evaluate, validate
+from tasks.metrics.probabilistic import ECE_BINS, ece_bins
+
+K = 5
+
+
+def random_data(n=600, k=K, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k))
+    logits[np.arange(n), y] += rng.normal(1.0, 1.0, n)
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    md = pd.DataFrame({"site": rng.choice(list("ABC"), n), "group": rng.choice(["x", "y"], n)})
+    return y, p, md
+
+
+def ece_reference(y, p, bins=ECE_BINS):
+    conf, pred = p.max(1), p.argmax(1)
+    total = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        m = (conf > lo) & (conf <= hi) if b else (conf >= 0) & (conf <= hi)
+        if m.any():
+            total += m.mean() * abs((pred[m] == y[m]).mean() - conf[m].mean())
+    return total
+
+
+def sklearn_metrics(y, p):
+    pred = p.argmax(1)
+    labels = list(range(p.shape[1]))
+    out = {
+        "accuracy": skm.accuracy_score(y, pred),
+        "top_3_accuracy": skm.top_k_accuracy_score(y, p, k=3, labels=labels),
+        "precision_macro": skm.precision_score(y, pred, average="macro", zero_division=0),
+        "recall_macro": skm.recall_score(y, pred, average="macro", zero_division=0),
+        "f1_macro": skm.f1_score(y, pred, average="macro", zero_division=0),
+        "log_loss": skm.log_loss(y, p, labels=labels),
+        "brier": skm.brier_score_loss(y, p, labels=labels),
+        "ece": ece_reference(y, p),
+    }
+    if len(np.unique(y)) == p.shape[1]:
+        out["auc_ovr_macro"] = skm.roc_auc_score(y, p, multi_class="ovr", average="macro", labels=labels)
+    for name, fn in (("precision", skm.precision_score), ("recall", skm.recall_score), ("f1", skm.f1_score)):
+        per = fn(y, pred, average=None, labels=labels, zero_division=0)
+        for c in np.unique(y):
+            out[(name, str(c))] = per[c]
+    return out
+
+
+def test_every_metric_equals_sklearn_on_every_slice():
+    y, p, md = random_data()
+    ev = evaluate(y, p, md, slices=[[], ["site"], ["site", "group"]], replicates=0)
+    t = ev.table
+    frames = [("overall", "all", md.index)]
+    frames += [("site", s, g.index) for s, g in md.groupby("site")]
+    frames += [("site&group", f"{a}&{b}", g.index) for (a, b), g in md.groupby(["site", "group"])]
+    checked = set()
+    for key, value, idx in frames:
+        ref = sklearn_metrics(y[idx], p[idx])
+        rows = t[(t.slice_key == key) & (t.slice_value == value)]
+        assert (rows.n == len(idx)).all()
+        for name, expected in ref.items():
+            metric, sub = name if isinstance(name, tuple) else (name, "")
+            got = rows[(rows.metric == metric) & (rows.sub_key == sub)].value
+            assert len(got) == 1, (key, value, name)
+            assert got.iloc[0] == pytest.approx(expected, rel=1e-9, abs=1e-12), (key, value, name)
+            checked.add(metric)
+    assert checked == set(METRICS)          # a newly registered metric must get an oracle here
+
+
+def test_auc_with_ties_equals_sklearn():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 300)
+    p = rng.dirichlet(np.ones(3), 300).round(1)            # many tied scores
+    p = p / p.sum(1, keepdims=True)
+    ev = evaluate(y, p, pd.DataFrame(index=range(300)), metrics=["auc_ovr_macro"], replicates=0)
+    expected = skm.roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert ev.table.value.iloc[0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_confusion_counts_equal_sklearn():
+    y, p, md = random_data(200)
+    ev = evaluate(y, p, md, metrics=["accuracy"], replicates=0)
+    cm = skm.confusion_matrix(y, p.argmax(1), labels=range(K))
+    rows = ev.table[ev.table.metric == "confusion"]
+    got = np.zeros((K, K))
+    for sub, v in zip(rows.sub_key, rows.value):
+        a, b = sub.split("->")
+        got[int(a), int(b)] = v
+    np.testing.assert_array_equal(got, cm)
+
+
+def test_ece_bins_are_right_closed():
+    np.testing.assert_array_equal(ece_bins(np.array([0.0, 1 / 15, 1 / 15 + 1e-9, 1.0])), [0, 0, 1, 14])
+
+
+def test_bootstrap_intervals_cover_the_true_accuracy_near_nominal_rate():
+    rng = np.random.default_rng(7)
+    true_acc, n, trials, covered = 0.8, 400, 150, 0
+    for trial in range(trials):
+        y = np.zeros(n, dtype=int)
+        correct = rng.random(n) < true_acc
+        p = np.where(correct[:, None], [[0.9, 0.1]], [[0.1, 0.9]])
+        ev = evaluate(y, p, pd.DataFrame(index=range(n)), metrics=["accuracy"], replicates=400, seed=trial)
+        row = ev.table[ev.table.metric == "accuracy"].iloc[0]
+        covered += row.ci_low <= true_acc <= row.ci_high
+    assert 0.89 <= covered / trials <= 0.99        # nominal 0.95; binomial sd over 150 trials ~ 0.018
+
+
+def test_bootstrap_is_seeded_and_recorded():
+    y, p, md = random_data(300)
+    a = evaluate(y, p, md, slices=[["site"]], metrics=["accuracy"], replicates=200, seed=5)
+    b = evaluate(y, p, md, slices=[["site"]], metrics=["accuracy"], replicates=200, seed=5)
+    c = evaluate(y, p, md, slices=[["site"]], metrics=["accuracy"], replicates=200, seed=6)
+    pd.testing.assert_frame_equal(a.table, b.table)
+    assert not np.allclose(a.table.ci_low, c.table.ci_low)
+    assert (a.method, a.replicates, a.seed, a.level) == ("poisson_bootstrap_percentile", 200, 5, 0.95)
+    # chunking the replicate matrix does not change the draws
+    d = evaluate(y, p, md, slices=[["site"]], metrics=["accuracy"], replicates=200, seed=5,
+                 weights_budget_bytes=8 * 300 * 7)
+    pd.testing.assert_frame_equal(a.table, d.table)
+
+
+def test_example_stats_are_sliced_like_metrics_and_skip_nan():
+    y, p, md = random_data(300)
+    vals = np.random.default_rng(1).random(300)
+    vals[::10] = np.nan
+    ev = evaluate(y, p, md, slices=[[], ["site"]], metrics=["accuracy"], replicates=50,
+                  example_stats={"gradcam.roi_mass": ExampleStat(vals, True)})
+    t = ev.table[ev.table.metric == "gradcam.roi_mass"].set_index("slice_value")
+    assert t.loc["all", "value"] == pytest.approx(np.nanmean(vals))
+    for s, g in md.groupby("site"):
+        assert t.loc[s, "value"] == pytest.approx(np.nanmean(vals[g.index]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), sites=st.integers(1, 4), min_size=st.integers(1, 15), seed=st.integers(0, 10_000))
+def test_slicing_properties(n, sites, min_size, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    p = rng.dirichlet(np.ones(3), n)
+    md = pd.DataFrame({"site": rng.integers(0, sites, n).astype(str), "one": "x"})
+    ev = evaluate(y, p, md, slices=[[], ["site"], ["one"]], metrics=["accuracy", "log_loss"], replicates=20,
+                  min_slice_size=min_size)
+    t = ev.table[ev.table.metric == "accuracy"]
+    # per slice key the n sum to the row count
+    for key, g in t.groupby("slice_key"):
+        assert g.n.sum() == n
+    # a slice holding every row equals overall
+    overall, single = t[t.slice_key == "overall"].iloc[0], t[t.slice_key == "one"].iloc[0]
+    assert overall.n == single.n and (overall.suppressed == single.suppressed)
+    if not overall.suppressed:
+        assert overall.value == single.value and overall.ci_low == single.ci_low
+    # a slice smaller than min_slice_size keeps its row, flagged, with null values
+    small = t[t.n < min_size]
+    assert small.suppressed.all() and small.value.isna().all()
+    assert (~t[t.n >= min_size].suppressed).all()
+
+
+def test_slice_on_unknown_column_is_a_clear_error():
+    y, p, md = random_data(20)
+    with pytest.raises(XAuditError, match=r"slice columns \['hospital'\]"):
+        evaluate(y, p, md, slices=[["hospital"]], replicates=0)
+
+
+def test_thresholds_value_gap_interval_and_severity():
+    y, p, md = random_data(900)
+    p_bad = p.copy()
+    c = (md.site == "C").to_numpy()
+    p_bad[c] = np.roll(p_bad[c], 1, axis=1)            # site C now mostly wrong
+    ev = evaluate(y, p_bad, md, slices=[[], ["site"]], metrics=["accuracy", "log_loss"], replicates=300)
+    acc = ev.table[(ev.table.metric == "accuracy")].set_index("slice_value").value
+    result = validate(ev, [
+        Threshold(metric="accuracy", lower=0.3, gate_on="interval"),
+        Threshold(metric="accuracy", max_gap=0.05, gate_on="interval"),
+        Threshold(metric="log_loss", slice="site=A", upper=10.0),
+        Threshold(metric="accuracy", slice="overall", lower=0.99, severity="warn"),
+    ])
+    assert result.verdict == "FAIL"
+    by = {(c.kind, c.slice_value, c.metric): c for c in result.checks}
+    assert by[("lower", "C", "accuracy")].status == "FAIL" and acc["C"] < 0.3
+    assert by[("max_gap", "C", "accuracy")].status == "FAIL"
+    assert "site=C" in by[("max_gap", "C", "accuracy")].message
+    assert by[("max_gap", "A", "accuracy")].status == "PASS"       # A is better than overall
+    assert by[("upper", "A", "log_loss")].status == "PASS"
+    assert by[("lower", "all", "accuracy")].status == "WARN"       # warning-only threshold
+    assert all(c.message for c in result.checks)
+    ok = validate(ev, [Threshold(metric="accuracy", slice="site=A", lower=0.1)])
+    assert ok.verdict == "PASS" and len(ok.checks) == 1
+    with pytest.raises(XAuditError, match="not computed"):
+        validate(ev, [Threshold(metric="auc_ovr_macro", lower=0.5)])

@@ -1,0 +1,134 @@
+"""Model loading (safe weights only) and data ingest (filters, fingerprints, rejects)."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from conftest import DATA, png, write_rows
+from tasks.config import DataSpec, ModelSpec
+from tasks.data import decode_shard, ingest
+from tasks.errors import XAuditError
+from tasks.models import build_model, read_state_dict, resolve_card
+from tasks.nets import DemoCNN
+
+
+def test_demo_card_resolves_and_hashes_weights(demo_card):
+    assert demo_card.name == "digits-baseline" and demo_card.num_classes == 10
+    assert len(demo_card.weights_sha256) == 64
+    model = build_model(demo_card)
+    assert not model.training
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_pickled_object_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(DemoCNN(), path)                    # a whole pickled module, not a state dict
+    with pytest.raises(XAuditError, match="must be a safetensors or state-dict file"):
+        read_state_dict(path)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(XAuditError, match="weights_only"):
+        read_state_dict(evil)
+
+
+def test_weights_only_state_dict_loads(tmp_path, demo_card):
+    path = tmp_path / "w.pt"
+    torch.save(build_model(demo_card).state_dict(), path)
+    card = resolve_card(ModelSpec(card=DATA / "models" / "baseline.json", weights=path))
+    assert card.weights == str(path)
+    build_model(card)
+
+
+@pytest.mark.parametrize("spec, match", [
+    (dict(card="nope.json"), "'model.card' must be an existing JSON model card"),
+    (dict(card=str(DATA / "models" / "baseline.json"), weights="missing.safetensors"), "'weights' must be an existing"),
+    (dict(card=str(DATA / "models" / "baseline.json"), factory="torchvision.models:no_such_net"), "could not import"),
+    (dict(card=str(DATA / "models" / "baseline.json"), kwargs={"num_classes": 7}), "do not fit"),
+])
+def test_bad_model_specs_are_clear_errors(spec, match):
+    with pytest.raises(XAuditError, match=match):
+        build_model(resolve_card(ModelSpec(**spec)))
+
+
+def test_ingest_filters_shards_and_fingerprints(tmp_path):
+    spec = DataSpec(path=DATA / "digits.parquet", filter={"split": "test", "site": ["A", "C"]},
+                    roi_column="roi_png")
+    res = ingest(spec, tmp_path / "a", shard_size=100)
+    src = pq.read_table(DATA / "digits.parquet").to_pandas()
+    expected = src[(src.split == "test") & src.site.isin(["A", "C"])]
+    assert res.n_rows == len(expected) and res.n_rejected == 0
+    assert len(res.shards) == -(-len(expected) // 100)
+    got = pq.read_table(res.shards[0])
+    assert got["example_id"].to_pylist() == expected.example_id[:100].tolist()
+    assert ingest(spec, tmp_path / "b", shard_size=37).fingerprint == res.fingerprint   # not the sharding
+    other = DataSpec(path=DATA / "digits.parquet", filter={"split": "test", "site": ["A"]})
+    assert ingest(other, tmp_path / "c", shard_size=100).fingerprint != res.fingerprint
+
+
+def test_unknown_filter_column_and_missing_path_are_clear_errors(tmp_path):
+    with pytest.raises(XAuditError, match="'data.filter' names column 'hospital'"):
+        ingest(DataSpec(path=DATA / "digits.parquet", filter={"hospital": "X"}), tmp_path, 10)
+    with pytest.raises(XAuditError, match="does not exist"):
+        ingest(DataSpec(path=tmp_path / "nothing.parquet"), tmp_path, 10)
+    with pytest.raises(XAuditError, match="no rows left"):
+        ingest(DataSpec(path=DATA / "digits.parquet", filter={"site": "Z"}), tmp_path, 10)
+
+
+def test_bad_rows_become_rejects_with_reasons(tmp_path, demo_card):
+    good = png(np.full((32, 32), 128))
+    rows = [
+        {"example_id": "ok", "image_png": good, "label": 3, "site": "A"},
+        {"example_id": "corrupt", "image_png": b"\x89PNG not really", "label": 1, "site": "A"},
+        {"example_id": "range", "image_png": good, "label": 12, "site": "B"},
+        {"example_id": "named", "image_png": good, "label": "7", "site": "B"},
+        {"example_id": "ok", "image_png": good, "label": 2, "site": "C"},          # duplicate id
+        {"example_id": None, "image_png": good, "label": 2, "site": "C"},
+        {"example_id": "nolabel", "image_png": good, "label": None, "site": "C"},
+    ]
+    rows = [{**r, "label": None if r["label"] is None else str(r["label"])} for r in rows]
+    path = write_rows(tmp_path / "bad.parquet", rows)
+    spec = DataSpec(path=path)
+    res = ingest(spec, tmp_path / "inputs", 100)
+    assert res.n_rows == 7 and res.n_rejected == 2
+    ingest_rejects = pq.read_table(tmp_path / "inputs" / "ingest-rejects.parquet").to_pylist()
+    assert {r["reason"].split(" ")[0] for r in ingest_rejects} == {"duplicate", "missing"}
+    shard = decode_shard(res.shards[0], demo_card, spec)
+    assert shard.example_ids == ["ok", "named"]
+    assert shard.labels.tolist() == [3, 7]
+    reasons = {r["example_id"]: r["reason"] for r in shard.rejects}
+    assert reasons["corrupt"].startswith("corrupt image")
+    assert "out of range" in reasons["range"] and "10 classes" in reasons["range"]
+    assert reasons["nolabel"] == "missing 'label'"
+    assert shard.inputs.shape == (2, 1, 32, 32)
+    assert shard.metadata["site"].to_pylist() == ["A", "B"]
+
+
+def test_imagefolder_input(tmp_path, demo_card):
+    for cls in ("3", "5"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "imgs" / cls / f"{i}.png").write_bytes(png(np.full((40, 40), 60 * i)))
+    spec = DataSpec(path=tmp_path / "imgs", image_column="image", label_column="label")
+    res = ingest(spec, tmp_path / "inputs", 10)
+    assert res.source_format == "imagefolder" and res.n_rows == 4
+    shard = decode_shard(res.shards[0], demo_card, spec)
+    assert shard.labels.tolist() == [3, 3, 5, 5] and shard.inputs.shape == (4, 1, 32, 32)   # resized
+
+
+def test_config_file_resolves_relative_paths_and_reports_every_field(tmp_path):
+    from tasks.config import load_config
+    cfg = load_config(DATA / "demo_audit.yaml")
+    assert cfg.model.card == DATA / "models" / "baseline.json" and cfg.data.path == DATA / "digits.parquet"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"model": {"card": "x"}, "data": {}, "shard_size": 0}))
+    with pytest.raises(XAuditError, match=r"(?s)data.path.*shard_size"):
+        load_config(bad)

@@ -1,0 +1,77 @@
+"""Reports: golden HTML, PDF pages/text/attachments, hostile content shown as text and never fetched."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from synthetic_run import build
+from tasks.report import DataOnlyFetcher, render_html, render_pdf, render_report
+
+GOLDEN = Path(__file__).parent / "golden" / "report.html"
+HOSTILE_LABEL = "<img src=x onerror=alert(1)>"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("run") / "golden-run")
+
+
+def test_html_matches_reviewed_golden_file(run_dir):
+    html = render_html(run_dir)
+    if os.environ.get("XAUDIT_UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(html)
+    assert html == GOLDEN.read_text(), "report HTML changed: review it, then XAUDIT_UPDATE_GOLDEN=1 pytest ..."
+
+
+def test_html_is_self_contained_and_escapes_data(run_dir):
+    html = render_html(run_dir)
+    # nothing external: every src/href is inline data, and a CSP forbids anything else
+    refs = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert refs and all(r.startswith("data:") for r in refs)
+    assert "default-src 'none'" in html
+    assert HOSTILE_LABEL not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<b>not a PNG</b>" not in html and "&lt;b&gt;not a PNG&lt;/b&gt;" in html
+    assert "file:///etc/passwd" in html            # shown as text...
+    assert 'src="file:' not in html and 'href="file:' not in html   # ...never as a reference
+    for section in ("Checks that did not pass", "What was audited", "Results per slice", "Explanations",
+                    "Method", "Limitations and rejected inputs", "Sign-off", "Reproducibility appendix"):
+        assert section in html
+
+
+def test_pdf_pages_text_and_attachments(run_dir, tmp_path):
+    if not shutil.which("pdftotext"):
+        pytest.skip("poppler-utils (pdftotext, pdfdetach) not installed")
+    out = render_report(run_dir, ("pdf",))
+    pdf = Path(out["pdf"])
+    info = subprocess.run(["pdfinfo", str(pdf)], capture_output=True, text=True, check=True).stdout
+    pages = int(re.search(r"Pages:\s+(\d+)", info).group(1))
+    assert 4 <= pages <= 12
+    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    first = text.split("\f")[0]
+    assert "FAIL" in first and "Pets classifier audit" in first          # verdict on the first page
+    assert HOSTILE_LABEL in text and "file:///etc/passwd" in text        # shown as text
+    assert re.search(r"page 1 of \d+", text) and "golden-run" in text    # header and footer
+    listing = subprocess.run(["pdfdetach", "-list", str(pdf)], capture_output=True, text=True, check=True).stdout
+    assert {"metrics.parquet", "validation.json", "manifest.json"} <= set(re.findall(r"\d+: (\S+)", listing))
+    subprocess.run(["pdfdetach", "-saveall", "-o", str(tmp_path), str(pdf)], check=True)
+    for name in ("metrics.parquet", "validation.json", "manifest.json"):
+        assert (tmp_path / name).read_bytes() == (run_dir / name).read_bytes()
+    xmp = subprocess.run(["pdfinfo", "-meta", str(pdf)], capture_output=True, text=True, check=True).stdout
+    assert 'pdfaid:part="3"' in xmp and 'pdfaid:conformance="B"' in xmp      # PDF/A-3b identification
+    assert "2026-01-02T03:04:05" in xmp and "A. Auditor" in xmp               # dated from the run, author
+
+
+def test_pdf_renderer_fetches_nothing_but_inline_data(tmp_path):
+    fetcher = DataOnlyFetcher()
+    html = ('<p>x</p><img src="file:///etc/passwd"><img src="http://example.com/a.png">'
+            '<link rel="stylesheet" href="file:///etc/hosts">'
+            '<img src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAwS2OUAAAAABJRU5ErkJggg==">')
+    render_pdf(html, tmp_path / "x.pdf", [], fetcher)
+    assert set(fetcher.refused) == {"file:///etc/passwd", "http://example.com/a.png", "file:///etc/hosts"}
+    assert (tmp_path / "x.pdf").stat().st_size > 0
