@@ -65,7 +65,7 @@ def overlay_uri(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55) -> 
     size = image.shape[0]
     hm = np.asarray(Image.fromarray((heatmap * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)) / 255.0
     a = alpha * hm[..., None]
-    return png_data_uri(image * (1 - a) + _colormap(hm) * a)
+    return png_data_uri(0.6 * image * (1 - a) + _colormap(hm) * a)   # input dimmed so the map stays visible
 
 
 def heatmap_uri(heatmap: np.ndarray, size: int = THUMB) -> str:
@@ -85,7 +85,7 @@ class Bar:
     flagged: bool
 
 
-def bar_chart(rows: pd.DataFrame, metric: str, flagged: set[tuple[str, str]], bounds=(0.0, 1.0)) -> dict[str, Any]:
+def bar_chart(rows: pd.DataFrame, metric: str, flagged: set[tuple[str, str, str]], bounds=(0.0, 1.0)) -> dict[str, Any]:
     """Return the geometry of a horizontal bar chart of `metric` per slice with interval whiskers."""
     sub = rows[(rows.metric == metric) & (rows.sub_key == "") & ~rows.suppressed]
     lo_b = bounds[0]
@@ -93,17 +93,19 @@ def bar_chart(rows: pd.DataFrame, metric: str, flagged: set[tuple[str, str]], bo
     vals = sub.value.to_numpy(dtype=float)
     if metric in ("accuracy", "f1_macro", "auc_ovr_macro", "precision_macro", "recall_macro") and len(vals):
         lo_b = max(0.0, np.floor((np.nanmin(sub.ci_low.fillna(sub.value)) - 0.05) * 10) / 10)
-    width, left, row_h = 520, 150, 22
+    width, left, row_h = 540, 150, 22
 
     def x(v):
-        return left + (float(v) - lo_b) / (hi_b - lo_b) * (width - left - 20)
+        return left + (float(v) - lo_b) / (hi_b - lo_b) * (width - left - 55)    # room for the value label
     bars = []
     for i, r in enumerate(sub.itertuples()):
         label = "overall" if r.slice_key == "overall" else f"{r.slice_key}={r.slice_value}"
         bars.append(dict(label=label, y=10 + i * row_h, x0=x(lo_b), x1=x(r.value), value=r.value,
                          lo=None if pd.isna(r.ci_low) else x(r.ci_low), hi=None if pd.isna(r.ci_high) else x(r.ci_high),
-                         n=r.n, flagged=(r.slice_key, r.slice_value) in flagged))
-    ticks = [dict(x=x(t), label=f"{t:.2f}") for t in np.linspace(lo_b, hi_b, 5)]
+                         n=r.n, flagged=(r.slice_key, r.slice_value, metric) in flagged))
+    span = hi_b - lo_b
+    step = next((st for st in (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10) if span / st <= 6), span / 5)
+    ticks = [dict(x=x(t), label=f"{t:g}") for t in np.arange(np.ceil(lo_b / step) * step, hi_b + 1e-9, step)]
     return dict(metric=metric, bars=bars, width=width, height=30 + len(bars) * row_h, ticks=ticks, left=left)
 
 
@@ -252,7 +254,7 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
     cfg = manifest["config"]
     card = manifest["model"]
     failed = [c for c in validation["checks"] if c["status"] != "PASS"]
-    flagged = {(c["slice_key"], c["slice_value"]) for c in failed}
+    flagged = {(c["slice_key"], c["slice_value"], c["metric"]) for c in failed}
     slice_cols = [s for s in cfg["metrics"]["slices"] if len(s) == 1]
     slice_col = slice_cols[0][0] if slice_cols else None
     scalar = metrics[(metrics.sub_key == "") & (metrics.metric != "confusion")]
@@ -260,9 +262,12 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
     for (key, value), g in scalar.groupby(["slice_key", "slice_value"], sort=False):
         vals = {r.metric: dict(value=r.value, lo=r.ci_low, hi=r.ci_high) for r in g.itertuples()}
         slices.append(dict(key=key, value=value, n=int(g.n.iloc[0]), suppressed=bool(g.suppressed.iloc[0]),
-                           flagged=(key, value) in flagged, metrics=vals))
+                           flagged={m for (k, v, m) in flagged if (k, v) == (key, value)}, metrics=vals))
+        slices[-1]["flagged_methods"] = {m.split(".", 1)[0] for m in slices[-1]["flagged"] if "." in m}
     from .metrics import METRICS
     expl_metrics = sorted(m for m in scalar.metric.unique() if "." in m)
+    expl_stats = sorted({m.split(".", 1)[1] for m in expl_metrics})
+    expl_methods = sorted({m.split(".", 1)[0] for m in expl_metrics})
     charts = [bar_chart(scalar, m, flagged, METRICS[m].bounds if m in METRICS else (0.0, 1.0))
               for m in ("accuracy", *[m for m in expl_metrics if m.endswith("roi_mass")]) if m in set(scalar.metric)]
     key_metrics = [m for m in KEY_METRICS if m in set(scalar.metric)]
@@ -272,11 +277,11 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
     return dict(
         title=cfg["report"]["title"], manifest=manifest, card=card, cfg=cfg, validation=validation,
         verdict=validation["verdict"], failed=failed, checks=validation["checks"], slices=slices,
-        key_metrics=key_metrics, expl_metrics=expl_metrics, charts=charts,
+        key_metrics=key_metrics, expl_stats=expl_stats, expl_methods=expl_methods, charts=charts,
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
         gallery=gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
                         cfg["data"]["image_column"]),
-        mean_maps=mean_maps(pred, expl, slice_col), agreement=method_agreement(pred, expl, slice_col),
+        mean_maps=mean_maps(pred, expl, slice_col), map_methods=sorted(expl.method.unique()), agreement=method_agreement(pred, expl, slice_col),
         slice_col=slice_col, methods=[dict(name=m, params=params.get(m, {})) for m in methods],
         metric_names=sorted(m for m in scalar.metric.unique()),
         interval=interval, rejects=rejects.to_dict("records"), n_scored=len(pred),
