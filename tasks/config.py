@@ -66,6 +66,9 @@ class Threshold(_Strict):
     upper: float | None = None
     max_gap: float | None = Field(None, ge=0, description="largest allowed |slice - overall| in the bad direction")
     gate_on: Literal["estimate", "interval"] = "estimate"
+    multiple_testing: Literal["none", "bh"] = Field(
+        "none", description="'bh': with gate_on=interval, a slice fails only when the Benjamini-Hochberg "
+                            "procedure over all slices this threshold tests rejects 'no violation'")
     severity: Literal["fail", "warn"] = "fail"
     sub_key: str | None = Field(None, description="class name, for per-class metrics")
 
@@ -78,8 +81,9 @@ class Threshold(_Strict):
 
 class MetricsSpec(_Strict):
     slices: list[list[str]] = Field(
-        default_factory=lambda: [[]], description="each entry a list of columns to cross; [] is overall"
-    )
+        default_factory=lambda: [[]],
+        description="each entry a list of terms to cross; [] is overall. Terms: 'col', 'col=value', "
+                    "'col:q10' (quantile buckets), 'col:bins(0,0.5,1)'")
     metrics: list[str] | None = Field(None, description="default: every registered metric")
     bootstrap_replicates: int = Field(1000, ge=0)
     confidence_level: float = Field(0.95, gt=0, lt=1)

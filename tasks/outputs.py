@@ -89,8 +89,8 @@ def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, r
     if preds.num_rows == 0:
         raise XAuditError("compute_metrics: no example was scored (all were rejected); see rejects.parquet")
     probs = np.asarray(preds["probabilities"].combine_chunks().flatten(), dtype=np.float64).reshape(preds.num_rows, -1)
-    reserved = {"example_id", "label", "label_name", "prediction", "prediction_name", "confidence", "correct",
-                "probabilities", "shard"}
+    reserved = {"example_id", "label", "prediction", "prediction_name", "correct", "probabilities", "shard"}
+    # metadata columns, plus `label_name` (slice per true class) and `confidence` (bucket it: confidence:q10)
     metadata = preds.select([c for c in preds.column_names if c not in reserved]).to_pandas()
     spec = config.metrics
     ev = evaluate(

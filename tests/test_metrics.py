@@ -129,7 +129,7 @@ def test_bootstrap_is_seeded_and_recorded():
     assert (a.method, a.replicates, a.seed, a.level) == ("poisson_bootstrap_percentile", 200, 5, 0.95)
     # chunking the replicate matrix does not change the draws
     d = evaluate(y, p, md, slices=[["site"]], metrics=["accuracy"], replicates=200, seed=5,
-                 weights_budget_bytes=8 * 300 * 7)
+                 weights_budget_bytes=4 * 300 * 7)
     pd.testing.assert_frame_equal(a.table, d.table)
 
 
@@ -201,3 +201,44 @@ def test_thresholds_value_gap_interval_and_severity():
     assert ok.verdict == "PASS" and len(ok.checks) == 1
     with pytest.raises(XAuditError, match="not computed"):
         validate(ev, [Threshold(metric="auc_ovr_macro", lower=0.5)])
+
+
+def test_benjamini_hochberg_equals_scipy():
+    from scipy.stats import false_discovery_control
+    from tasks.metrics.thresholds import benjamini_hochberg
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = np.concatenate([rng.random(rng.integers(1, 30)), rng.random(rng.integers(0, 10)) * 0.01])
+        np.testing.assert_array_equal(benjamini_hochberg(p, 0.05), false_discovery_control(p) <= 0.05)
+
+
+def test_bh_gate_fails_only_clear_violations_among_many_slices():
+    rng = np.random.default_rng(11)
+    n = 4000
+    y = rng.integers(0, 2, n)
+    md = pd.DataFrame({"g": rng.integers(0, 20, n).astype(str)})
+    correct = rng.random(n) < np.where(md.g == "7", 0.6, 0.9)        # only slice 7 is truly worse
+    p = np.where((correct == (y == 1))[:, None], [[0.2, 0.8]], [[0.8, 0.2]])
+    ev = evaluate(y, p, md, slices=[[], ["g"]], metrics=["accuracy"], replicates=1000, seed=1)
+    res = validate(ev, [Threshold(metric="accuracy", max_gap=0.05, gate_on="interval", multiple_testing="bh")])
+    failed = {c.slice_value for c in res.checks if c.outcome == "fail"}
+    assert failed == {"7"}
+    assert all("Benjamini-Hochberg over 20 slices" in c.message for c in res.checks)
+    with pytest.raises(XAuditError, match="needs gate_on='interval'"):
+        validate(ev, [Threshold(metric="accuracy", max_gap=0.05, multiple_testing="bh")])
+
+
+def test_slice_terms_filters_buckets_and_crosses():
+    from tasks.metrics import slice_groups
+    md = pd.DataFrame({"site": list("ABCAB"), "conf": [0.1, 0.5, 0.9, 0.3, np.nan]})
+    g = {(k, v): list(idx) for k, v, idx in slice_groups(md, [["site=C"], ["site=Z"], ["conf:q2"],
+                                                               ["site", "conf:bins(0,0.5,1)"], ["site"]])}
+    assert g[("site", "C")] == [2] and g[("site", "Z")] == []
+    assert g[("conf:q2", "[0.1, 0.4)")] == [0, 3] and g[("conf:q2", "[0.4, 0.9]")] == [1, 2]
+    assert g[("conf:q2", "null")] == [4]
+    assert g[("site&conf:bins(0,0.5,1)", "B&[0.5, 1]")] == [1]
+    assert sum(1 for k in g if k == ("site", "C")) == 1          # 'site' and 'site=C' are not duplicated
+    y, p, _ = random_data(5)
+    ev = evaluate(y, p, md, slices=[["site=Z"]], metrics=["accuracy"], replicates=10)
+    row = ev.table[ev.table.metric == "accuracy"].iloc[0]
+    assert row.n == 0 and row.suppressed and pd.isna(row.value)     # an empty slice keeps its row

@@ -7,7 +7,7 @@ from ._registry import SliceData, one_hot, ratio, register
 
 def _counts(d: SliceData, W: np.ndarray):
     k = d.num_classes
-    yt, yp = one_hot(d.labels, k), one_hot(d.predictions, k)
+    yt, yp = one_hot(d.labels, k, W.dtype), one_hot(d.predictions, k, W.dtype)
     tp = W @ (yt * yp)
     return tp, W @ yp, W @ yt          # (R, K) each: true positives, predicted, actual
 

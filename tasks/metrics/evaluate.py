@@ -6,6 +6,7 @@ bootstrap). Metrics are functions of W, so R replicates cost a few matrix produc
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -41,24 +42,78 @@ class Evaluation:
     directions: dict[str, bool] = field(default_factory=dict)
 
 
+_BUCKETS = re.compile(r"^(?P<col>[^:=]+):(?:q(?P<q>\d+)|bins\((?P<edges>[^)]*)\))$")
+
+
+def _term(metadata: pd.DataFrame, term: str) -> tuple[str, pd.Series, np.ndarray | None]:
+    """Return (key, per-row label, row mask or None) for one term of a slice spec."""
+    def column(name: str) -> pd.Series:
+        if name not in metadata.columns:
+            raise XAuditError(f"metrics: slice columns [{name!r}] are not metadata columns; "
+                              f"available: {list(metadata.columns)}")
+        return metadata[name]
+    if "=" in term:                                            # value filter: site=C
+        name, value = term.split("=", 1)
+        col = column(name).astype("string").fillna("null")
+        return name, col, (col == value).to_numpy()
+    m = _BUCKETS.match(term)
+    if m:                                                      # numeric buckets: confidence:q10, x:bins(0,0.5,1)
+        col = pd.to_numeric(column(m["col"]), errors="coerce")
+        if m["q"]:
+            q = int(m["q"])
+            if q < 2:
+                raise XAuditError(f"metrics: slice term {term!r} needs at least 2 quantile buckets")
+            edges = np.unique(np.nanquantile(col.to_numpy(dtype=float), np.linspace(0, 1, q + 1)))
+        else:
+            try:
+                edges = np.array(sorted(float(e) for e in m["edges"].split(",")))
+            except ValueError:
+                raise XAuditError(f"metrics: slice term {term!r} must be 'col:bins(e0,e1,...)' with numbers") from None
+        idx = np.clip(np.searchsorted(edges, col.to_numpy(dtype=float), side="right") - 1, 0, len(edges) - 2)
+        labels = np.array([f"[{edges[i]:.4g}, {edges[i + 1]:.4g}{']' if i == len(edges) - 2 else ')'}"
+                           for i in range(len(edges) - 1)] or ["all"], dtype=object)
+        out = pd.Series(labels[idx] if len(edges) > 1 else "all", index=metadata.index, dtype="string")
+        return term, out.where(col.notna(), "null"), None
+    return term, column(term).astype("string").fillna("null"), None
+
+
 def slice_groups(metadata: pd.DataFrame, specs: Sequence[Sequence[str]]) -> list[tuple[str, str, np.ndarray]]:
-    """Return (slice_key, slice_value, row indices) for every slice: [] is overall, [a, b] crosses a and b.
-    Missing values form their own slice 'null'. Keys and values of crosses are joined with '&'."""
+    """Return (slice_key, slice_value, row indices) for every slice.
+
+    Each spec is a list of terms crossed together; [] is overall. A term is a column (one slice per value;
+    missing values form the slice 'null'), a value filter 'col=value' (only that value), or numeric buckets
+    'col:q10' (quantile buckets) / 'col:bins(0,0.5,1)' (fixed edges). Keys and values of crosses are joined
+    with '&'; a slice with no rows under a filter still gets its row (n = 0).
+    """
     out: list[tuple[str, str, np.ndarray]] = []
+    metadata = metadata.reset_index(drop=True)
     for spec in specs:
         spec = list(spec)
         if not spec:
             out.append((*OVERALL, np.arange(len(metadata))))
             continue
-        missing = [c for c in spec if c not in metadata.columns]
-        if missing:
-            raise XAuditError(f"metrics: slice columns {missing} are not metadata columns; "
-                              f"available: {list(metadata.columns)}")
-        keys = metadata[spec].astype("string").fillna("null")
-        for values, idx in keys.groupby(spec, sort=True).indices.items():
+        terms = [_term(metadata, t) for t in spec]
+        keep = np.ones(len(metadata), dtype=bool)
+        for _, _, mask in terms:
+            if mask is not None:
+                keep &= mask
+        key = "&".join(k for k, _, _ in terms)
+        labels = pd.DataFrame({f"t{i}": lab for i, (_, lab, _) in enumerate(terms)})[keep]
+        groups = labels.groupby(list(labels.columns), sort=True).indices if len(labels) else {}
+        if not groups and all(mask is not None for _, _, mask in terms):
+            value = "&".join(t.split("=", 1)[1] for t in spec)
+            out.append((key, value, np.zeros(0, dtype=np.int64)))
+        positions = np.flatnonzero(keep)
+        for values, idx in groups.items():
             values = values if isinstance(values, tuple) else (values,)
-            out.append(("&".join(spec), "&".join(map(str, values)), np.asarray(idx)))
-    return out
+            out.append((key, "&".join(map(str, values)), positions[np.asarray(idx)]))
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for g in out:                      # 'site' and 'site=C' both give site=C: keep it once
+        if g[:2] not in seen:
+            seen.add(g[:2])
+            unique.append(g)
+    return unique
 
 
 def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
@@ -138,10 +193,11 @@ def evaluate(
     run(None, True)
     if replicates > 0:
         rng = np.random.default_rng(seed)
-        per_chunk = max(1, min(replicates, weights_budget_bytes // max(1, 8 * n)))
+        per_chunk = max(1, min(replicates, weights_budget_bytes // max(1, 4 * n)))
         for start in range(0, replicates, per_chunk):
             r = min(per_chunk, replicates - start)
-            run(rng.poisson(1.0, size=(r, n)).astype(np.float64), False)
+            # Poisson weights are small integers: float32 holds them (and their sums below 2**24) exactly
+            run(rng.poisson(1.0, size=(r, n)).astype(np.float32), False)
     stacked = {kk: np.concatenate(v) for kk, v in samples.items()}
 
     for key, value, idx in groups:

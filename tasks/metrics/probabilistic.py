@@ -31,8 +31,8 @@ def ece(d: SliceData, W: np.ndarray) -> np.ndarray:
     """Expected calibration error: sum_b (n_b / n) |accuracy_b - confidence_b| over 15 confidence bins
     (Guo et al. 2017, https://arxiv.org/abs/1706.04599)."""
     conf = d.probabilities.max(1)
-    correct = (d.predictions == d.labels).astype(np.float64)
-    B = one_hot(ece_bins(conf), ECE_BINS)                       # (n, bins)
-    total = W.sum(1, keepdims=True)
-    gap = np.abs(W @ (B * correct[:, None]) - W @ (B * conf[:, None]))
+    correct = (d.predictions == d.labels).astype(W.dtype)
+    B = one_hot(ece_bins(conf), ECE_BINS, W.dtype)              # (n, bins)
+    total = W.sum(1, keepdims=True, dtype=np.float64)
+    gap = np.abs((W @ (B * correct[:, None])).astype(np.float64) - W @ (B * conf[:, None]).astype(W.dtype))
     return np.where(total[:, 0] > 0, gap.sum(1) / np.where(total[:, 0] > 0, total[:, 0], 1), np.nan)

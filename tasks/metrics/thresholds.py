@@ -64,78 +64,116 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.4g}"
 
 
+def benjamini_hochberg(p_values: np.ndarray, q: float) -> np.ndarray:
+    """Return which hypotheses the Benjamini-Hochberg step-up procedure rejects at false-discovery rate `q`."""
+    p = np.asarray(p_values, dtype=float)
+    m = len(p)
+    if m == 0:
+        return np.zeros(0, dtype=bool)
+    order = np.argsort(p, kind="stable")
+    passed = p[order] <= q * np.arange(1, m + 1) / m
+    k = np.flatnonzero(passed).max() + 1 if passed.any() else 0
+    reject = np.zeros(m, dtype=bool)
+    reject[order[:k]] = True
+    return reject
+
+
+def _outcome(gate_on: str, value: float, lo: float | None, hi: float | None, violates) -> str:
+    if gate_on == "estimate":
+        return "fail" if violates(value) else "pass"
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return "inconclusive"
+    if violates(lo) and violates(hi):
+        return "fail"              # the whole interval is on the wrong side of the bound
+    if violates(lo) or violates(hi) or violates(value):
+        return "inconclusive"      # the interval straddles the bound
+    return "pass"
+
+
 def validate(evaluation: Evaluation, thresholds: Sequence[Threshold]) -> Validation:
     """Return every check (passed ones too) and the verdict: FAIL if a fail-severity check fails, WARN if any
-    check fails with warn severity or is inconclusive, else PASS."""
+    check fails with warn severity or is inconclusive, else PASS.
+
+    With `multiple_testing='bh'` (and gate_on='interval'), each slice's bootstrap p-value for "no violation",
+    (1 + #replicates not violating) / (1 + #replicates), goes through Benjamini-Hochberg at q = 1 - level
+    over all slices the threshold tests; rejected slices fail, the others pass unless their estimate
+    violates the bound (then inconclusive).
+    """
     t = evaluation.table
     checks: list[Check] = []
     for th in thresholds:
-        for sel in [th.slice] if th.slice else [None]:
-            if sel not in (None, "overall") and any("=" not in p for p in sel.split("&")):
-                raise XAuditError(f"validate: threshold 'slice' must be 'overall' or 'col=value[&col=value]'; "
-                                  f"got {sel!r}")
+        if th.slice not in (None, "overall") and any("=" not in p for p in th.slice.split("&")):
+            raise XAuditError(f"validate: threshold 'slice' must be 'overall' or 'col=value[&col=value]'; "
+                              f"got {th.slice!r}")
         if th.metric not in evaluation.directions:
             raise XAuditError(f"validate: threshold names metric {th.metric!r}, which was not computed; "
                               f"computed: {sorted(evaluation.directions)}")
+        if th.multiple_testing == "bh" and th.gate_on != "interval":
+            raise XAuditError(f"validate: threshold on {th.metric!r}: multiple_testing='bh' needs gate_on='interval'")
         higher = evaluation.directions[th.metric]
-        rows = t[(t.metric == th.metric) & (t.sub_key == (th.sub_key or ""))]
+        sub_key = th.sub_key or ""
+        rows = t[(t.metric == th.metric) & (t.sub_key == sub_key)]
         rows = rows[[_matches(th.slice, k, v) for k, v in zip(rows.slice_key, rows.slice_value)]]
+        status_of = {"pass": "PASS", "inconclusive": "WARN", "missing": "WARN"}
         if rows.empty:
-            checks.append(Check("", th.slice or "*", th.metric, th.sub_key or "", "lower", None, None, None,
-                                float("nan"), th.gate_on, th.severity, "missing",
-                                "FAIL" if th.severity == "fail" else "WARN",
+            checks.append(Check("", th.slice or "*", th.metric, sub_key, "lower", None, None, None, float("nan"),
+                                th.gate_on, th.severity, "missing", "FAIL" if th.severity == "fail" else "WARN",
                                 f"no slice matches {th.slice!r} for metric {th.metric!r}"))
             continue
-        overall = t[(t.metric == th.metric) & (t.sub_key == (th.sub_key or "")) &
-                    (t.slice_key == OVERALL[0])]
+        overall = t[(t.metric == th.metric) & (t.sub_key == sub_key) & (t.slice_key == OVERALL[0])]
+        pending = []      # (fields, replicate distribution, violates) for this threshold's checks
         for r in rows.itertuples():
             where = "overall" if (r.slice_key, r.slice_value) == OVERALL else f"{r.slice_key}={r.slice_value}"
             base = dict(slice_key=r.slice_key, slice_value=r.slice_value, metric=th.metric, sub_key=r.sub_key,
                         gate_on=th.gate_on, severity=th.severity)
             for kind, bound in (("lower", th.lower), ("upper", th.upper), ("max_gap", th.max_gap)):
-                if bound is None:
-                    continue
-                if kind == "max_gap" and (r.slice_key, r.slice_value) == OVERALL:
+                if bound is None or (kind == "max_gap" and (r.slice_key, r.slice_value) == OVERALL):
                     continue
                 if r.suppressed or r.value is None or not np.isfinite(r.value):
-                    outcome, value, lo, hi = "missing", None, None, None
-                    msg = f"{th.metric} on {where} is suppressed (n={r.n}) or undefined; nothing to check"
-                    checks.append(Check(kind=kind, value=value, ci_low=lo, ci_high=hi, bound=bound, outcome=outcome,
-                                        status="WARN", message=msg, **base))
+                    checks.append(Check(kind=kind, value=None, ci_low=None, ci_high=None, bound=bound,
+                                        outcome="missing", status="WARN", **base,
+                                        message=f"{th.metric} on {where} is suppressed (n={r.n}) or undefined; "
+                                                f"nothing to check"))
                     continue
+                s = evaluation.samples.get((r.slice_key, r.slice_value, th.metric, r.sub_key))
                 if kind == "max_gap":
                     ov = float(overall.value.iloc[0]) if not overall.empty else np.nan
                     sign = 1.0 if higher else -1.0          # gap > 0 means the slice is worse than overall
                     value = sign * (ov - r.value)
-                    s = evaluation.samples.get((r.slice_key, r.slice_value, th.metric, r.sub_key))
                     o = evaluation.samples.get((*OVERALL, th.metric, r.sub_key))
-                    lo, hi = _interval(sign * (o - s), evaluation.level) if s is not None and o is not None \
-                        else (np.nan, np.nan)
-                    bad_if_above, label = True, f"gap below overall ({_fmt(ov)})" if higher else \
-                        f"gap above overall ({_fmt(ov)})"
+                    dist = sign * (o - s) if s is not None and o is not None else None
+                    lo, hi = _interval(dist, evaluation.level) if dist is not None else (np.nan, np.nan)
+                    bad_if_above = True
+                    label = f"gap {'below' if higher else 'above'} overall ({_fmt(ov)})"
                 else:
-                    value, lo, hi = float(r.value), r.ci_low, r.ci_high
+                    value, dist = float(r.value), s
+                    lo = np.nan if r.ci_low is None or pd.isna(r.ci_low) else float(r.ci_low)
+                    hi = np.nan if r.ci_high is None or pd.isna(r.ci_high) else float(r.ci_high)
                     bad_if_above, label = kind == "upper", th.metric
-                worst, best = (hi, lo) if not bad_if_above else (lo, hi)   # interval end that favours passing
-                violates = (lambda x: x > bound) if bad_if_above else (lambda x: x < bound)
-                if th.gate_on == "estimate":
-                    outcome = "fail" if violates(value) else "pass"
-                elif lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
-                    outcome = "inconclusive"
-                elif violates(worst):
-                    outcome = "fail"          # even the favourable end of the interval violates the bound
-                elif violates(best):
-                    outcome = "inconclusive"  # the interval straddles the bound
-                else:
-                    outcome = "pass"
-                status = {"pass": "PASS", "inconclusive": "WARN"}.get(outcome, "FAIL" if th.severity == "fail" else "WARN")
-                op = "<=" if bad_if_above else ">="
-                msg = (f"{label} on {where}{' [' + r.sub_key + ']' if r.sub_key else ''} is {_fmt(value)} "
-                       f"(95% CI {_fmt(lo)}-{_fmt(hi)}, n={r.n}); required {op} {_fmt(bound)} on the "
-                       f"{'estimate' if th.gate_on == 'estimate' else 'interval'}: {outcome}")
-                checks.append(Check(kind=kind, value=value, ci_low=None if lo is None or np.isnan(lo) else float(lo),
-                                    ci_high=None if hi is None or np.isnan(hi) else float(hi), bound=float(bound),
-                                    outcome=outcome, status=status, message=msg, **base))
+                violates = (lambda x, b=bound: x > b) if bad_if_above else (lambda x, b=bound: x < b)
+                fields = dict(kind=kind, value=value, ci_low=None if np.isnan(lo) else lo,
+                              ci_high=None if np.isnan(hi) else hi, bound=float(bound), **base)
+                pending.append((fields, dist, violates, label, where, r.n, "<=" if bad_if_above else ">="))
+        if th.multiple_testing == "bh" and pending:
+            p_values = []
+            for fields, dist, violates, *_ in pending:
+                finite = dist[np.isfinite(dist)] if dist is not None else np.zeros(0)
+                p_values.append((1 + np.sum(~violates(finite))) / (1 + len(finite)))
+            rejected = benjamini_hochberg(np.array(p_values), 1 - evaluation.level)
+            outcomes = ["fail" if rej else "inconclusive" if violates(f["value"]) else "pass"
+                        for rej, (f, _, violates, *_) in zip(rejected, pending)]
+            gate = f"interval, Benjamini-Hochberg over {len(pending)} slices"
+        else:
+            p_values = [None] * len(pending)
+            outcomes = [_outcome(th.gate_on, f["value"], f["ci_low"], f["ci_high"], v) for f, _, v, *_ in pending]
+            gate = "estimate" if th.gate_on == "estimate" else "interval"
+        for (fields, _, _, label, where, n, op), outcome, pv in zip(pending, outcomes, p_values):
+            status = status_of.get(outcome, "FAIL" if th.severity == "fail" else "WARN")
+            sub = f" [{fields['sub_key']}]" if fields["sub_key"] else ""
+            msg = (f"{label} on {where}{sub} is {_fmt(fields['value'])} ({evaluation.level:.0%} CI {_fmt(fields['ci_low'])}-"
+                   f"{_fmt(fields['ci_high'])}, n={n}); required {op} {_fmt(fields['bound'])} on the {gate}"
+                   f"{'' if pv is None else f' (p={pv:.3g})'}: {outcome}")
+            checks.append(Check(outcome=outcome, status=status, message=msg, **fields))
     statuses = {c.status for c in checks}
     verdict = "FAIL" if "FAIL" in statuses else "WARN" if "WARN" in statuses else "PASS"
     return Validation(verdict, tuple(checks))
