@@ -131,27 +131,44 @@ def _resolve(base: Path, value: Any) -> Any:
     return str(p if p.is_absolute() else (base / p))
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AuditConfig:
-    """Return the `AuditConfig` in a YAML/JSON file, with relative model/data paths resolved against it."""
+def _read_config_file(path: str | Path, where: str, model_keys: tuple[str, ...]) -> dict[str, Any]:
+    """Return the mapping in a YAML/JSON file with the model specs' and data's relative paths resolved
+    against the file's folder."""
     path = Path(path)
     if not path.is_file():
-        raise XAuditError(f"load_config: 'path' must be an existing YAML or JSON file; got {str(path)!r}")
+        raise XAuditError(f"{where}: 'path' must be an existing YAML or JSON file; got {str(path)!r}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise XAuditError(f"load_config: {path} is not valid YAML/JSON: {exc}") from None
+        raise XAuditError(f"{where}: {path} is not valid YAML/JSON: {exc}") from None
     if not isinstance(raw, dict):
-        raise XAuditError(f"load_config: {path} must hold a mapping; got {type(raw).__name__}")
+        raise XAuditError(f"{where}: {path} must hold a mapping; got {type(raw).__name__}")
     base = path.resolve().parent
-    model = dict(raw.get("model") or {})
-    for key in ("card", "weights"):
-        if key in model:
-            model[key] = _resolve(base, model[key])
-    raw["model"] = model
+    for role in model_keys:
+        spec = dict(raw.get(role) or {})
+        for key in ("card", "weights"):
+            if key in spec:
+                spec[key] = _resolve(base, spec[key])
+        raw[role] = spec
     data = dict(raw.get("data") or {})
     if "path" in data:
         data["path"] = _resolve(base, data["path"])
     raw["data"] = data
+    return raw
+
+
+def _validate(model: type[BaseModel], raw: Any, where: str, source: str, kind: str):
+    """Return `model` validated from `raw`; pydantic's errors become one `XAuditError` listing each field."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise XAuditError(f"{where}: {source} is not a valid {kind} config:\n" + "\n".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AuditConfig:
+    """Return the `AuditConfig` in a YAML/JSON file, with relative model/data paths resolved against it."""
+    raw = _read_config_file(path, "load_config", ("model",))
     raw.update(overrides or {})
     return parse_config(raw, source=str(path))
 
@@ -160,8 +177,62 @@ def parse_config(raw: dict[str, Any] | AuditConfig, source: str = "config") -> A
     """Return a validated `AuditConfig`; pydantic's errors become one `XAuditError` listing each field."""
     if isinstance(raw, AuditConfig):
         return raw
-    try:
-        return AuditConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise XAuditError(f"load_config: {source} is not a valid audit config:\n" + "\n".join(lines)) from None
+    return _validate(AuditConfig, raw, "load_config", source, "audit")
+
+
+class ChangeThreshold(_Strict):
+    """A bound on how much a metric may change from baseline to candidate (TFMA's GenericChangeThreshold):
+    `absolute` (candidate - baseline) or `relative` ((candidate - baseline) / |baseline|), in the metric's
+    bad direction (a drop for higher-is-better metrics, a rise otherwise)."""
+
+    metric: str
+    slice: str | None = None
+    sub_key: str | None = None
+    absolute: float | None = Field(None, ge=0)
+    relative: float | None = Field(None, ge=0)
+    gate_on: Literal["estimate", "interval"] = "interval"
+    multiple_testing: Literal["none", "bh"] = "none"
+    severity: Literal["fail", "warn"] = "fail"
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "ChangeThreshold":
+        if self.absolute is None and self.relative is None:
+            raise ValueError(f"change threshold on {self.metric!r} needs 'absolute' or 'relative'")
+        return self
+
+
+class ReviewConfig(_Strict):
+    """A release review: candidate against baseline on the same examples."""
+
+    baseline: ModelSpec
+    candidate: ModelSpec
+    data: DataSpec
+    attribution: AttributionSpec = Field(default_factory=AttributionSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    change_thresholds: list[ChangeThreshold] = Field(default_factory=list)
+    thresholds: list[Threshold] = Field(
+        default_factory=list, description="on review statistics: flip_any, flip_to_wrong, flip_to_right, "
+                                          "<method>.rank_corr, <method>.top10_overlap")
+    report: ReportSpec = Field(default_factory=lambda: ReportSpec(title="Release review"))
+    output_dir: Path = Path("runs")
+    run_id: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    shard_size: int = Field(512, ge=1)
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+
+    def audit_config(self, role: Literal["baseline", "candidate"], review_dir: Path) -> "AuditConfig":
+        """Return the audit of one side: same data, attribution, slices and seed; no thresholds of its own."""
+        return AuditConfig(
+            model=getattr(self, role), data=self.data, attribution=self.attribution,
+            metrics=self.metrics.model_copy(update={"thresholds": []}),
+            report=self.report.model_copy(update={"title": f"{self.report.title}: {role}", "formats": ["html"]}),
+            output_dir=review_dir, run_id=role, seed=self.seed, device=self.device, shard_size=self.shard_size,
+            max_reject_fraction=self.max_reject_fraction)
+
+
+def load_review_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ReviewConfig:
+    """Return the `ReviewConfig` in a YAML/JSON file, with relative model/data paths resolved against it."""
+    raw = _read_config_file(path, "load_review_config", ("baseline", "candidate"))
+    raw.update(overrides or {})
+    return _validate(ReviewConfig, raw, "load_review_config", str(path), "review")

@@ -49,10 +49,19 @@ def _colormap(v: np.ndarray) -> np.ndarray:
     return anchors[i] * (1 - f) + anchors[i + 1] * f
 
 
-def png_data_uri(rgb: np.ndarray) -> str:
+def png_data_uri(rgb: np.ndarray, allow_jpeg: bool = True) -> str:
+    """Return a data URI for an RGB image: PNG, or JPEG (quality 88) when that is smaller — photographic
+    overlays compress far better as JPEG, flat charts and masks as PNG."""
+    im = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
-    Image.fromarray(rgb.astype(np.uint8)).save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    im.save(buf, format="PNG", optimize=True)
+    best, mime = buf.getvalue(), "image/png"
+    if allow_jpeg and len(best) > 2048:
+        jbuf = io.BytesIO()
+        im.save(jbuf, format="JPEG", quality=88, optimize=True)
+        if len(jbuf.getvalue()) < 0.8 * len(best):
+            best, mime = jbuf.getvalue(), "image/jpeg"
+    return f"data:{mime};base64," + base64.b64encode(best).decode()
 
 
 def _image_rgb(data: bytes, size: int = THUMB) -> np.ndarray:
@@ -202,7 +211,8 @@ def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: st
 
 
 def mean_maps(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None) -> list[dict[str, Any]]:
-    """Return the mean heatmap per slice value and method (each map rescaled to its own maximum)."""
+    """Return the mean heatmap per value of `slice_col` (a metadata column, or 'label_name' for the true
+    class) and method, each rescaled to its own maximum."""
     if expl.empty:
         return []
     key = pred.set_index("example_id")[slice_col] if slice_col else pd.Series("all", index=pred.example_id)
@@ -210,7 +220,7 @@ def mean_maps(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None) -> 
     out = []
     for (value, method), g in e.groupby(["slice_value", "method"], sort=True):
         h, w = int(g.heatmap_height.iloc[0]), int(g.heatmap_width.iloc[0])
-        m = np.stack(g.heatmap.to_numpy()).astype(float).mean(0).reshape(h, w)
+        m = np.stack(g.heatmap.to_numpy()).astype(float).mean(0).reshape(h, w)   # mean of maps scaled 0-255
         out.append(dict(slice_value=str(value), method=method, uri=heatmap_uri(m / max(m.max(), 1e-12)), n=len(g)))
     return out
 
@@ -281,7 +291,8 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
         gallery=gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
                         cfg["data"]["image_column"]),
-        mean_maps=mean_maps(pred, expl, slice_col), map_methods=sorted(expl.method.unique()), agreement=method_agreement(pred, expl, slice_col),
+        mean_maps=mean_maps(pred, expl, slice_col), class_maps=mean_maps(pred, expl, "label_name"),
+        map_methods=sorted(expl.method.unique()), agreement=method_agreement(pred, expl, slice_col),
         slice_col=slice_col, methods=[dict(name=m, params=params.get(m, {})) for m in methods],
         metric_names=sorted(m for m in scalar.metric.unique()),
         interval=interval, rejects=rejects.to_dict("records"), n_scored=len(pred),

@@ -18,15 +18,18 @@ def weighted_auc(scores: np.ndarray, positive: np.ndarray, W: np.ndarray) -> np.
     neg_scores = scores[neg_idx]
     below = np.searchsorted(neg_scores, scores[pos_idx], side="left")     # negatives strictly below
     upto = np.searchsorted(neg_scores, scores[pos_idx], side="right")     # negatives below or tied
-    cum = np.zeros((W.shape[0], len(neg_idx) + 1), dtype=W.dtype)
-    np.cumsum(W[:, neg_idx], axis=1, out=cum[:, 1:])
-    credit = cum[:, below]
+    # Work example-major (n, R): gathering examples copies contiguous rows of R weights, and the cumulative
+    # sum runs down rows. `evaluate` hands replicate weights over as a transposed (n, R) array, so this is a view.
+    Wt = np.ascontiguousarray(W.T)
+    cum = np.zeros((len(neg_idx) + 1, W.shape[0]), dtype=W.dtype)
+    np.cumsum(Wt[neg_idx], axis=0, out=cum[1:])
+    credit = cum[below]
     if (upto != below).any():
-        credit = 0.5 * (credit + cum[:, upto])
-    wp = W[:, pos_idx]
+        credit = 0.5 * (credit + cum[upto])
+    wp = Wt[pos_idx]
     # cumulated integer weights are exact in float32; the products are summed in float64
-    num = np.einsum("ri,ri->r", wp, credit, dtype=np.float64)
-    den = wp.sum(1, dtype=np.float64) * cum[:, -1].astype(np.float64)
+    num = np.einsum("ir,ir->r", wp, credit, dtype=np.float64)
+    den = wp.sum(0, dtype=np.float64) * cum[-1].astype(np.float64)
     return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 

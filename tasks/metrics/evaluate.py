@@ -167,10 +167,11 @@ def evaluate(
     sizes = {}
 
     def run(W_full: np.ndarray | None, is_point: bool) -> None:
+        """Compute every metric of every slice; W_full is (n, R) replicate weights, or None for the point."""
         for key, value, idx in groups:
             if len(idx) < min_slice_size:
                 continue
-            W = np.ones((1, len(idx))) if W_full is None else W_full[:, idx]
+            W = np.ones((1, len(idx))) if W_full is None else W_full[idx].T     # (R, n_slice) view
             d = SliceData(labels[idx], predictions[idx], probabilities[idx])
             results: list[tuple[str, str, np.ndarray]] = []
             for m in chosen:
@@ -196,8 +197,9 @@ def evaluate(
         per_chunk = max(1, min(replicates, weights_budget_bytes // max(1, 4 * n)))
         for start in range(0, replicates, per_chunk):
             r = min(per_chunk, replicates - start)
-            # Poisson weights are small integers: float32 holds them (and their sums below 2**24) exactly
-            run(rng.poisson(1.0, size=(r, n)).astype(np.float32), False)
+            # Poisson weights are small integers: float32 holds them (and their sums below 2**24) exactly.
+            # Stored example-major (n, r) so a slice's rows are contiguous; metrics see the (r, n) transpose.
+            run(rng.poisson(1.0, size=(r, n)).astype(np.float32).T.copy(), False)
     stacked = {kk: np.concatenate(v) for kk, v in samples.items()}
 
     for key, value, idx in groups:
