@@ -1,11 +1,12 @@
 """The `xaudit` command line.
 
     xaudit run CONFIG [CONFIG ...] [--run-id ID] [--output-dir DIR] [--device DEV] [--gate]
-    xaudit render RUN_DIR [--format html|pdf ...]
+    xaudit review [CONFIG] [--run-id ID] [--output-dir DIR] [--device DEV]
+    xaudit render RUN_DIR [--format html|pdf ...]      (an audit's or a review's directory)
     xaudit verify RUN_DIR
 
-Exit codes: 0 done (and, with --gate, no audit FAILED); 1 an audit FAILED under --gate, or verify found a
-mismatch; 2 bad input (config, model, data).
+Exit codes: 0 done (and, with --gate, no audit FAILED; a review PASSED or WARNED); 1 an audit FAILED under
+--gate, a review FAILED, or verify found a mismatch; 2 bad input (config, model, data).
 """
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", help="parent folder of run directories (default: runs)")
     run.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
     run.add_argument("--gate", action="store_true", help="exit 1 when an audit's verdict is FAIL")
+    rev = sub.add_parser("review", help="review a candidate against a baseline; exit 0 PASS/WARN, 1 FAIL, 2 bad input")
+    rev.add_argument("config", nargs="?", default="data/demo_review.yaml", metavar="CONFIG",
+                     help="YAML/JSON review config (default: the bundled demo, data/demo_review.yaml)")
+    rev.add_argument("--run-id", help="fixed review id (a rerun with the same id reuses the audits' shards)")
+    rev.add_argument("--output-dir", help="parent folder of review directories (default: runs)")
+    rev.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
     render = sub.add_parser("render", help="re-render a run's reports from its files, without recomputing")
     render.add_argument("run_dir")
     render.add_argument("--format", action="append", choices=["html", "pdf"], dest="formats")
@@ -58,14 +65,33 @@ def _run(args: argparse.Namespace) -> int:
     return worst
 
 
+def _review(args: argparse.Namespace) -> int:
+    from tasks.config import load_review_config
+    overrides = {k: v for k, v in (("run_id", args.run_id), ("output_dir", args.output_dir),
+                                   ("device", args.device)) if v}
+    config = load_review_config(args.config, overrides)
+    from flows.review import review
+    t0 = time.perf_counter()
+    result = review(config)
+    print(f"{args.config}: {result['verdict']} · {result['n_failed']} of {result['n_checks']} checks failed · "
+          f"{result['n_examples']} examples · {time.perf_counter() - t0:.1f} s")
+    if result["regressed"]:
+        print("regressed: " + ", ".join(result["regressed"]))
+    print(f"review directory: {Path(result['run_dir']).resolve()}")
+    return EXIT_FAIL if result["verdict"] == "FAIL" else EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "review":
+            return _review(args)
         if args.command == "render":
-            from tasks.report import render_report
-            for fmt, path in render_report(args.run_dir, tuple(args.formats or ("html", "pdf"))).items():
+            from tasks.report import render_report, render_review
+            render = render_review if (Path(args.run_dir) / "review_metrics.parquet").is_file() else render_report
+            for fmt, path in render(args.run_dir, tuple(args.formats or ("html", "pdf"))).items():
                 print(f"{fmt}: {path}")
             return EXIT_OK
         if args.command == "verify":

@@ -28,6 +28,8 @@ from .scoring import EXPLANATION_STATS
 
 ARTIFACTS = ("predictions.parquet", "explanations.parquet", "rejects.parquet", "metrics.parquet",
              "validation.parquet", "validation.json", "report.html", "report.pdf")
+REVIEW_ARTIFACTS = ("review_metrics.parquet", "review_examples.parquet", "review_drift.parquet",
+                    "validation.parquet", "validation.json", "review.html", "review.pdf")
 LIBRARIES = ("xaudit", "torch", "torchvision", "numpy", "pandas", "pyarrow", "prefect", "jinja2", "weasyprint",
              "pillow", "pydantic", "safetensors")
 
@@ -126,11 +128,11 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def artifact_hashes(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Return {name: {sha256, bytes}} for every artifact present in the run directory."""
+def artifact_hashes(run_dir: str | Path, names: Sequence[str] = ARTIFACTS) -> dict[str, dict[str, Any]]:
+    """Return {name: {sha256, bytes}} for every artifact of `names` present in the run directory."""
     run_dir = Path(run_dir)
     return {name: {"sha256": sha256_file(run_dir / name), "bytes": (run_dir / name).stat().st_size}
-            for name in ARTIFACTS if (run_dir / name).is_file()}
+            for name in names if (run_dir / name).is_file()}
 
 
 def build_manifest(run_id: str, started: datetime, config: AuditConfig, card: ModelCard, data: dict[str, Any],

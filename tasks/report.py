@@ -345,3 +345,91 @@ def render_report(run_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf"
         evidence = [run_dir / n for n in ("metrics.parquet", "validation.json", "manifest.json")]
         out["pdf"] = str(render_pdf(html, run_dir / "report.pdf", evidence))
     return out
+
+
+# --- release review --------------------------------------------------------------------------------------
+
+def review_context(review_dir: str | Path, examples_shown: int = 6) -> dict[str, Any]:
+    """Return what the review template needs, read from the review directory and its two audits."""
+    rd = Path(review_dir)
+    for name in ("manifest.json", "review_metrics.parquet", "review_examples.parquet", "review_drift.parquet",
+                 "validation.json"):
+        if not (rd / name).is_file():
+            raise XAuditError(f"render: {str(rd)!r} must be a finished review directory; {name} is missing")
+    manifest = json.loads((rd / "manifest.json").read_text())
+    validation = json.loads((rd / "validation.json").read_text())
+    table = pq.read_table(rd / "review_metrics.parquet").to_pandas()
+    examples = pq.read_table(rd / "review_examples.parquet").to_pandas()
+    drift = pq.read_table(rd / "review_drift.parquet").to_pandas()
+    cfg = manifest["config"]
+    failed = [c for c in validation["checks"] if c["status"] != "PASS"]
+    bad = {(c["slice_key"], c["slice_value"], c["metric"]) for c in failed}
+    scalar = table[table.sub_key == ""]
+
+    def rows(prefix_metrics: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for (key, value), g in scalar.groupby(["slice_key", "slice_value"], sort=False):
+            cells = {}
+            for m in prefix_metrics:
+                r = g[g.metric == m]
+                if len(r):
+                    r = r.iloc[0]
+                    cells[m] = dict(baseline=r.baseline, candidate=r.candidate, value=r.value, lo=r.ci_low,
+                                    hi=r.ci_high, bad=(key, value, m) in bad)
+            out.append(dict(label="overall" if key == "overall" else f"{key}={value}", n=int(g.n.iloc[0]),
+                            suppressed=bool(g.suppressed.iloc[0]), cells=cells))
+        return out
+    delta_metrics = [f"delta.{m}" for m in (*KEY_METRICS, *sorted({m[6:] for m in scalar.metric
+                                                                    if m.startswith("delta.") and "." in m[6:]}))
+                     if f"delta.{m}" in set(scalar.metric)]
+    methods = sorted(drift.method.unique())
+    drift_metrics = [f"{m}.{s}" for m in methods for s in ("rank_corr", "top10_overlap")]
+    # most changed examples: lowest rank correlation of the first method's maps, shown side by side
+    gallery_items = []
+    if methods:
+        first = drift[drift.method == methods[0]].sort_values("rank_corr").head(examples_shown)
+        ids = first.example_id.tolist()
+        images = _load_images(rd / "baseline", ids, cfg["data"]["id_column"], cfg["data"]["image_column"])
+        heat = {}
+        for role in ("baseline", "candidate"):
+            ex = pq.read_table(rd / role / "explanations.parquet").to_pandas()
+            heat[role] = ex[ex.method == methods[0]].set_index("example_id")
+        info = examples.set_index("example_id")
+        names = manifest["models"]["baseline"]["class_names"]
+        for e, rho in zip(ids, first.rank_corr):
+            if e not in images:
+                continue
+            base = _image_rgb(images[e])
+            overlays = []
+            for role in ("baseline", "candidate"):
+                h = heat[role].loc[e]
+                hm = np.asarray(h.heatmap, dtype=float).reshape(int(h.heatmap_height), int(h.heatmap_width)) / 255.0
+                overlays.append(dict(role=role, uri=overlay_uri(base, hm),
+                                     prediction=names[int(info.loc[e, f"{role}_prediction"])],
+                                     correct=bool(info.loc[e, f"{role}_correct"])))
+            gallery_items.append(dict(example_id=e, label=info.loc[e, "label_name"], rho=float(rho),
+                                      image=png_data_uri(base), overlays=overlays, method=methods[0]))
+    return dict(
+        title=cfg["report"]["title"], manifest=manifest, cfg=cfg, validation=validation,
+        verdict=validation["verdict"], failed=failed, checks=validation["checks"],
+        regressed=list(dict.fromkeys("overall" if c["slice_key"] == "overall" else f"{c['slice_key']}={c['slice_value']}"
+                                     for c in failed if c["status"] == "FAIL")),
+        delta_metrics=delta_metrics, delta_rows=rows(delta_metrics),
+        flip_rows=rows(["flip_any", "flip_to_wrong", "flip_to_right"]), drift_metrics=drift_metrics,
+        drift_rows=rows(drift_metrics), drift_methods=methods, gallery=gallery_items, report=cfg["report"],
+        interval=validation.get("interval", {}), n_examples=len(examples),
+        models=manifest["models"], artifacts=manifest.get("artifacts", {}),
+    )
+
+
+def render_review(review_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf")) -> dict[str, str]:
+    """Render review.html and/or review.pdf into the review directory; returns {format: path}."""
+    rd = Path(review_dir)
+    html = environment().get_template("review.html.j2").render(**review_context(rd))
+    out: dict[str, str] = {}
+    if "html" in formats:
+        out["html"] = str(write_bytes(rd / "review.html", html.encode()))
+    if "pdf" in formats:
+        evidence = [rd / n for n in ("review_metrics.parquet", "validation.json", "manifest.json")]
+        out["pdf"] = str(render_pdf(html, rd / "review.pdf", evidence))
+    return out

@@ -17,7 +17,7 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from . import outputs, report
-from .config import AuditConfig, ModelSpec
+from .config import AuditConfig, ModelSpec, ReviewConfig
 from .data import REJECT_SCHEMA, ingest
 from .errors import XAuditError
 from .io import sha256_file, sha256_json, write_json
@@ -126,9 +126,43 @@ def render(run_dir: str, formats: list[str]) -> dict[str, str]:
 
 
 @task(name="seal-manifest", **IO_RETRIES)
-def seal_manifest(run_dir: str) -> str:
+def seal_manifest(run_dir: str, review: bool = False) -> str:
     """Add the reports' hashes to manifest.json (the PDF embeds the manifest as it was before rendering)."""
     path = Path(run_dir) / "manifest.json"
     manifest = json.loads(path.read_text())
-    manifest["artifacts"] = outputs.artifact_hashes(run_dir)
+    manifest["artifacts"] = outputs.artifact_hashes(run_dir, outputs.REVIEW_ARTIFACTS if review else outputs.ARTIFACTS)
     return str(write_json(path, manifest))
+
+
+@task(name="compare-audits")
+def compare(baseline_dir: str, candidate_dir: str, config: ReviewConfig, review_dir: str, run_id: str) -> dict[str, Any]:
+    """Paired deltas, flips, drift and checks of two audits; returns the review verdict."""
+    from .review import review_runs
+    return asdict(review_runs(baseline_dir, candidate_dir, config, review_dir, run_id))
+
+
+@task(name="render-review")
+def render_review(review_dir: str, formats: list[str]) -> dict[str, str]:
+    """Render review.html / review.pdf from the review directory's files."""
+    return report.render_review(review_dir, tuple(formats))
+
+
+@task(name="write-review-manifest", **IO_RETRIES)
+def write_review_manifest(review_dir: str, run_id: str, config: ReviewConfig, verdict: str, started: str,
+                          flow_run_id: str | None) -> str:
+    """Write the review's manifest.json: config, both audits' manifests by hash, every artifact's hash."""
+    rd = Path(review_dir)
+    cfg = json.loads(config.model_dump_json())
+    audits = {role: json.loads((rd / role / "manifest.json").read_text()) for role in ("baseline", "candidate")}
+    manifest = {
+        "schema": "xaudit.review-manifest/1", "run_id": run_id, "created_utc": started,
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "verdict": verdict,
+        "config": cfg, "config_sha256": sha256_json(cfg), "prefect_flow_run_id": flow_run_id,
+        "models": {role: m["model"] for role, m in audits.items()},
+        "data": audits["baseline"]["data"],
+        "audits": {role: {"run_id": m["run_id"], "manifest_sha256": sha256_file(rd / role / "manifest.json")}
+                   for role, m in audits.items()},
+        "libraries": outputs.library_versions(),
+        "artifacts": outputs.artifact_hashes(rd, outputs.REVIEW_ARTIFACTS),
+    }
+    return str(write_json(rd / "manifest.json", manifest))

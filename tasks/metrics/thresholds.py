@@ -170,8 +170,8 @@ def validate(evaluation: Evaluation, thresholds: Sequence[Threshold]) -> Validat
         for (fields, _, _, label, where, n, op), outcome, pv in zip(pending, outcomes, p_values):
             status = status_of.get(outcome, "FAIL" if th.severity == "fail" else "WARN")
             sub = f" [{fields['sub_key']}]" if fields["sub_key"] else ""
-            msg = (f"{label} on {where}{sub} is {_fmt(fields['value'])} ({evaluation.level:.0%} CI {_fmt(fields['ci_low'])}-"
-                   f"{_fmt(fields['ci_high'])}, n={n}); required {op} {_fmt(fields['bound'])} on the {gate}"
+            msg = (f"{label} on {where}{sub} is {_fmt(fields['value'])} ({evaluation.level:.0%} CI [{_fmt(fields['ci_low'])}, "
+                   f"{_fmt(fields['ci_high'])}], n={n}); required {op} {_fmt(fields['bound'])} on the {gate}"
                    f"{'' if pv is None else f' (p={pv:.3g})'}: {outcome}")
             checks.append(Check(outcome=outcome, status=status, message=msg, **fields))
     statuses = {c.status for c in checks}

@@ -1,0 +1,108 @@
+"""Release review: paired intervals against direct resampling, drift statistics, and the real flow on the
+bundled demo (candidate FAILS naming site C; baseline against itself PASSES with no flips and no drift)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import spearmanr
+
+from conftest import DATA
+from flows.cli import main as cli
+from tasks.config import ChangeThreshold, load_review_config
+from tasks.metrics import evaluate
+from tasks.review import change_to_thresholds, map_drift, paired_deltas
+
+
+def test_paired_intervals_equal_direct_resampling():
+    rng = np.random.default_rng(4)
+    n, R, seed = 40, 300, 9
+    y = rng.integers(0, 2, n)
+    pb = rng.dirichlet([1, 1], n)
+    pc = np.clip(pb + rng.normal(0, 0.2, (n, 1)) * [1, -1], 0.01, 0.99)
+    pc = pc / pc.sum(1, keepdims=True)
+    md = pd.DataFrame(index=range(n))
+    kw = dict(metrics=["accuracy"], replicates=R, seed=seed)
+    d = paired_deltas(evaluate(y, pb, md, **kw), evaluate(y, pc, md, **kw))
+    row = d.table[d.table.metric == "delta.accuracy"].iloc[0]
+    # direct, slow: one resample at a time, the same weights for both models
+    W = np.random.default_rng(seed).poisson(1.0, size=(R, n))
+    cb, cc = (pb.argmax(1) == y), (pc.argmax(1) == y)
+    direct = np.array([(w @ cc - w @ cb) / w.sum() for w in W if w.sum() > 0])
+    lo, hi = np.quantile(direct, [0.025, 0.975])
+    assert row.value == pytest.approx(cc.mean() - cb.mean())
+    assert row.ci_low == pytest.approx(lo, abs=1e-6) and row.ci_high == pytest.approx(hi, abs=1e-6)
+    # unpaired resampling (independent weights) would give a wider interval: pairing matters
+    W2 = np.random.default_rng(seed + 1).poisson(1.0, size=(R, n))
+    unpaired = np.array([w2 @ cc / w2.sum() - w @ cb / w.sum() for w, w2 in zip(W, W2)])
+    assert np.subtract(*np.quantile(unpaired, [0.975, 0.025])) > hi - lo
+
+
+def test_map_drift_equals_scipy_and_is_one_for_identical_maps():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (6, 64))
+    b = rng.integers(0, 256, (6, 64))
+    rho, overlap = map_drift(a, b)
+    for i in range(6):
+        assert rho[i] == pytest.approx(spearmanr(a[i], b[i]).statistic)
+    rho, overlap = map_drift(a, a.copy())
+    assert (rho == 1).all() and (overlap == 1).all()
+    flat = np.zeros((1, 64))
+    assert map_drift(flat, flat)[0][0] == 1.0
+    rho, _ = map_drift(np.arange(64)[None], np.arange(64)[::-1][None])
+    assert rho[0] == pytest.approx(-1)
+
+
+def test_change_thresholds_compile_in_the_bad_direction():
+    up = change_to_thresholds(ChangeThreshold(metric="accuracy", absolute=0.02, relative=0.1), True)
+    assert [(t.metric, t.lower, t.upper) for t in up] == [("delta.accuracy", -0.02, None),
+                                                          ("relative_delta.accuracy", -0.1, None)]
+    down = change_to_thresholds(ChangeThreshold(metric="log_loss", absolute=0.05), False)
+    assert [(t.metric, t.lower, t.upper) for t in down] == [("delta.log_loss", None, 0.05)]
+
+
+def review_config(tmp_path, run_id, **changes):
+    return load_review_config(DATA / "demo_review.yaml", {
+        "output_dir": str(tmp_path), "run_id": run_id,
+        "attribution": {"methods": ["saliency", "gradcam"], "batch_size": 64},
+        "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 300, "min_slice_size": 20},
+        "report": {"title": "test review", "formats": ["html"]},
+        "thresholds": [{"metric": "flip_to_wrong", "upper": 0.05, "gate_on": "interval"},
+                       {"metric": "gradcam.rank_corr", "lower": 0.5}], **changes})
+
+
+def test_candidate_review_fails_naming_site_c(prefect_harness, tmp_path, capsys):
+    cfg = DATA / "demo_review.yaml"
+    code = cli(["review", str(cfg), "--run-id", "cand", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAIL" in out and "site=C" in out
+    validation = json.loads((tmp_path / "cand" / "validation.json").read_text())
+    failed = [c for c in validation["checks"] if c["status"] == "FAIL"]
+    assert any(c["slice_value"] == "C" and c["metric"] == "delta.accuracy" and "site=C" in c["message"]
+               for c in failed)
+    flips = pq.read_table(tmp_path / "cand" / "review_examples.parquet").to_pandas()
+    assert flips[flips.site == "C"].flip_to_wrong.mean() > flips[flips.site != "C"].flip_to_wrong.mean()
+    html = (tmp_path / "cand" / "review.html").read_text()
+    assert "Slices that regressed" in html and "site=C" in html
+    assert (tmp_path / "cand" / "review.pdf").stat().st_size > 0
+
+
+def test_baseline_against_itself_passes_with_no_flips_and_no_drift(prefect_harness, tmp_path):
+    from flows.review import review
+    config = review_config(tmp_path, "self", candidate={"card": str(DATA / "models" / "baseline.json")},
+                           data={"path": str(DATA / "digits.parquet"), "filter": {"split": "test"},
+                                 "roi_column": "roi_png", "metadata_columns": ["site"], "limit": 150})
+    result = review(config)
+    assert result["verdict"] == "PASS" and result["n_failed"] == 0
+    table = pq.read_table(tmp_path / "self" / "review_metrics.parquet").to_pandas()
+    flips = table[table.metric.str.startswith("flip_")]
+    assert len(flips) and (flips.value == 0).all()
+    deltas = table[table.metric.str.startswith("delta.") & ~table.suppressed]
+    assert (deltas.value.abs() < 1e-12).all() and (deltas.ci_low.abs() < 1e-12).all()
+    drift = pq.read_table(tmp_path / "self" / "review_drift.parquet").to_pandas()
+    assert (drift.rank_corr == 1).all() and (drift.top10_overlap == 1).all()
+    from tasks.outputs import verify_run
+    assert verify_run(tmp_path / "self") == []
