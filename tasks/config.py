@@ -55,6 +55,10 @@ class AttributionSpec(_Strict):
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-method parameters")
     heatmap_size: int = Field(32, ge=4, le=256, description="side of the stored low-resolution heatmap")
     batch_size: int = Field(64, ge=1)
+    max_batch: int = Field(256, ge=1, description="most model inputs per call (perturbed copies, path steps); "
+                                                  "halves on a CUDA out-of-memory error")
+    autocast: bool = Field(False, description="bf16 autocast on CUDA (ignored on the CPU, where it is slower)")
+    channels_last: bool = False
 
 
 class Threshold(_Strict):

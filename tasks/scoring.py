@@ -5,6 +5,7 @@ statistics are computed on the full-resolution display heatmap.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,12 +72,19 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
     n = len(decoded.example_ids)
     size = (spec.heatmap_size, spec.heatmap_size)
     probs_all, expl_rows = [], []
+    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if spec.autocast and device.type == "cuda" \
+        else contextlib.nullcontext()
     for start in range(0, n, spec.batch_size):
         sl = slice(start, min(n, start + spec.batch_size))
-        x = decoded.inputs[sl].to(device)
+        x = decoded.inputs[sl].to(device).contiguous(memory_format=memory_format)
         target = decoded.labels[sl].to(device) if spec.target == "label" else "predicted"
-        res = attribute(model, x, spec.methods, target=target, params=spec.params, target_layer=card.target_layer,
-                        seed=config.seed + start, max_batch=max(spec.batch_size, 64))
+        with autocast:
+            res = attribute(model, x, spec.methods, target=target, params=spec.params,
+                            target_layer=card.target_layer, seed=config.seed + start,
+                            max_batch=max(spec.max_batch, spec.batch_size))
         probs_all.append(torch.softmax(res.logits.double(), 1).cpu())
         roi = decoded.roi[sl] if decoded.roi is not None else None
         for method, raw in res.attributions.items():

@@ -160,7 +160,10 @@ def test_linear_model_attributions_are_exact():
 
 
 PARAMS = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4},
-          "occlusion": {"window": 8, "stride": 8}}
+          "occlusion": {"window": 8, "stride": 8}, "lime": {"n_samples": 128}, "kernel_shap": {"n_samples": 128},
+          "gradient_shap": {"n_samples": 4}}
+# Sampling methods draw their noise / coalitions for the whole batch, so a row alone gets other draws.
+STOCHASTIC = {"smoothgrad", "lime", "kernel_shap", "gradient_shap"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -182,7 +185,7 @@ def test_contract_every_registered_method(name):
     torch.testing.assert_close(a, again)                                  # seeded runs repeat
     rows = torch.cat([attribute(model, x[i:i + 1], [name], target=res.target[i:i + 1], params=params,
                                 seed=3).attributions[name] for i in range(5)])
-    if name != "smoothgrad":   # SmoothGrad's noise is drawn per batch, so rows differ by design
+    if name not in STOCHASTIC:
         torch.testing.assert_close(a, rows, rtol=1e-4, atol=1e-5)         # batch == row by row
     small = attribute(model, x, [name], params=params, seed=3, max_batch=2).attributions[name]
     torch.testing.assert_close(a, small, rtol=1e-4, atol=1e-5)            # chunk size does not matter
@@ -205,3 +208,99 @@ def test_unknown_method_and_parameter_are_clear_errors():
         attribute(model, x, ["integrated_gradients"], params={"integrated_gradients": {"steps": 3}})
     with pytest.raises(XAuditError, match="target"):
         attribute(model, x, ["saliency"], target=[11])
+
+
+def exact_shapley(model, x, target, masks, n_features):
+    """Shapley values of the target logit over the features of each image, by enumerating all coalitions."""
+    import itertools
+    from math import factorial
+    coalitions = torch.tensor(list(itertools.product([0, 1], repeat=n_features)), dtype=torch.float32)
+    out = []
+    for i in range(len(x)):
+        keep = coalitions[:, masks[i].flatten()].view(-1, 1, *x.shape[2:])
+        with torch.no_grad():
+            v = torch.cat([model(x[i:i + 1] * keep[j:j + 256]) for j in range(0, len(keep), 256)])[:, target[i]]
+        value = {tuple(c.int().tolist()): float(val) for c, val in zip(coalitions, v)}
+        phi = torch.zeros(n_features)
+        m = n_features
+        for c, val in value.items():
+            for f in range(m):
+                if c[f] == 0:
+                    with_f = c[:f] + (1,) + c[f + 1:]
+                    k = sum(c)
+                    phi[f] += factorial(k) * factorial(m - k - 1) / factorial(m) * (value[with_f] - val)
+        out.append(phi)
+    return torch.stack(out)
+
+
+def test_kernel_shap_converges_to_exact_shapley_and_beats_captum_per_evaluation():
+    from tasks.attribution._surrogate import feature_masks
+    model = demo_model()
+    x = inputs_for((3, 32, 32), 2)
+    masks = feature_masks(x, "grid", 9)                       # 3 x 3 grid: 9 features, 512 coalitions
+    res = attribute(model, x, ["kernel_shap"], params={"kernel_shap": {"n_samples": 4000, "n_segments": 9}})
+    exact = exact_shapley(model, x, res.target, masks, 9)
+    ours = torch.stack([res.attributions["kernel_shap"][i, 0].flatten()[
+        torch.tensor([int((masks[i].flatten() == f).nonzero()[0]) for f in range(9)])] for i in range(2)])
+    torch.testing.assert_close(ours, exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
+    # with the same small budget, paired sampling's error is not larger than Captum's
+    budget = 64
+    ours_small = attribute(model, x, ["kernel_shap"], seed=1,
+                           params={"kernel_shap": {"n_samples": budget, "n_segments": 9}}).attributions["kernel_shap"]
+    torch.manual_seed(1)
+    theirs = captum_attr.KernelShap(model).attribute(x, target=res.target, feature_mask=masks[:, None],
+                                                     n_samples=budget, baselines=0.0)
+    pick = lambda a: torch.stack([a[i, 0].flatten()[[int((masks[i].flatten() == f).nonzero()[0]) for f in range(9)]]
+                                  for i in range(2)])
+    assert (pick(ours_small) - exact).norm() <= 1.25 * (pick(theirs) - exact).norm()
+
+
+def test_lime_agrees_with_captum_lime_on_the_same_mask_and_surrogate():
+    from captum._utils.models.linear_model import SkLearnLinearRegression
+    from tasks.attribution._surrogate import feature_masks
+    model = demo_model()
+    x = inputs_for((3, 32, 32), 2)
+    masks = feature_masks(x, "grid", 16)
+    res = attribute(model, x, ["lime"], params={"lime": {"n_samples": 3000, "ridge": 0.0}})
+    torch.manual_seed(0)
+    theirs = captum_attr.Lime(model, interpretable_model=SkLearnLinearRegression()).attribute(
+        x, target=res.target, feature_mask=masks[:, None], n_samples=3000, baselines=0.0, perturbations_per_eval=64)
+    ours = res.attributions["lime"]
+    for i in range(2):
+        corr = torch.corrcoef(torch.stack([ours[i].flatten(), theirs[i].flatten()]))[0, 1]
+        assert corr > 0.95, corr
+
+
+def test_gradient_shap_agrees_with_captum():
+    model = demo_model()
+    x = inputs_for((3, 32, 32), 2)
+    res = attribute(model, x, ["gradient_shap"], params={"gradient_shap": {"n_samples": 400, "stdev": 0.1}})
+    torch.manual_seed(0)
+    theirs = captum_attr.GradientShap(model).attribute(x, baselines=torch.zeros(1, 3, 32, 32), target=res.target,
+                                                       n_samples=400, stdevs=0.1)
+    ours = res.attributions["gradient_shap"]
+    corr = torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1]
+    assert corr > 0.9, corr
+
+
+def test_out_of_memory_halves_the_chunk_and_retries():
+    class Fussy(nn.Module):
+        """A real model that raises torch.OutOfMemoryError for batches over 3 rows, like a full GPU."""
+        def __init__(self):
+            super().__init__()
+            self.net = demo_model()
+            self.sizes = []
+
+        def forward(self, x):
+            self.sizes.append(len(x))
+            if len(x) > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.net(x)
+    fussy = Fussy().eval()
+    x = inputs_for((3, 32, 32), 2)
+    res = attribute(fussy, x, ["integrated_gradients"], max_batch=16, logits=fussy.net(x).detach(),
+                    params={"integrated_gradients": {"n_steps": 8}})
+    ref = attribute(fussy.net, x, ["integrated_gradients"], params={"integrated_gradients": {"n_steps": 8}})
+    torch.testing.assert_close(res.attributions["integrated_gradients"], ref.attributions["integrated_gradients"])
+    assert any(n > 3 for n in fussy.sizes)           # it did run out of memory...
+    assert fussy.sizes[-1] <= 3                        # ...and finished with halved chunks

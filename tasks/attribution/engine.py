@@ -88,19 +88,40 @@ class Context:
             _, _, self._pass = _gradient_pass(self.model, self.inputs, lambda _: self.target, self.layer)
         return self._pass
 
+    def _chunked(self, n: int, step: Callable[[slice], None]) -> None:
+        """Run `step` over chunks of at most `max_batch` rows; on a CUDA out-of-memory error the chunk size
+        halves (and stays halved for this batch) and the failed chunk is retried."""
+        start = 0
+        while start < n:
+            s = slice(start, min(n, start + self.max_batch))
+            try:
+                step(s)
+            except torch.OutOfMemoryError:
+                if self.max_batch == 1:
+                    raise
+                self.max_batch = max(1, self.max_batch // 2)
+                if self.inputs.is_cuda:
+                    torch.cuda.empty_cache()
+                continue
+            start = s.stop
+
     def target_output(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return logits[i, target_i] for many inputs, in chunks of `max_batch`, without autograd."""
         out = torch.empty(len(x), device=x.device, dtype=self.logits.dtype)
-        with torch.inference_mode():
-            for s in chunks(len(x), self.max_batch):
+
+        def step(s: slice) -> None:
+            with torch.inference_mode():
                 out[s] = self.model(x[s]).gather(1, target[s, None])[:, 0].to(out.dtype)
+        self._chunked(len(x), step)
         return out
 
     def target_gradient(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return d logits[i, target_i] / d x_i for many inputs, in chunks of `max_batch`."""
         grads = torch.empty_like(x)
-        for s in chunks(len(x), self.max_batch):
+
+        def step(s: slice) -> None:
             grads[s] = _input_gradient(self.model, x[s], target[s])
+        self._chunked(len(x), step)
         return grads
 
 
