@@ -67,15 +67,22 @@ def evaluate_perturbations(ctx, z: torch.Tensor, masks: torch.Tensor, baseline: 
 
 
 def weighted_least_squares(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Return phi (N, F) of the surrogates y ~ c + z phi for all images in one batched solve (float64):
-    (Z1' W Z1 + ridge I) beta = Z1' W y, the intercept unregularised."""
+    """Return phi (N, F) of the surrogates y ~ c + z phi for all images in one batched solve (float64).
+
+    ridge > 0: (Z1' W Z1 + ridge I) beta = Z1' W y, the intercept unregularised. ridge = 0: the
+    minimum-norm least-squares solution of sqrt(W) Z1 beta = sqrt(W) y, which stays finite when there are
+    fewer informative samples than features (paired coalitions, unused feature ids)."""
     z = z.double()
     n, s, f = z.shape
     z1 = torch.cat([z, torch.ones(n, s, 1, dtype=z.dtype, device=z.device)], 2)
+    if ridge == 0:
+        sw = weights.double().sqrt()[..., None]
+        a, b = (z1 * sw).cpu(), (y.double()[..., None] * sw).cpu()
+        beta = torch.linalg.lstsq(a, b, driver="gelsd").solution            # gelsd: rank-revealing (CPU)
+        return beta[:, :f, 0].to(z.device)
     wz = z1 * weights.double()[..., None]
     A = wz.transpose(1, 2) @ z1
     A = A + ridge * torch.diag(torch.cat([torch.ones(f), torch.zeros(1)])).to(A)
-    A = A + 1e-10 * torch.eye(f + 1, dtype=A.dtype, device=A.device)        # keeps unused features solvable
     b = wz.transpose(1, 2) @ y.double()[..., None]
     return torch.linalg.solve(A, b)[:, :f, 0]
 

@@ -54,7 +54,7 @@ def capture_layer(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 class GradientPass:
     """One forward/backward of sum_i logits[i, target_i]: input gradient, CAM-layer activations and gradients."""
 
-    input_grad: torch.Tensor
+    input_grad: torch.Tensor | None          # None when only CAM-layer methods were asked for
     activations: torch.Tensor | None
     layer_grad: torch.Tensor | None
 
@@ -76,6 +76,7 @@ class Context:
     seed: int
     max_batch: int
     _pass: GradientPass | None = field(default=None, repr=False)
+    input_grad: bool = True
 
     def generator(self, salt: int) -> torch.Generator:
         """Return a generator seeded from the context seed and a per-method salt (device-agnostic)."""
@@ -85,7 +86,8 @@ class Context:
 
     def gradient_pass(self) -> GradientPass:
         if self._pass is None:
-            _, _, self._pass = _gradient_pass(self.model, self.inputs, lambda _: self.target, self.layer)
+            _, _, self._pass = _gradient_pass(self.model, self.inputs, lambda _: self.target, self.layer,
+                                              self.input_grad)
         return self._pass
 
     def _chunked(self, n: int, step: Callable[[slice], None]) -> None:
@@ -134,11 +136,12 @@ def _input_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> 
 
 
 def _gradient_pass(model: nn.Module, x: torch.Tensor, target: Callable[[torch.Tensor], torch.Tensor],
-                   layer: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, GradientPass]:
+                   layer: nn.Module | None, input_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, GradientPass]:
     """One forward with autograd (its logits are the clean forward) and one backward of the chosen logits.
-    `target` maps the logits to the (N,) classes to explain. Returns (logits, target, pass)."""
+    `target` maps the logits to the (N,) classes to explain. Without `input_grad` the backward stops at the
+    CAM layer (what CAM methods alone need). Returns (logits, target, pass)."""
     with torch.enable_grad():
-        xg = x.detach().clone().requires_grad_(True)
+        xg = x.detach().clone().requires_grad_(input_grad)
         if layer is None:
             logits = model(xg)
             tgt = target(logits.detach())
@@ -148,7 +151,9 @@ def _gradient_pass(model: nn.Module, x: torch.Tensor, target: Callable[[torch.Te
             logits = model(xg)
         tgt = target(logits.detach())
         acts = store["activations"]
-        grad, layer_grad = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), (xg, acts))
+        wrt = (xg, acts) if input_grad else (acts,)
+        grads = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), wrt)
+    grad, layer_grad = grads if input_grad else (None, grads[0])
     return logits.detach(), tgt, GradientPass(grad, acts.detach(), layer_grad)
 
 
@@ -208,17 +213,20 @@ def attribute(
     model.eval()
     try:
         layer = find_layer(model, target_layer) if any(m.layer for m in specs) else None
+        # CAM methods need gradients at the CAM layer only; saliency and input x gradient need them at the input
+        input_grad = any(m.gradient_pass and not m.layer for m in specs)
         shared = None
         if logits is None and any(m.gradient_pass for m in specs) and len(inputs) <= max_batch:
             # The gradient pass's forward is the clean forward: one forward/backward for the whole family.
-            logits, tgt, shared = _gradient_pass(model, inputs, lambda lg: resolve_target(target, lg), layer)
+            logits, tgt, shared = _gradient_pass(model, inputs, lambda lg: resolve_target(target, lg), layer,
+                                                 input_grad)
         else:
             if logits is None:
                 with torch.inference_mode():
                     logits = torch.cat([model(inputs[s]) for s in chunks(len(inputs), max_batch)])
             logits = logits.detach().clone()
             tgt = resolve_target(target, logits)
-        ctx = Context(model, inputs.detach(), tgt, logits, layer, seed, max_batch, shared)
+        ctx = Context(model, inputs.detach(), tgt, logits, layer, seed, max_batch, shared, input_grad)
         attributions, extras = {}, {}
         for m in specs:
             out = m.fn(ctx, **resolved[m.name])

@@ -1,0 +1,209 @@
+"""Benchmark: attribution methods, xaudit vs Captum (and pytorch-grad-cam) in one run.
+
+    python benchmarks/attribution.py [--batch 8] [--size 224] [--quick]
+
+Table 1 (torchvision ResNet-18, random weights, eval mode): per method, our time, the peer's time for the
+same model, inputs and settings, the ratio, and our efficiency = (passes the method cannot avoid x the
+measured time of one such pass at the same batch size) / our time.
+Table 2 (the demo CNN, 32x32, a batch of 64): LIME and KernelSHAP with 1,000 samples, against Captum.
+Table 3: KernelSHAP error against exact Shapley values (all 2^9 coalitions of a 3x3 grid) per model
+evaluations, ours (paired sampling) vs Captum, averaged over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tasks.attribution import attribute  # noqa: E402
+from tasks.attribution._surrogate import feature_masks  # noqa: E402
+from tasks.nets import DemoCNN  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def timed(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def pass_times(model, x, target) -> tuple[float, float]:
+    """Time of one forward (inference) and one forward+backward (input gradient) at this batch size."""
+    def fwd():
+        with torch.inference_mode():
+            model(x)
+
+    def fb():
+        xg = x.clone().requires_grad_(True)
+        torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg)
+    fwd(), fb()
+    return timed(fwd, 3), timed(fb, 3)
+
+
+def table_resnet(batch: int, size: int, quick: bool) -> None:
+    import captum.attr as ca
+    from pytorch_grad_cam import GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    t_f, t_fb = pass_times(model, x, target)
+    steps, samples, surrogate = (8, 4, 32) if quick else (16, 8, 64)
+    window = size // 4
+    n_windows = ((size - window) // window + 1) ** 2
+    layer = model.layer4
+    mask = feature_masks(x, "grid", 16)[:, None]
+    rows = []
+
+    def add(name, ours_fn, theirs_fn, limit, peer="Captum"):
+        ours_fn()                                        # warm-up
+        ours, theirs = timed(ours_fn), timed(theirs_fn)
+        rows.append((name, ours, theirs, peer, limit))
+
+    def family():
+        attribute(model, x, ["saliency", "input_x_gradient", "gradcam", "gradcam_plus_plus"], target=target,
+                  target_layer="layer4")
+
+    def family_peer():
+        ca.Saliency(model).attribute(x, target=target, abs=True)
+        ca.InputXGradient(model).attribute(x, target=target)
+        ca.LayerAttribution.interpolate(ca.LayerGradCam(model, layer).attribute(x, target=target), (size, size))
+        with GradCAMPlusPlus(model=model, target_layers=[layer]) as cam:
+            cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+    add("saliency + input_x_gradient + gradcam + gradcam_plus_plus (one shared pass)", family, family_peer, t_fb,
+        "Captum x3 + pytorch-grad-cam, one after another")
+    add("saliency", lambda: attribute(model, x, ["saliency"], target=target),
+        lambda: ca.Saliency(model).attribute(x, target=target, abs=True), t_fb)
+    add("gradcam", lambda: attribute(model, x, ["gradcam"], target=target, target_layer="layer4"),
+        lambda: ca.LayerAttribution.interpolate(ca.LayerGradCam(model, layer).attribute(x, target=target),
+                                                (size, size)), t_fb)
+    add(f"integrated_gradients ({steps} steps)",
+        lambda: attribute(model, x, ["integrated_gradients"], target=target, max_batch=64,
+                          params={"integrated_gradients": {"n_steps": steps}}),
+        lambda: ca.IntegratedGradients(model).attribute(x, target=target, n_steps=steps, internal_batch_size=64,
+                                                        return_convergence_delta=True),
+        steps * t_fb + t_f)
+    add(f"smoothgrad ({samples} samples)",
+        lambda: attribute(model, x, ["smoothgrad"], target=target, max_batch=64,
+                          params={"smoothgrad": {"n_samples": samples, "stdev": 0.1}}),
+        lambda: ca.NoiseTunnel(ca.Saliency(model)).attribute(x, target=target, nt_samples=samples, stdevs=0.1,
+                                                             nt_samples_batch_size=samples), samples * t_fb)
+    add(f"gradient_shap ({samples} samples)",
+        lambda: attribute(model, x, ["gradient_shap"], target=target, max_batch=64,
+                          params={"gradient_shap": {"n_samples": samples}}),
+        lambda: ca.GradientShap(model).attribute(x, baselines=torch.zeros(1, *x.shape[1:]), target=target,
+                                                 n_samples=samples), samples * t_fb)
+    add(f"occlusion ({window}px window, {n_windows} windows)",
+        lambda: attribute(model, x, ["occlusion"], target=target, max_batch=64,
+                          params={"occlusion": {"window": window, "stride": window}}),
+        lambda: ca.Occlusion(model).attribute(x, target=target, sliding_window_shapes=(3, window, window),
+                                              strides=(3, window, window), perturbations_per_eval=8),
+        n_windows * t_f)
+    add(f"lime ({surrogate} samples, 16 cells)",
+        lambda: attribute(model, x, ["lime"], target=target, max_batch=64, params={"lime": {"n_samples": surrogate}}),
+        lambda: ca.Lime(model).attribute(x, target=target, feature_mask=mask, n_samples=surrogate,
+                                         perturbations_per_eval=8), surrogate * t_f)
+    add(f"kernel_shap ({surrogate} samples, 16 cells)",
+        lambda: attribute(model, x, ["kernel_shap"], target=target, max_batch=64,
+                          params={"kernel_shap": {"n_samples": surrogate}}),
+        lambda: ca.KernelShap(model).attribute(x, target=target, feature_mask=mask, n_samples=surrogate,
+                                               perturbations_per_eval=8), surrogate * t_f)
+    print(f"## ResNet-18, {size}x{size}, batch {batch}, CPU (one forward {t_f:.3f} s, one forward+backward "
+          f"{t_fb:.3f} s at this batch)\n")
+    print("| method | xaudit (s) | peer (s) | peer | peer / xaudit | pass-count limit (s) | efficiency |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ours, theirs, peer, limit in rows:
+        print(f"| {name} | {ours:.2f} | {theirs:.2f} | {peer} | {theirs / ours:.1f}x | {limit:.2f} | "
+              f"{limit / ours:.0%} |")
+
+
+def table_surrogates(n_samples: int) -> None:
+    import captum.attr as ca
+    torch.manual_seed(0)
+    model = DemoCNN(in_channels=1).eval()
+    x = torch.randn(64, 1, 32, 32)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    mask = feature_masks(x, "grid", 16)[:, None]
+    print(f"\n## Demo CNN, 32x32, batch 64, {n_samples} samples per image, 16 grid cells\n")
+    print("| method | xaudit (s) | Captum, default perturbations_per_eval=1 (s) | ratio | "
+          "Captum, perturbations_per_eval=64 (s) | ratio | pass-count limit (s) | efficiency |")
+    print("|---|---|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        model(x.repeat(8, 1, 1, 1))
+        t_f = timed(lambda: model(x.repeat(8, 1, 1, 1)), 3) / 8          # one forward of 64 images, at 512 rows
+    for name, peer in (("lime", ca.Lime), ("kernel_shap", ca.KernelShap)):
+        ours = timed(lambda: attribute(model, x, [name], target=target, max_batch=512,
+                                       params={name: {"n_samples": n_samples}}))
+        default = timed(lambda: peer(model).attribute(x, target=target, feature_mask=mask, n_samples=n_samples))
+        batched = timed(lambda: peer(model).attribute(x, target=target, feature_mask=mask, n_samples=n_samples,
+                                                      perturbations_per_eval=64))
+        limit = n_samples * t_f
+        print(f"| {name} | {ours:.2f} | {default:.2f} | {default / ours:.1f}x | {batched:.2f} | "
+              f"{batched / ours:.1f}x | {limit:.2f} | {limit / ours:.0%} |")
+
+
+def table_kernel_shap_error(budgets, seeds: int) -> None:
+    import captum.attr as ca
+    from test_attribution import exact_shapley
+    torch.manual_seed(0)
+    model = DemoCNN(in_channels=1).eval()
+    x = torch.randn(8, 1, 32, 32)
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    masks = feature_masks(x, "grid", 9)
+    exact = exact_shapley(model, x, target, masks, 9)
+    first = [[int((masks[i].flatten() == f).nonzero()[0]) for f in range(9)] for i in range(len(x))]
+
+    def pick(a):
+        return torch.stack([a[i, 0].flatten()[first[i]] for i in range(len(x))])
+
+    def err(a):
+        return float((pick(a) - exact).norm() / exact.norm())
+    print("\n## KernelSHAP relative error against exact Shapley values (demo CNN, 9 features, 8 images, "
+          f"mean of {seeds} seeds)\n")
+    print("| model evaluations per image | xaudit (paired, exact kernel) | Captum KernelShap |")
+    print("|---|---|---|")
+    for b in budgets:
+        ours = sum(err(attribute(model, x, ["kernel_shap"], target=target, seed=s,
+                                 params={"kernel_shap": {"n_samples": b, "n_segments": 9}}).attributions["kernel_shap"])
+                   for s in range(seeds)) / seeds
+        theirs = 0.0
+        for s in range(seeds):
+            torch.manual_seed(s)
+            theirs += err(ca.KernelShap(model).attribute(x, target=target, feature_mask=masks[:, None], n_samples=b,
+                                                         perturbations_per_eval=64))
+        print(f"| {b} | {ours:.4f} | {theirs / seeds:.4f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device cpu\n")
+    table_resnet(args.batch, args.size, args.quick)
+    table_surrogates(200 if args.quick else 1000)
+    table_kernel_shap_error([12, 24, 48, 96, 192] if not args.quick else [12, 24], 2 if args.quick else 5)
+
+
+if __name__ == "__main__":
+    main()
