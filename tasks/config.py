@@ -61,6 +61,15 @@ class AttributionSpec(_Strict):
     channels_last: bool = False
 
 
+class QualitySpec(_Strict):
+    """Explanation-quality checks (tasks/quality): per-example columns of the explanations table."""
+
+    checks: list[str] = Field(default_factory=lambda: ["localisation", "faithfulness", "faithfulness_random",
+                                                       "agreement", "stability"])
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-check parameters")
+    sanity_images: int = Field(32, ge=0, description="images for the model-randomisation check (0: skip)")
+
+
 class Threshold(_Strict):
     """A check on one metric: a bound on its value, or on its gap below/above the overall value."""
 
@@ -111,6 +120,7 @@ class AuditConfig(_Strict):
     model: ModelSpec
     data: DataSpec
     attribution: AttributionSpec = Field(default_factory=AttributionSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     output_dir: Path = Path("runs")
@@ -212,6 +222,7 @@ class ReviewConfig(_Strict):
     candidate: ModelSpec
     data: DataSpec
     attribution: AttributionSpec = Field(default_factory=AttributionSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     change_thresholds: list[ChangeThreshold] = Field(default_factory=list)
     thresholds: list[Threshold] = Field(
@@ -228,7 +239,7 @@ class ReviewConfig(_Strict):
     def audit_config(self, role: Literal["baseline", "candidate"], review_dir: Path) -> "AuditConfig":
         """Return the audit of one side: same data, attribution, slices and seed; no thresholds of its own."""
         return AuditConfig(
-            model=getattr(self, role), data=self.data, attribution=self.attribution,
+            model=getattr(self, role), data=self.data, attribution=self.attribution, quality=self.quality,
             metrics=self.metrics.model_copy(update={"thresholds": []}),
             report=self.report.model_copy(update={"title": f"{self.report.title}: {role}", "formats": ["html"]}),
             output_dir=review_dir, run_id=role, seed=self.seed, device=self.device, shard_size=self.shard_size,

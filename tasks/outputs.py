@@ -24,10 +24,10 @@ from .errors import XAuditError
 from .io import atomic_path, sha256_file, sha256_json, write_json, write_parquet
 from .metrics import ExampleStat, evaluate, validate
 from .models import ModelCard
-from .scoring import EXPLANATION_STATS
+from .quality import CHECKS
 
 ARTIFACTS = ("predictions.parquet", "explanations.parquet", "rejects.parquet", "metrics.parquet",
-             "validation.parquet", "validation.json", "report.html", "report.pdf")
+             "validation.parquet", "validation.json", "sanity.parquet", "report.html", "report.pdf")
 REVIEW_ARTIFACTS = ("review_metrics.parquet", "review_examples.parquet", "review_drift.parquet",
                     "validation.parquet", "validation.json", "review.html", "review.pdf")
 LIBRARIES = ("xaudit", "torch", "torchvision", "numpy", "pandas", "pyarrow", "prefect", "jinja2", "weasyprint",
@@ -67,15 +67,18 @@ class MetricsSummary:
 
 
 def example_stats(predictions: pa.Table, explanations: pa.Table) -> dict[str, ExampleStat]:
-    """Return the explanation statistics per method as per-example columns aligned with `predictions`,
-    named '<method>.<stat>' (for example 'gradcam.roi_mass'); stats that are undefined everywhere are left out."""
+    """Return the explanation-quality columns per method as per-example statistics aligned with
+    `predictions`, named '<method>.<column>' (for example 'gradcam.roi_mass'); columns undefined everywhere
+    are left out."""
     ids = predictions["example_id"].to_pylist()
     position = {e: i for i, e in enumerate(ids)}
-    ex = explanations.select(["example_id", "method", *EXPLANATION_STATS]).to_pandas()
+    known = {col: meta for check in CHECKS.values() for col, meta in check.columns.items()}
+    present = {c: known[c] for c in explanations.column_names if c in known}
+    ex = explanations.select(["example_id", "method", *present]).to_pandas()
     out: dict[str, ExampleStat] = {}
     for method, group in ex.groupby("method", sort=True):
         idx = np.array([position[e] for e in group["example_id"]], dtype=np.int64)
-        for stat, (higher, _) in EXPLANATION_STATS.items():
+        for stat, (higher, _) in present.items():
             values = np.full(len(ids), np.nan)
             values[idx] = group[stat].to_numpy(dtype=np.float64)
             if np.isfinite(values).any():

@@ -166,7 +166,8 @@ def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: st
         return []
     methods = sorted(expl.method.unique())
     first = methods[0] if methods else None
-    roi = expl[expl.method == first].set_index("example_id").roi_mass if first else pd.Series(dtype=float)
+    roi = expl[expl.method == first].set_index("example_id").roi_mass if first and "roi_mass" in expl \
+        else pd.Series(dtype=float)
     groups = pred.groupby(slice_col, sort=True) if slice_col else [("all", pred)]
     chosen: list[tuple[str, list[tuple[str, str]]]] = []
     for value, g in groups:
@@ -202,7 +203,7 @@ def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: st
                     h = heat.loc[(e, m)]
                     hm = np.asarray(h.heatmap, dtype=float).reshape(int(h.heatmap_height), int(h.heatmap_width)) / 255.0
                     overlays.append(dict(method=m, uri=overlay_uri(base, hm),
-                                         roi_mass=None if pd.isna(h.roi_mass) else float(h.roi_mass)))
+                                         roi_mass=None if pd.isna(getattr(h, "roi_mass", np.nan)) else float(h.roi_mass)))
             items.append(dict(example_id=e, why=why, label=row.label_name, prediction=row.prediction_name,
                               confidence=float(row.confidence), correct=bool(row.correct),
                               image=png_data_uri(base), overlays=overlays))
@@ -248,6 +249,49 @@ def method_agreement(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | No
 
 # --- context and rendering -------------------------------------------------------------------------------
 
+SCORECARD = (("deletion_auc", "deletion", "deletion_auc_random"), ("insertion_auc", "insertion", "insertion_auc_random"),
+             ("max_sensitivity", "max-sensitivity", None), ("agreement", "agreement", None),
+             ("roi_mass", "ROI mass", None), ("pointing_game", "pointing game", None))
+
+
+def quality_context(run_dir: Path, scalar: pd.DataFrame, flagged: set, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Return the scorecard (slice x method rows of quality columns, each with its random-order reference)
+    and the sanity-check summary."""
+    expl = scalar[scalar.metric.str.contains(".", regex=False)]
+    methods = sorted({m.split(".", 1)[0] for m in expl.metric})
+    present = {m.split(".", 1)[1] for m in expl.metric}
+    columns = [(col, label) for col, label, _ in SCORECARD if col in present]
+    rows = []
+    for (key, value), g in expl.groupby(["slice_key", "slice_value"], sort=False):
+        if g.suppressed.all():
+            continue
+        vals = {r.metric: r for r in g.itertuples()}
+        for i, method in enumerate(methods):
+            cells = {}
+            for col, _, ref in SCORECARD:
+                r = vals.get(f"{method}.{col}")
+                if r is None or pd.isna(r.value):
+                    continue
+                ref_row = vals.get(f"{method}.{ref}") if ref else None
+                cells[col] = dict(value=r.value, lo=r.ci_low, hi=r.ci_high,
+                                  reference=None if ref_row is None else ref_row.value,
+                                  bad=(key, value, f"{method}.{col}") in flagged)
+            rows.append(dict(slice="overall" if key == "overall" else f"{key}={value}", first=i == 0, method=method,
+                             cells=cells, flagged=any(c["bad"] for c in cells.values())))
+    sanity = None
+    path = run_dir / "sanity.parquet"
+    if path.is_file():
+        from .quality.sanity import INSENSITIVE
+        t = pq.read_table(path).to_pandas()
+        last = t[t.step == t.step.max()]
+        first = t[t.step == 1].set_index("method").spearman
+        sanity = dict(n_images=int(t.n_images.iloc[0]), n_steps=int(t.step.max()), threshold=INSENSITIVE,
+                      rows=[dict(method=r.method, first=float(first[r.method]), spearman=r.spearman, ssim=r.ssim,
+                                 insensitive=bool(r.insensitive)) for r in last.itertuples()])
+    radius = cfg.get("quality", {}).get("params", {}).get("stability", {}).get("radius", 0.02)
+    return dict(scorecard=rows, scorecard_columns=columns, sanity=sanity, quality_radius=radius)
+
+
 def report_context(run_dir: str | Path) -> dict[str, Any]:
     """Return everything the templates need, read from the run directory only."""
     run_dir = Path(run_dir)
@@ -276,8 +320,6 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
         slices[-1]["flagged_methods"] = {m.split(".", 1)[0] for m in slices[-1]["flagged"] if "." in m}
     from .metrics import METRICS
     expl_metrics = sorted(m for m in scalar.metric.unique() if "." in m)
-    expl_stats = sorted({m.split(".", 1)[1] for m in expl_metrics})
-    expl_methods = sorted({m.split(".", 1)[0] for m in expl_metrics})
     charts = [bar_chart(scalar, m, flagged, METRICS[m].bounds if m in METRICS else (0.0, 1.0))
               for m in ("accuracy", *[m for m in expl_metrics if m.endswith("roi_mass")]) if m in set(scalar.metric)]
     key_metrics = [m for m in KEY_METRICS if m in set(scalar.metric)]
@@ -287,7 +329,7 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
     return dict(
         title=cfg["report"]["title"], manifest=manifest, card=card, cfg=cfg, validation=validation,
         verdict=validation["verdict"], failed=failed, checks=validation["checks"], slices=slices,
-        key_metrics=key_metrics, expl_stats=expl_stats, expl_methods=expl_methods, charts=charts,
+        key_metrics=key_metrics, charts=charts, **quality_context(run_dir, scalar, flagged, cfg),
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
         gallery=gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
                         cfg["data"]["image_column"]),

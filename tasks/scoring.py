@@ -18,13 +18,7 @@ from .config import AuditConfig
 from .data import decode_shard, rejects_table
 from .io import write_parquet
 from .models import ModelCard
-
-EXPLANATION_STATS = {
-    # name: (higher_is_better, description) -- aggregated per slice by the metrics machinery
-    "roi_mass": (True, "share of the heatmap's mass inside the region of interest"),
-    "pointing_game": (True, "1 if the heatmap's peak lies inside the region of interest, else 0"),
-}
-
+from .quality import QualityContext, quality_columns, run_checks
 
 @dataclass(frozen=True)
 class ShardOutput:
@@ -33,22 +27,6 @@ class ShardOutput:
     rejects: str
     n_scored: int
     n_rejected: int
-
-
-def explanation_stats(heatmaps: torch.Tensor, roi: torch.Tensor | None) -> dict[str, np.ndarray]:
-    """Return per-example `roi_mass` and `pointing_game` for (N, H, W) heatmaps; NaN without a ROI or
-    where the ROI or the map is empty."""
-    n = len(heatmaps)
-    if roi is None:
-        return {k: np.full(n, np.nan) for k in EXPLANATION_STATS}
-    h = heatmaps.flatten(1).double()
-    r = roi.flatten(1).to(h.device)
-    total = h.sum(1)
-    defined = (total > 0) & r.any(1)
-    mass = torch.where(defined, (h * r).sum(1) / total.clamp_min(1e-12), torch.nan)
-    peak = r.gather(1, h.argmax(1, keepdim=True))[:, 0].double()
-    pointing = torch.where(defined, peak, torch.nan)
-    return {"roi_mass": mass.cpu().numpy(), "pointing_game": pointing.cpu().numpy()}
 
 
 def _list_column(values: np.ndarray, dtype=np.float32) -> pa.Array:
@@ -86,10 +64,19 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
                             target_layer=card.target_layer, seed=config.seed + start,
                             max_batch=max(spec.max_batch, spec.batch_size))
         probs_all.append(torch.softmax(res.logits.double(), 1).cpu())
-        roi = decoded.roi[sl] if decoded.roi is not None else None
+        roi = decoded.roi[sl].to(device) if decoded.roi is not None else None
+        maps = {m: display_heatmap(raw, card.input_size) for m, raw in res.attributions.items()}
+
+        def explain(method: str, xs: torch.Tensor, ts: torch.Tensor, _seed: int = config.seed + start):
+            return attribute(model, xs, [method], target=ts, params={method: spec.params.get(method, {})},
+                             target_layer=card.target_layer, seed=_seed, max_batch=spec.max_batch).attributions[method]
+        qctx = QualityContext(model, x, res.target, res.attributions, maps, roi, explain,
+                              max_batch=spec.max_batch, seed=config.seed + start)
+        with autocast:
+            quality = run_checks(qctx, config.quality.checks, config.quality.params)
         for method, raw in res.attributions.items():
-            full = display_heatmap(raw, card.input_size)
-            stats = explanation_stats(full, roi.to(full.device) if roi is not None else None)
+            full = maps[method]
+            stats = {col: v for (m, col), v in quality.items() if m in (method, None)}
             low = display_heatmap(raw, size).cpu().numpy().reshape(len(full), -1)
             flat = raw.flatten(1).double()
             delta = res.extras[method].get("delta")
@@ -120,10 +107,11 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
     })
     for col in decoded.metadata.column_names:
         predictions = predictions.append_column(col, decoded.metadata[col])
+    stat_columns = quality_columns(config.quality.checks)
     if not expl_rows:      # every row rejected: still write a typed, empty part
         expl_rows = [{"example_id": np.array([], dtype=object), "method": np.array([], dtype=object),
                       "target": np.zeros(0, np.int64), **{k: np.zeros(0) for k in (
-                          "attribution_sum", "attribution_abs_sum", "completeness_delta", *EXPLANATION_STATS)},
+                          "attribution_sum", "attribution_abs_sum", "completeness_delta", *stat_columns)},
                       "heatmap": np.zeros((0, size[0] * size[1]), np.float32)}]
     cols = {k: np.concatenate([r[k] for r in expl_rows]) for k in expl_rows[0] if k != "heatmap"}
     heat = np.concatenate([r["heatmap"] for r in expl_rows])
@@ -134,7 +122,7 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
             "attribution_sum": pa.array(cols["attribution_sum"], pa.float64()),
             "attribution_abs_sum": pa.array(cols["attribution_abs_sum"], pa.float64()),
             "completeness_delta": pa.array(cols["completeness_delta"], pa.float64(), from_pandas=True),
-            **{k: pa.array(cols[k], pa.float64(), from_pandas=True) for k in EXPLANATION_STATS},
+            **{k: pa.array(cols[k], pa.float64(), from_pandas=True) for k in stat_columns},
             "heatmap_height": pa.array(np.full(len(heat), size[0]), pa.int32()),
             "heatmap_width": pa.array(np.full(len(heat), size[1]), pa.int32()),
             "heatmap": _list_column(quantize_heatmap(heat), np.uint8),
@@ -147,3 +135,22 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         n_rejected=len(decoded.rejects),
     )
     return out
+
+
+def sanity_check(shard: str | Path, card: ModelCard, config: AuditConfig, model: torch.nn.Module,
+                 device: torch.device, out_path: str | Path) -> Path:
+    """Run the model-randomisation check on the first `quality.sanity_images` images of `shard`; write Parquet."""
+    from .quality import randomisation_check
+    decoded = decode_shard(shard, card, config.data)
+    x = decoded.inputs[:config.quality.sanity_images].to(device)
+    spec = config.attribution
+    with torch.no_grad():          # not inference_mode: the target indexes logits later saved for backward
+        target = model(x).argmax(1)
+
+    def maps_of(m: torch.nn.Module, xs: torch.Tensor, ts: torch.Tensor) -> dict[str, torch.Tensor]:
+        res = attribute(m, xs, spec.methods, target=ts, params=spec.params, target_layer=card.target_layer,
+                        seed=config.seed, max_batch=spec.max_batch)
+        return {k: display_heatmap(v, card.input_size) for k, v in res.attributions.items()}
+    table = randomisation_check(model, x, list(spec.methods), maps_of, target, seed=config.seed)
+    table.insert(0, "n_images", len(x))
+    return write_parquet(out_path, pa.Table.from_pandas(table, preserve_index=False))

@@ -24,7 +24,7 @@ from .io import sha256_file, sha256_json, write_json
 from .models import ModelCard, build_model, pick_device, resolve_card
 from .scoring import score_shard
 
-CODE_VERSION = "xaudit-scoring/2"   # bump when scoring output changes, so cached shards are recomputed
+CODE_VERSION = "xaudit-scoring/3"   # bump when scoring output changes, so cached shards are recomputed
 IO_RETRIES = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=lambda t, r, s: not isinstance(
     getattr(s, "data", None), XAuditError))
 
@@ -83,6 +83,16 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -
     out = asdict(score_shard(shard, c, config, model, device, parts))
     write_json(key_file, {**out, "key": key})
     return {**out, "key": key, "cached": False}
+
+
+@task(name="sanity-check")
+def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -> str:
+    """Model-randomisation sanity check of every attribution method; writes sanity.parquet."""
+    from .scoring import sanity_check
+    device = pick_device(config.device)
+    c = _card(card)
+    model = build_model(c, device)          # its own copy: the check randomises a deep copy, never this one
+    return str(sanity_check(shard, c, config, model, device, Path(run_dir) / "sanity.parquet"))
 
 
 @task(name="merge-outputs", **IO_RETRIES)

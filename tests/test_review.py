@@ -85,6 +85,11 @@ def test_candidate_review_fails_naming_site_c(prefect_harness, tmp_path, capsys)
                for c in failed)
     flips = pq.read_table(tmp_path / "cand" / "review_examples.parquet").to_pandas()
     assert flips[flips.site == "C"].flip_to_wrong.mean() > flips[flips.site != "C"].flip_to_wrong.mean()
+    # issue 7 on the demo: the shortcut candidate puts more attribution mass outside the ROI on site C
+    import pandas as pd
+    mass = {role: pd.read_parquet(tmp_path / "cand" / role / "metrics.parquet").query(
+        "metric == 'integrated_gradients.roi_mass' and slice_value == 'C'").iloc[0] for role in ("baseline", "candidate")}
+    assert mass["candidate"].ci_high < mass["baseline"].ci_low          # non-overlapping intervals
     html = (tmp_path / "cand" / "review.html").read_text()
     assert "Slices that regressed" in html and "site=C" in html
     assert (tmp_path / "cand" / "review.pdf").stat().st_size > 0
