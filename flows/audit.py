@@ -5,17 +5,21 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import steps
 from tasks.config import AuditConfig
 
+# The command line sets this to show a progress bar over shards; it receives (done, total).
+on_shard_done: Callable[[int, int], None] | None = None
+
 
 def default_workers() -> int:
-    """One shard task per GPU at a time; on the CPU one, so torch's own threads use every core."""
+    """One shard task per visible GPU at a time; on the CPU one, so torch's own threads use every core."""
     import torch
     return max(1, torch.cuda.device_count())
 
@@ -27,7 +31,10 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     run = steps.prepare_run(config)
     data = steps.ingest_data(config, run["run_dir"])
     futures = [steps.score.submit(shard, card, config, run["run_dir"]) for shard in data["shards"]]
-    shard_outputs = [f.result() for f in futures]
+    for done, _ in enumerate(as_completed(futures), 1):
+        if on_shard_done:
+            on_shard_done(done, len(futures))
+    shard_outputs = [f.result() for f in futures]       # in shard order, so outputs do not depend on timing
     counts = steps.merge_outputs(run["run_dir"], shard_outputs, data["n_rows"], config.max_reject_fraction)
     if config.quality.sanity_images:
         steps.sanity(data["shards"][0], card, config, run["run_dir"])
@@ -35,9 +42,11 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     steps.write_manifest(run, config, card, data, summary["verdict"])
     reports = steps.render(run["run_dir"], list(config.report.formats))
     steps.seal_manifest(run["run_dir"])
+    steps.publish_artifacts(run["run_dir"], run["run_id"])
     return {"run_id": run["run_id"], "run_dir": run["run_dir"], "verdict": summary["verdict"],
             "accuracy": summary["accuracy"], "failed_checks": summary["n_failed"], **counts,
-            "cached_shards": sum(bool(s["cached"]) for s in shard_outputs), "reports": reports}
+            "cached_shards": sum(bool(s["cached"]) for s in shard_outputs),
+            "task_seconds": sum(s.get("seconds", 0.0) for s in shard_outputs), "reports": reports}
 
 
 if __name__ == "__main__":

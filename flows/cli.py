@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.errors import XAuditError
@@ -30,6 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", help="parent folder of run directories (default: runs)")
     run.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
     run.add_argument("--gate", action="store_true", help="exit 1 when an audit's verdict is FAIL")
+    run.add_argument("--runner", choices=["threads", "dask"], default="threads",
+                     help="task runner: threads (default) or dask (prefect-dask: a local cluster, or --dask-address)")
+    run.add_argument("--dask-address", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar over shards (default: when stderr is a terminal)")
     rev = sub.add_parser("review", help="review a candidate against a baseline; exit 0 PASS/WARN, 1 FAIL, 2 bad input")
     rev.add_argument("config", nargs="?", default="data/demo_review.yaml", metavar="CONFIG",
                      help="YAML/JSON review config (default: the bundled demo, data/demo_review.yaml)")
@@ -51,11 +57,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.run_id and len(args.configs) > 1:
         raise XAuditError("xaudit run: '--run-id' needs exactly one CONFIG")
     configs = [load_config(c, overrides) for c in args.configs]     # validate all before running any
-    from flows.audit import audit
+    import flows.audit as audit_flow
+    flow_fn = audit_flow.audit
+    if args.runner == "dask" or args.dask_address:
+        flow_fn = flow_fn.with_options(task_runner=dask_runner(args.dask_address))
+    show = sys.stderr.isatty() if args.progress is None else args.progress
     worst = EXIT_OK
     for path, config in zip(args.configs, configs):
         t0 = time.perf_counter()
-        result = audit(config)
+        with progress_bar(show, f"scoring {Path(path).name}") as update:
+            audit_flow.on_shard_done = update
+            try:
+                result = flow_fn(config)
+            finally:
+                audit_flow.on_shard_done = None
         took = time.perf_counter() - t0
         print(f"{path}: {result['verdict']} · accuracy {result['accuracy']:.3f} · {result['scored']} scored, "
               f"{result['rejected']} rejected · {took:.1f} s")
@@ -63,6 +78,35 @@ def _run(args: argparse.Namespace) -> int:
         if args.gate and result["verdict"] == "FAIL":
             worst = EXIT_FAIL
     return worst
+
+
+def dask_runner(address: str | None):
+    """Return a prefect-dask task runner: on an existing scheduler, or on a local in-process cluster (threads,
+    so its workers share this process's Prefect API; for a multi-process cluster, run a Prefect server and
+    export PREFECT_API_URL to the workers, see the README)."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise XAuditError("xaudit run: '--runner dask' needs prefect-dask: pip install -e '.[dask]'") from None
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"processes": False, "n_workers": 1, "threads_per_worker": 2})
+
+
+@contextmanager
+def progress_bar(show: bool, label: str):
+    """Yield a callback (done, total) that draws a progress bar on stderr when `show`."""
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+                  TimeElapsedColumn(), transient=True) as bar:
+        task_id = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task_id, completed=done, total=total)
+        yield update
 
 
 def _review(args: argparse.Namespace) -> int:

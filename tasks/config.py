@@ -128,6 +128,7 @@ class AuditConfig(_Strict):
     seed: int = 0
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'")
     shard_size: int = Field(512, ge=1)
+    tasks_per_device: int = Field(1, ge=1, description="shard tasks running at once on each device")
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
 
     @field_validator("run_id")
@@ -234,6 +235,7 @@ class ReviewConfig(_Strict):
     seed: int = 0
     device: str = "auto"
     shard_size: int = Field(512, ge=1)
+    tasks_per_device: int = Field(1, ge=1)
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
 
     def audit_config(self, role: Literal["baseline", "candidate"], review_dir: Path) -> "AuditConfig":
@@ -243,7 +245,7 @@ class ReviewConfig(_Strict):
             metrics=self.metrics.model_copy(update={"thresholds": []}),
             report=self.report.model_copy(update={"title": f"{self.report.title}: {role}", "formats": ["html"]}),
             output_dir=review_dir, run_id=role, seed=self.seed, device=self.device, shard_size=self.shard_size,
-            max_reject_fraction=self.max_reject_fraction)
+            tasks_per_device=self.tasks_per_device, max_reject_fraction=self.max_reject_fraction)
 
 
 def load_review_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ReviewConfig:

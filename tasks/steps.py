@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import secrets
+import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +20,7 @@ from prefect.runtime import flow_run
 from . import outputs, report
 from .config import AuditConfig, ModelSpec, ReviewConfig
 from .data import REJECT_SCHEMA, ingest
+from .devices import device_pool
 from .errors import XAuditError
 from .io import sha256_file, sha256_json, write_json
 from .models import ModelCard, build_model, pick_device, resolve_card
@@ -76,13 +78,14 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -
     if key_file.is_file():
         done = json.loads(key_file.read_text())
         if done.get("key") == key and all(Path(done[k]).is_file() for k in ("predictions", "explanations", "rejects")):
-            return {**done, "cached": True}
-    device = pick_device(config.device)
+            return {**done, "cached": True, "seconds": 0.0}
     c = _card(card)
-    model = _model(c.weights, c.weights_sha256, str(device), json.dumps(card, default=list))
-    out = asdict(score_shard(shard, c, config, model, device, parts))
+    t0 = time.perf_counter()
+    with device_pool(config.device, config.tasks_per_device).acquire() as device:
+        model = _model(c.weights, c.weights_sha256, str(device), json.dumps(card, default=list))
+        out = asdict(score_shard(shard, c, config, model, device, parts))
     write_json(key_file, {**out, "key": key})
-    return {**out, "key": key, "cached": False}
+    return {**out, "key": key, "cached": False, "seconds": time.perf_counter() - t0, "device": str(device)}
 
 
 @task(name="sanity-check")
@@ -176,3 +179,31 @@ def write_review_manifest(review_dir: str, run_id: str, config: ReviewConfig, ve
         "artifacts": outputs.artifact_hashes(rd, outputs.REVIEW_ARTIFACTS),
     }
     return str(write_json(rd / "manifest.json", manifest))
+
+
+@task(name="publish-artifacts")
+def publish_artifacts(run_dir: str, run_id: str, kind: str = "audit") -> None:
+    """Publish to Prefect: a markdown summary (verdict, failed checks, key metrics), a table of per-slice
+    metrics, and a link to the report."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+    import pandas as pd
+    rd = Path(run_dir).resolve()
+    validation = json.loads((rd / "validation.json").read_text())
+    failed = [c for c in validation["checks"] if c["status"] != "PASS"]
+    key = "".join(ch if ch.isalnum() else "-" for ch in run_id.lower())[:60]
+    lines = [f"# xaudit {kind} {run_id}: **{validation['verdict']}**", "",
+             f"{validation['counts']['PASS']} checks passed, {validation['counts']['WARN']} warnings, "
+             f"{validation['counts']['FAIL']} failed.", ""]
+    lines += [f"- **{c['status']}** {c['message']}" for c in failed[:20]]
+    table_file = rd / ("metrics.parquet" if kind == "audit" else "review_metrics.parquet")
+    t = pd.read_parquet(table_file)
+    keep = ["accuracy", "f1_macro", "ece"] if kind == "audit" else ["delta.accuracy", "flip_to_wrong"]
+    t = t[t.metric.isin(keep) & (t.sub_key == "")]
+    rows = [{"slice": "overall" if r.slice_key == "overall" else f"{r.slice_key}={r.slice_value}",
+             "metric": r.metric, "n": int(r.n), "value": None if pd.isna(r.value) else round(float(r.value), 4),
+             "ci_low": None if pd.isna(r.ci_low) else round(float(r.ci_low), 4),
+             "ci_high": None if pd.isna(r.ci_high) else round(float(r.ci_high), 4)} for r in t.itertuples()]
+    create_markdown_artifact(key=f"{kind}-summary-{key}", markdown="\n".join(lines), description=f"{kind} verdict")
+    create_table_artifact(key=f"{kind}-slices-{key}", table=rows, description="per-slice metrics")
+    report_name = "report.html" if kind == "audit" else "review.html"
+    create_link_artifact(key=f"{kind}-report-{key}", link=(rd / report_name).as_uri(), link_text=report_name)

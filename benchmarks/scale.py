@@ -1,0 +1,116 @@
+"""Benchmark: the audit flow at 1x, 2x, 4x and 8x the demo's test split (augmented copies).
+
+    python benchmarks/scale.py [--scales 1 2 4 8] [--shard-size 256]
+
+Each scale runs in a fresh process (so peak memory is its own), after a warm-up flow that pays Prefect's
+start-up. Orchestration overhead = the flow's wall time - the sum of its task runs' run time, as recorded
+by Prefect. Settings: saliency + Grad-CAM, localisation only, 200 bootstrap replicates, HTML + PDF report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r'''
+import asyncio, json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import flows  # noqa: F401  (Prefect defaults)
+from flows.audit import audit
+from tasks.config import load_config
+cfg = load_config(sys.argv[2], json.loads(sys.argv[3]))
+warm = load_config(sys.argv[2], {**json.loads(sys.argv[3]), "run_id": "warm-up",
+                                 "data": {**json.loads(sys.argv[3])["data"], "limit": 16}})
+audit(warm)
+t0 = time.perf_counter()
+result = audit(cfg)
+wall = time.perf_counter() - t0
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, TaskRunFilter
+from prefect.client.schemas.sorting import TaskRunSort
+async def task_seconds():
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
+                                           sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1000)
+    return runs
+runs = asyncio.run(task_seconds())
+manifest = json.load(open(result["run_dir"] + "/manifest.json"))
+mine = [r for r in runs if str(r.flow_run_id) == manifest["prefect_flow_run_id"]]
+busy = sum(r.total_run_time.total_seconds() for r in mine)
+print(json.dumps({"wall": wall, "tasks": busy, "n_tasks": len(mine), "scored": result["scored"],
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def make_data(scale: int, path: Path) -> None:
+    import io
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    table = pq.read_table(ROOT / "data" / "digits.parquet").to_pandas()
+    table = table[table.split == "test"].reset_index(drop=True)
+    writer = None
+    for k in range(scale):
+        copy = table.copy()
+        copy["example_id"] = copy.example_id + f"-aug{k}"
+        if k:
+            dy, dx = divmod(k, 3)
+
+            def shift(b, dy=dy, dx=dx):
+                arr = np.roll(np.asarray(Image.open(io.BytesIO(b))), (dy - 1, dx - 1), axis=(0, 1))
+                buf = io.BytesIO()
+                Image.fromarray(arr).save(buf, format="PNG")
+                return buf.getvalue()
+            copy["image_png"] = copy.image_png.map(shift)
+            copy["roi_png"] = copy.roi_png.map(shift)
+        t = pa.Table.from_pandas(copy, preserve_index=False)
+        writer = writer or pq.ParquetWriter(path, t.schema)
+        writer.write_table(t)
+    writer.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--shard-size", type=int, default=256)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale in args.scales:
+            data = Path(tmp) / f"digits-x{scale}.parquet"
+            make_data(scale, data)
+            overrides = {"data": {"path": str(data), "roi_column": "roi_png", "metadata_columns": ["site"]},
+                         "output_dir": str(Path(tmp) / "runs"), "run_id": f"scale-{scale}",
+                         "shard_size": args.shard_size,
+                         "attribution": {"methods": ["saliency", "gradcam"]},
+                         "quality": {"checks": ["localisation"], "sanity_images": 0},
+                         "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200}}
+            env = {**os.environ, "PREFECT_HOME": str(Path(tmp) / "prefect"), "PREFECT_LOGGING_LEVEL": "ERROR"}
+            out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ROOT / "data" / "demo_audit.yaml"),
+                                  json.dumps(overrides)], capture_output=True, text=True, env=env, cwd=tmp)
+            if out.returncode:
+                sys.exit(out.stderr[-3000:])
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append((scale, r))
+            print(f"scale {scale}: {r}", file=sys.stderr)
+    base = rows[0][1]
+    print("| scale | images | shards | wall (s) | s per 1,000 images | task time (s) | overhead (s) | overhead % | "
+          "peak RSS (MB) | peak / 1x |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for scale, r in rows:
+        shards = -(-r["scored"] // args.shard_size)
+        over = r["wall"] - r["tasks"]
+        print(f"| {scale}x | {r['scored']:,} | {shards} | {r['wall']:.1f} | {1000 * r['wall'] / r['scored']:.1f} | "
+              f"{r['tasks']:.1f} | {over:.1f} | {100 * over / r['wall']:.1f}% | {r['peak_mb']:.0f} | "
+              f"{r['peak_mb'] / base['peak_mb']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Which device a shard task runs on: a pool of device tokens, at most `per_device` tasks per device at once.
+
+Inside one process (the thread runner) this is simpler and cheaper than Prefect concurrency limits, and it
+tells each task which GPU to use. On Dask, use worker resources instead (see the README).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from .models import pick_device
+
+
+class DevicePool:
+    """Hands out device names from a fixed list; `acquire()` blocks until one is free."""
+
+    def __init__(self, devices: list[str], per_device: int = 1) -> None:
+        self.devices = list(devices)
+        self._free: queue.Queue[str] = queue.Queue()
+        for _ in range(per_device):
+            for d in self.devices:
+                self._free.put(d)
+
+    @contextmanager
+    def acquire(self) -> Iterator[torch.device]:
+        name = self._free.get()
+        try:
+            yield torch.device(name)
+        finally:
+            self._free.put(name)
+
+
+_pools: dict[tuple[str, int], DevicePool] = {}
+_lock = threading.Lock()
+
+
+def visible_devices(requested: str = "auto") -> list[str]:
+    """Every visible GPU for 'auto' (or the CPU when there is none); else the one requested device."""
+    if requested == "auto" and torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [str(pick_device(requested))]
+
+
+def device_pool(requested: str = "auto", per_device: int = 1) -> DevicePool:
+    """Return the process-wide pool for this device request (created once)."""
+    with _lock:
+        key = (requested, per_device)
+        if key not in _pools:
+            _pools[key] = DevicePool(visible_devices(requested), per_device)
+        return _pools[key]

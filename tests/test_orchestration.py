@@ -1,0 +1,65 @@
+"""Orchestration: device tokens, the real flow on a local Dask cluster, Prefect artifacts, progress."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from test_flow import config_for, small_data  # noqa: F401  (fixture)
+from tasks.devices import DevicePool
+
+
+def test_device_pool_hands_out_each_device_at_most_per_device_times():
+    pool = DevicePool(["cuda:0", "cuda:1"], per_device=1)
+    held, peak, lock = [], [0], threading.Lock()
+
+    def work():
+        with pool.acquire() as device:
+            with lock:
+                held.append(str(device))
+                peak[0] = max(peak[0], len(held))
+                assert held.count(str(device)) == 1          # never two tasks on one device at once
+            time.sleep(0.05)
+            with lock:
+                held.remove(str(device))
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    [t.start() for t in threads]
+    [t.join(5) for t in threads]
+    assert peak[0] == 2 and not held
+
+
+def test_flow_on_a_local_dask_cluster_matches_the_thread_runner(prefect_harness, small_data, tmp_path):  # noqa: F811
+    pytest.importorskip("prefect_dask")
+    from flows import audit as audit_flow
+    from flows.cli import dask_runner
+    calls = []
+    audit_flow.on_shard_done = lambda done, total: calls.append((done, total))
+    try:
+        threads = audit_flow.audit(config_for(small_data, tmp_path / "threads"))
+    finally:
+        audit_flow.on_shard_done = None
+    assert calls[-1] == (3, 3) and len(calls) == 3            # progress over the 3 shards
+    dask = audit_flow.audit.with_options(task_runner=dask_runner(None))(config_for(small_data, tmp_path / "dask"))
+    assert dask["verdict"] == threads["verdict"] and dask["scored"] == threads["scored"] == 39
+    for name in ("predictions.parquet", "metrics.parquet"):
+        a = pq.read_table(tmp_path / "threads" / "flow-test" / name)
+        b = pq.read_table(tmp_path / "dask" / "flow-test" / name)
+        assert a.drop_columns(["shard"] if "shard" in a.column_names else []).equals(
+            b.drop_columns(["shard"] if "shard" in b.column_names else []))
+
+    # the run published its artifacts to Prefect
+    from prefect.client.orchestration import get_client
+
+    from prefect.client.schemas.filters import ArtifactFilter, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def artifacts():          # explicit filters: this FastAPI rejects the client's None defaults
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(), flow_run_filter=FlowRunFilter(),
+                                               task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC,
+                                               limit=200)
+    keys = {a.key for a in asyncio.run(artifacts())}
+    assert {"audit-summary-flow-test", "audit-slices-flow-test", "audit-report-flow-test"} <= keys
