@@ -32,16 +32,16 @@ t0 = time.perf_counter()
 result = audit(cfg)
 wall = time.perf_counter() - t0
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, TaskRunFilter
+from uuid import UUID
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
 from prefect.client.schemas.sorting import TaskRunSort
-async def task_seconds():
-    async with get_client() as client:
-        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(),
-                                           sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1000)
-    return runs
-runs = asyncio.run(task_seconds())
 manifest = json.load(open(result["run_dir"] + "/manifest.json"))
-mine = [r for r in runs if str(r.flow_run_id) == manifest["prefect_flow_run_id"]]
+async def task_runs():
+    async with get_client() as client:
+        return await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(manifest["prefect_flow_run_id"])])),
+            task_run_filter=TaskRunFilter(), sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=200)
+mine = asyncio.run(task_runs())
 busy = sum(r.total_run_time.total_seconds() for r in mine)
 print(json.dumps({"wall": wall, "tasks": busy, "n_tasks": len(mine), "scored": result["scored"],
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

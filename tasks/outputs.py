@@ -90,7 +90,9 @@ def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, r
     """Write metrics.parquet, validation.parquet and validation.json for the run; returns the verdict."""
     run_dir = Path(run_dir)
     preds = pq.read_table(run_dir / "predictions.parquet")
-    expl = pq.read_table(run_dir / "explanations.parquet")
+    stat_columns = [c for c in pq.read_schema(run_dir / "explanations.parquet").names
+                    if c in {col for check in CHECKS.values() for col in check.columns}]
+    expl = pq.read_table(run_dir / "explanations.parquet", columns=["example_id", "method", *stat_columns])
     if preds.num_rows == 0:
         raise XAuditError("compute_metrics: no example was scored (all were rejected); see rejects.parquet")
     probs = np.asarray(preds["probabilities"].combine_chunks().flatten(), dtype=np.float64).reshape(preds.num_rows, -1)

@@ -226,8 +226,11 @@ def mean_maps(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None) -> 
     return out
 
 
-def method_agreement(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None) -> list[dict[str, Any]]:
-    """Return the mean Spearman rank correlation of the stored heatmaps between each pair of methods, per slice."""
+def method_agreement(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None,
+                     block: int = 1024) -> list[dict[str, Any]]:
+    """Return the mean Spearman rank correlation of the stored heatmaps between each pair of methods, per slice
+    (computed in blocks of examples, so memory does not grow with the audit)."""
+    from .quality.agreement import rank_correlation
     methods = sorted(expl.method.unique())
     if len(methods) < 2:
         return []
@@ -237,11 +240,10 @@ def method_agreement(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | No
     out = []
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
-            A = np.stack(maps[a].reindex(ids).to_numpy()).astype(float)
-            B = np.stack(maps[b].reindex(ids).to_numpy()).astype(float)
-            ra, rb = A.argsort(1).argsort(1), B.argsort(1).argsort(1)
-            ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
-            rho = (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+            rho = np.concatenate([
+                rank_correlation(np.stack(maps[a].reindex(ids[s:s + block]).to_numpy()),
+                                 np.stack(maps[b].reindex(ids[s:s + block]).to_numpy()))
+                for s in range(0, len(ids), block)]) if len(ids) else np.zeros(0)
             for value in sorted(set(labels)):
                 out.append(dict(pair=f"{a} vs {b}", slice_value=value, rho=float(np.nanmean(rho[labels == value]))))
     return out
@@ -292,19 +294,20 @@ def quality_context(run_dir: Path, scalar: pd.DataFrame, flagged: set, cfg: dict
     return dict(scorecard=rows, scorecard_columns=columns, sanity=sanity, quality_radius=radius)
 
 
+def _read_finished(run_dir: Path, kind: str, tables: tuple[str, ...]) -> tuple[dict, dict, dict[str, pd.DataFrame]]:
+    """Return the manifest, the validation result and the named Parquet tables of a finished run or review."""
+    for name in ("manifest.json", "validation.json", *(f"{t}.parquet" for t in tables)):
+        if not (run_dir / name).is_file():
+            raise XAuditError(f"render: {str(run_dir)!r} must be a finished {kind} directory; {name} is missing")
+    return (json.loads((run_dir / "manifest.json").read_text()), json.loads((run_dir / "validation.json").read_text()),
+            {t: pq.read_table(run_dir / f"{t}.parquet").to_pandas() for t in tables})
+
+
 def report_context(run_dir: str | Path) -> dict[str, Any]:
     """Return everything the templates need, read from the run directory only."""
     run_dir = Path(run_dir)
-    for name in ("manifest.json", "predictions.parquet", "metrics.parquet", "explanations.parquet",
-                 "validation.json", "rejects.parquet"):
-        if not (run_dir / name).is_file():
-            raise XAuditError(f"render: {str(run_dir)!r} must be a finished run directory; {name} is missing")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    validation = json.loads((run_dir / "validation.json").read_text())
-    metrics = pq.read_table(run_dir / "metrics.parquet").to_pandas()
-    pred = pq.read_table(run_dir / "predictions.parquet").to_pandas()
-    expl = pq.read_table(run_dir / "explanations.parquet").to_pandas()
-    rejects = pq.read_table(run_dir / "rejects.parquet").to_pandas()
+    manifest, validation, t = _read_finished(run_dir, "run", ("metrics", "predictions", "explanations", "rejects"))
+    metrics, pred, expl, rejects = t["metrics"], t["predictions"], t["explanations"], t["rejects"]
     cfg = manifest["config"]
     card = manifest["model"]
     failed = [c for c in validation["checks"] if c["status"] != "PASS"]
@@ -394,15 +397,8 @@ def render_report(run_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf"
 def review_context(review_dir: str | Path, examples_shown: int = 6) -> dict[str, Any]:
     """Return what the review template needs, read from the review directory and its two audits."""
     rd = Path(review_dir)
-    for name in ("manifest.json", "review_metrics.parquet", "review_examples.parquet", "review_drift.parquet",
-                 "validation.json"):
-        if not (rd / name).is_file():
-            raise XAuditError(f"render: {str(rd)!r} must be a finished review directory; {name} is missing")
-    manifest = json.loads((rd / "manifest.json").read_text())
-    validation = json.loads((rd / "validation.json").read_text())
-    table = pq.read_table(rd / "review_metrics.parquet").to_pandas()
-    examples = pq.read_table(rd / "review_examples.parquet").to_pandas()
-    drift = pq.read_table(rd / "review_drift.parquet").to_pandas()
+    manifest, validation, t = _read_finished(rd, "review", ("review_metrics", "review_examples", "review_drift"))
+    table, examples, drift = t["review_metrics"], t["review_examples"], t["review_drift"]
     cfg = manifest["config"]
     failed = [c for c in validation["checks"] if c["status"] != "PASS"]
     bad = {(c["slice_key"], c["slice_value"], c["metric"]) for c in failed}

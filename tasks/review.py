@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from scipy.stats import rankdata
 
 from .config import ChangeThreshold, ReviewConfig, Threshold
 from .errors import XAuditError
@@ -22,6 +21,7 @@ from .io import write_json, write_parquet
 from .metrics import Evaluation, ExampleStat, evaluate, validate
 from .metrics.evaluate import _interval
 from .outputs import example_stats
+from .quality.agreement import rank_correlation
 
 TOP_SHARE = 0.10      # top-10% regions for the overlap statistic
 FLIPS = {"flip_any": "prediction changed class", "flip_to_wrong": "correct -> wrong",
@@ -45,14 +45,7 @@ def map_drift(a: np.ndarray, b: np.ndarray, top_share: float = TOP_SHARE) -> tup
     """Return per-row Spearman rank correlation (average ranks for ties) and top-`top_share` overlap
     (intersection over union of the highest pixels) between heatmaps `a` and `b` (n, pixels).
     Identical maps give 1 and 1, also when constant."""
-    a = a.astype(np.float64)
-    b = b.astype(np.float64)
-    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
-    ra -= ra.mean(1, keepdims=True)
-    rb -= rb.mean(1, keepdims=True)
-    den = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
-    rho = np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1), np.nan)
-    rho = np.where((a == b).all(1), 1.0, rho)
+    rho = np.where((a == b).all(1), 1.0, rank_correlation(a, b))
     k = max(1, math.ceil(top_share * a.shape[1]))
     top_a = np.argsort(-a, axis=1, kind="stable")[:, :k]
     top_b = np.argsort(-b, axis=1, kind="stable")[:, :k]

@@ -62,14 +62,15 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         with autocast:
             res = attribute(model, x, spec.methods, target=target, params=spec.params,
                             target_layer=card.target_layer, seed=config.seed + start,
-                            max_batch=max(spec.max_batch, spec.batch_size))
+                            max_batch=max(spec.max_batch, spec.batch_size), max_elements=spec.max_elements)
         probs_all.append(torch.softmax(res.logits.double(), 1).cpu())
         roi = decoded.roi[sl].to(device) if decoded.roi is not None else None
         maps = {m: display_heatmap(raw, card.input_size) for m, raw in res.attributions.items()}
 
         def explain(method: str, xs: torch.Tensor, ts: torch.Tensor, _seed: int = config.seed + start):
             return attribute(model, xs, [method], target=ts, params={method: spec.params.get(method, {})},
-                             target_layer=card.target_layer, seed=_seed, max_batch=spec.max_batch).attributions[method]
+                             target_layer=card.target_layer, seed=_seed, max_batch=spec.max_batch,
+                             max_elements=spec.max_elements).attributions[method]
         qctx = QualityContext(model, x, res.target, res.attributions, maps, roi, explain,
                               max_batch=spec.max_batch, seed=config.seed + start)
         with autocast:
@@ -149,7 +150,7 @@ def sanity_check(shard: str | Path, card: ModelCard, config: AuditConfig, model:
 
     def maps_of(m: torch.nn.Module, xs: torch.Tensor, ts: torch.Tensor) -> dict[str, torch.Tensor]:
         res = attribute(m, xs, spec.methods, target=ts, params=spec.params, target_layer=card.target_layer,
-                        seed=config.seed, max_batch=spec.max_batch)
+                        seed=config.seed, max_batch=spec.max_batch, max_elements=spec.max_elements)
         return {k: display_heatmap(v, card.input_size) for k, v in res.attributions.items()}
     table = randomisation_check(model, x, list(spec.methods), maps_of, target, seed=config.seed)
     table.insert(0, "n_images", len(x))

@@ -195,15 +195,19 @@ def attribute(
     seed: int = 0,
     max_batch: int = 256,
     logits: torch.Tensor | None = None,
+    max_elements: int = 2 ** 21,
 ) -> AttributionResult:
     """Return the attributions of every method in `methods` for `inputs` (N, C, H, W).
 
     `target` is None / 'predicted' (default), an int, or one class per example. `params` maps a method
     name to its parameters (see each method's file). `max_batch` bounds how many images (or perturbed
-    copies) go through the model at once. `logits`, when the caller already has the clean forward, is reused.
+    copies) go through the model at once, and `max_elements` bounds their total number of input values (a
+    memory budget that adapts the chunk to the image size: large chunks of large images are slower per image
+    on a CPU, and need more memory on a GPU). `logits`, when the caller already has the clean forward, is reused.
     """
     if inputs.ndim != 4:
         raise XAuditError(f"attribute: 'inputs' must be (N, C, H, W); got shape {tuple(inputs.shape)}")
+    max_batch = max(1, min(max_batch, max_elements // max(1, inputs[0].numel())))
     specs = [get_method(m) for m in methods]
     resolved = {m.name: resolve_params(m.name, (params or {}).get(m.name)) for m in specs}
     unused = sorted(set(params or {}) - set(resolved))
