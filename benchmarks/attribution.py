@@ -65,7 +65,8 @@ def table_resnet(batch: int, size: int, quick: bool) -> None:
     t_f, t_fb = pass_times(model, x, target)
     steps, samples, surrogate = (8, 4, 32) if quick else (16, 8, 64)
     window = size // 4
-    chunk = max(1, min(256, 2 ** 21 // x[0].numel()))       # our default element budget, given to Captum too
+    chunk = max(1, min(256, 2 ** 21 // x[0].numel()))       # our default element budget, given to Captum too,
+    chunk -= chunk % batch if chunk >= batch else 0          # in whole rounds of the batch, as ours
     per_image = max(1, chunk // batch)
     n_windows = ((size - window) // window + 1) ** 2
     layer = model.layer4
@@ -198,13 +199,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
+    ap.add_argument("--only", choices=["resnet", "surrogates", "error"], help="run one table")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device cpu\n")
-    table_resnet(args.batch, args.size, args.quick)
-    table_surrogates(200 if args.quick else 1000)
-    table_kernel_shap_error([12, 24, 48, 96, 192] if not args.quick else [12, 24], 2 if args.quick else 5)
+    if args.only in (None, "resnet"):
+        table_resnet(args.batch, args.size, args.quick)
+    if args.only in (None, "surrogates"):
+        table_surrogates(200 if args.quick else 1000)
+    if args.only in (None, "error"):
+        table_kernel_shap_error([12, 24, 48, 96, 192] if not args.quick else [12, 24], 2 if args.quick else 5)
 
 
 if __name__ == "__main__":

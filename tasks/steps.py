@@ -27,8 +27,16 @@ from .models import ModelCard, build_model, pick_device, resolve_card
 from .scoring import score_shard
 
 CODE_VERSION = "xaudit-scoring/3"   # bump when scoring output changes, so cached shards are recomputed
-IO_RETRIES = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=lambda t, r, s: not isinstance(
-    getattr(s, "data", None), XAuditError))
+def _retry_unless_input_error(task, task_run, state) -> bool:
+    """Retry a failed task (an I/O error may pass), but never an input error: it would fail the same way."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # the failure could not be read back: treat it as I/O
+        return True
+    return not isinstance(error, XAuditError)
+
+
+IO_RETRIES = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_input_error)
 
 
 @task(name="prepare-run")

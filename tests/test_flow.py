@@ -93,3 +93,23 @@ def test_too_many_rejects_fail_the_run_after_keeping_them(prefect_harness, small
     with pytest.raises(Exception, match="more than 'max_reject_fraction'"):
         audit(config)
     assert len(pq.read_table(tmp_path / "flow-test" / "rejects.parquet")) == 1
+
+
+def test_input_errors_are_not_retried(prefect_harness, small_data, tmp_path):
+    import asyncio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.sorting import TaskRunSort
+    from tasks.errors import XAuditError
+    config = config_for(small_data, tmp_path, run_id="bad-filter")
+    config = config.model_copy(update={"data": config.data.model_copy(update={"filter": {"hospital": "X"}})})
+    with pytest.raises(XAuditError, match="'data.filter' names column 'hospital'"):
+        audit(config)
+
+    async def ingest_runs():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(), sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1,
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest-data")))
+    (last,) = asyncio.run(ingest_runs())
+    assert last.state.is_failed() and last.run_count == 1      # failed once, not retried

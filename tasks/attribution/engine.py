@@ -208,6 +208,9 @@ def attribute(
     if inputs.ndim != 4:
         raise XAuditError(f"attribute: 'inputs' must be (N, C, H, W); got shape {tuple(inputs.shape)}")
     max_batch = max(1, min(max_batch, max_elements // max(1, inputs[0].numel())))
+    if max_batch >= len(inputs) > 0:
+        # sampling methods stack (samples x images): whole rounds of the batch per call run at full speed
+        max_batch -= max_batch % len(inputs)
     specs = [get_method(m) for m in methods]
     resolved = {m.name: resolve_params(m.name, (params or {}).get(m.name)) for m in specs}
     unused = sorted(set(params or {}) - set(resolved))
