@@ -85,9 +85,19 @@ class Context:
         return g
 
     def gradient_pass(self) -> GradientPass:
+        """Return the shared forward/backward, computed once, in chunks of `max_batch` rows."""
         if self._pass is None:
-            _, _, self._pass = _gradient_pass(self.model, self.inputs, lambda _: self.target, self.layer,
-                                              self.input_grad)
+            parts: list[GradientPass] = []
+
+            def step(s: slice) -> None:
+                parts.append(_gradient_pass(self.model, self.inputs[s], lambda _: self.target[s], self.layer,
+                                            self.input_grad)[2])
+            self._chunked(len(self.inputs), step)
+
+            def cat(name: str) -> torch.Tensor | None:
+                values = [getattr(p, name) for p in parts]
+                return None if not values or values[0] is None else torch.cat(values)
+            self._pass = GradientPass(cat("input_grad"), cat("activations"), cat("layer_grad"))
         return self._pass
 
     def _chunked(self, n: int, step: Callable[[slice], None]) -> None:
