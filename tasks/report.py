@@ -245,7 +245,8 @@ def method_agreement(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | No
                                  np.stack(maps[b].reindex(ids[s:s + block]).to_numpy()))
                 for s in range(0, len(ids), block)]) if len(ids) else np.zeros(0)
             for value in sorted(set(labels)):
-                out.append(dict(pair=f"{a} vs {b}", slice_value=value, rho=float(np.nanmean(rho[labels == value]))))
+                r = rho[(labels == value) & np.isfinite(rho)]
+                out.append(dict(pair=f"{a} vs {b}", slice_value=value, rho=float(r.mean()) if len(r) else float("nan")))
     return out
 
 

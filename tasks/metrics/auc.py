@@ -5,6 +5,8 @@ AUC = sum_{i in P} w_i (N_<(s_i) + N_=(s_i) / 2) / (W_P W_N), where N_<(s) is th
 scoring below s. Per class, the negatives' weights are cumulated once in score order (R x n_neg) and read
 at each positive's insertion point, so a replicate costs about two passes over the slice.
 """
+import warnings
+
 import numpy as np
 
 from ._registry import SliceData, register
@@ -45,4 +47,6 @@ def auc_ovr_macro(d: SliceData, W: np.ndarray) -> np.ndarray:
         values.append(weighted_auc(d.probabilities[:, k], positive, W))
     if not values:
         return np.full(W.shape[0], np.nan)
-    return np.nanmean(np.stack(values, 1), axis=1) if len(values) > 1 else values[0]
+    with warnings.catch_warnings():      # a replicate with no weight on the slice: NaN, no warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(values, 1), axis=1) if len(values) > 1 else values[0]

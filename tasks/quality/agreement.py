@@ -24,5 +24,8 @@ def agreement(ctx, method: str) -> dict[str, np.ndarray]:
     mine = ctx.maps[method].flatten(1).double().cpu().numpy()
     if not others:
         return {"agreement": np.full(len(mine), np.nan)}
-    rhos = [rank_correlation(mine, ctx.maps[o].flatten(1).double().cpu().numpy()) for o in others]
-    return {"agreement": np.nanmean(np.stack(rhos), 0)}
+    rhos = np.stack([rank_correlation(mine, ctx.maps[o].flatten(1).double().cpu().numpy()) for o in others])
+    defined = np.isfinite(rhos)
+    count = defined.sum(0)
+    # NaN where no other map has a defined correlation (a constant map), without numpy's empty-mean warning
+    return {"agreement": np.where(count > 0, np.where(defined, rhos, 0).sum(0) / np.maximum(count, 1), np.nan)}
