@@ -380,17 +380,22 @@ def render_pdf(html: str, path: str | Path, attachments: list[Path], fetcher: Da
     return Path(path)
 
 
+def write_reports(directory: Path, stem: str, html: str, formats: tuple[str, ...],
+                  evidence: tuple[str, ...]) -> dict[str, str]:
+    """Write `<stem>.html` and/or `<stem>.pdf` (with the `evidence` files embedded); returns {format: path}."""
+    out: dict[str, str] = {}
+    if "html" in formats:
+        out["html"] = str(write_bytes(directory / f"{stem}.html", html.encode()))
+    if "pdf" in formats:
+        out["pdf"] = str(render_pdf(html, directory / f"{stem}.pdf", [directory / n for n in evidence]))
+    return out
+
+
 def render_report(run_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf")) -> dict[str, str]:
     """Render report.html and/or report.pdf into the run directory; returns {format: path}."""
     run_dir = Path(run_dir)
-    html = render_html(run_dir)
-    out: dict[str, str] = {}
-    if "html" in formats:
-        out["html"] = str(write_bytes(run_dir / "report.html", html.encode()))
-    if "pdf" in formats:
-        evidence = [run_dir / n for n in ("metrics.parquet", "validation.json", "manifest.json")]
-        out["pdf"] = str(render_pdf(html, run_dir / "report.pdf", evidence))
-    return out
+    return write_reports(run_dir, "report", render_html(run_dir), formats,
+                         ("metrics.parquet", "validation.json", "manifest.json"))
 
 
 # --- release review --------------------------------------------------------------------------------------
@@ -465,10 +470,4 @@ def render_review(review_dir: str | Path, formats: tuple[str, ...] = ("html", "p
     """Render review.html and/or review.pdf into the review directory; returns {format: path}."""
     rd = Path(review_dir)
     html = environment().get_template("review.html.j2").render(**review_context(rd))
-    out: dict[str, str] = {}
-    if "html" in formats:
-        out["html"] = str(write_bytes(rd / "review.html", html.encode()))
-    if "pdf" in formats:
-        evidence = [rd / n for n in ("review_metrics.parquet", "validation.json", "manifest.json")]
-        out["pdf"] = str(render_pdf(html, rd / "review.pdf", evidence))
-    return out
+    return write_reports(rd, "review", html, formats, ("review_metrics.parquet", "validation.json", "manifest.json"))
