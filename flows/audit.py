@@ -38,6 +38,8 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     counts = steps.merge_outputs(run["run_dir"], shard_outputs, data["n_rows"], config.max_reject_fraction)
     if config.quality.sanity_images:
         steps.sanity(data["shards"][0], card, config, run["run_dir"])
+    if config.permutation.enabled:
+        steps.permutation(data["shards"], card, config, run["run_dir"])
     summary = steps.compute_metrics(run["run_dir"], config, card, run["run_id"])
     steps.write_manifest(run, config, card, data, summary["verdict"])
     reports = steps.render(run["run_dir"], list(config.report.formats))

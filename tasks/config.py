@@ -72,6 +72,15 @@ class QualitySpec(_Strict):
     sanity_images: int = Field(32, ge=0, description="images for the model-randomisation check (0: skip)")
 
 
+class PermutationSpec(_Strict):
+    """Permutation importance per slice (tasks/permutation.py): a map of how much each grid region matters."""
+
+    enabled: bool = False
+    grid: int = Field(4, ge=1, le=16, description="regions per side")
+    repeats: int = Field(3, ge=1)
+    max_images: int = Field(512, ge=2, description="images per slice at most (the first ones)")
+
+
 class Threshold(_Strict):
     """A check on one metric: a bound on its value, or on its gap below/above the overall value."""
 
@@ -123,6 +132,7 @@ class AuditConfig(_Strict):
     data: DataSpec
     attribution: AttributionSpec = Field(default_factory=AttributionSpec)
     quality: QualitySpec = Field(default_factory=QualitySpec)
+    permutation: PermutationSpec = Field(default_factory=PermutationSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     output_dir: Path = Path("runs")

@@ -27,7 +27,8 @@ from .models import ModelCard
 from .quality import CHECKS
 
 ARTIFACTS = ("predictions.parquet", "explanations.parquet", "rejects.parquet", "metrics.parquet",
-             "validation.parquet", "validation.json", "sanity.parquet", "report.html", "report.pdf")
+             "validation.parquet", "validation.json", "sanity.parquet", "permutation.parquet", "report.html",
+             "report.pdf")
 REVIEW_ARTIFACTS = ("review_metrics.parquet", "review_examples.parquet", "review_drift.parquet",
                     "validation.parquet", "validation.json", "review.html", "review.pdf")
 LIBRARIES = ("xaudit", "torch", "torchvision", "numpy", "pandas", "pyarrow", "prefect", "jinja2", "weasyprint",

@@ -77,8 +77,10 @@ def overlay_uri(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55) -> 
     return png_data_uri(0.6 * image * (1 - a) + _colormap(hm) * a)   # input dimmed so the map stays visible
 
 
-def heatmap_uri(heatmap: np.ndarray, size: int = THUMB) -> str:
-    hm = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR))
+def heatmap_uri(heatmap: np.ndarray, size: int = THUMB, smooth: bool = True) -> str:
+    """Return a PNG data URI of a [0, 1] map, resized smoothly (pixel maps) or as crisp cells (region grids)."""
+    hm = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize(
+        (size, size), Image.BILINEAR if smooth else Image.NEAREST))
     return png_data_uri(_colormap(hm / 255.0))
 
 
@@ -295,6 +297,28 @@ def quality_context(run_dir: Path, scalar: pd.DataFrame, flagged: set, cfg: dict
     return dict(scorecard=rows, scorecard_columns=columns, sanity=sanity, quality_radius=radius)
 
 
+def permutation_maps(run_dir: Path) -> list[dict[str, Any]]:
+    """Return one region-importance map per slice from permutation.parquet (absent: none); every map on one
+    colour scale (0 to the largest drop), so slices compare."""
+    path = run_dir / "permutation.parquet"
+    if not path.is_file():
+        return []
+    t = pq.read_table(path).to_pandas()
+    if t.empty:
+        return []
+    grid = int(t.row.max()) + 1
+    top = max(float(t.importance.max()), 1e-9)
+    out = []
+    for (key, value), g in t.groupby(["slice_key", "slice_value"], sort=False):
+        m = np.zeros((grid, grid))
+        m[g.row.to_numpy(), g["col"].to_numpy()] = np.clip(g.importance.to_numpy() / top, 0, 1)
+        best = g.loc[g.importance.idxmax()]
+        out.append(dict(label="overall" if key == "overall" else f"{key}={value}", uri=heatmap_uri(m, smooth=False),
+                        n=int(g.n.iloc[0]), accuracy=float(g.accuracy.iloc[0]), top_drop=float(best.importance),
+                        top_cell=f"row {int(best.row) + 1}, column {int(best['col']) + 1}"))
+    return out
+
+
 def _read_finished(run_dir: Path, kind: str, tables: tuple[str, ...]) -> tuple[dict, dict, dict[str, pd.DataFrame]]:
     """Return the manifest, the validation result and the named Parquet tables of a finished run or review."""
     for name in ("manifest.json", "validation.json", *(f"{t}.parquet" for t in tables)):
@@ -337,7 +361,7 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
         gallery=gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
                         cfg["data"]["image_column"]),
-        mean_maps=mean_maps(pred, expl, slice_col), class_maps=mean_maps(pred, expl, "label_name"),
+        permutation=permutation_maps(run_dir), mean_maps=mean_maps(pred, expl, slice_col), class_maps=mean_maps(pred, expl, "label_name"),
         map_methods=sorted(expl.method.unique()), agreement=method_agreement(pred, expl, slice_col),
         slice_col=slice_col, methods=[dict(name=m, params=params.get(m, {})) for m in methods],
         metric_names=sorted(m for m in scalar.metric.unique()),

@@ -155,3 +155,21 @@ def sanity_check(shard: str | Path, card: ModelCard, config: AuditConfig, model:
     table = randomisation_check(model, x, list(spec.methods), maps_of, target, seed=config.seed)
     table.insert(0, "n_images", len(x))
     return write_parquet(out_path, pa.Table.from_pandas(table, preserve_index=False))
+
+
+def slice_permutation(shards: list[str], card: ModelCard, config: AuditConfig, model: torch.nn.Module,
+                      device: torch.device, out_path: str | Path) -> Path:
+    """Permutation importance of grid regions for overall and each single-column slice; writes Parquet."""
+    import pandas as pd
+    from .metrics import slice_groups
+    from .permutation import permutation_importance
+    spec = config.permutation
+    parts = [decode_shard(s, card, config.data) for s in shards]
+    x = torch.cat([p.inputs for p in parts]).to(device)
+    labels = torch.cat([p.labels for p in parts]).to(device)
+    metadata = pd.concat([p.metadata.to_pandas() for p in parts], ignore_index=True)
+    slices = [s for s in config.metrics.slices if len(s) <= 1]
+    groups = {(k, v): idx[:spec.max_images] for k, v, idx in slice_groups(metadata, slices)}
+    table = permutation_importance(model, x, labels, groups, grid=spec.grid, repeats=spec.repeats,
+                                   seed=config.seed, max_batch=config.attribution.max_batch)
+    return write_parquet(out_path, pa.Table.from_pandas(table, preserve_index=False))

@@ -106,6 +106,16 @@ def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) 
     return str(sanity_check(shard, c, config, model, device, Path(run_dir) / "sanity.parquet"))
 
 
+@task(name="permutation-importance")
+def permutation(shards: list[str], card: dict[str, Any], config: AuditConfig, run_dir: str) -> str:
+    """Region importance per slice by permutation; writes permutation.parquet."""
+    from .scoring import slice_permutation
+    c = _card(card)
+    with device_pool(config.device, config.tasks_per_device).acquire() as device:
+        model = _model(c.weights, c.weights_sha256, str(device), json.dumps(card, default=list))
+        return str(slice_permutation(shards, c, config, model, device, Path(run_dir) / "permutation.parquet"))
+
+
 @task(name="merge-outputs", **IO_RETRIES)
 def merge_outputs(run_dir: str, shard_outputs: list[dict[str, Any]], n_rows: int, max_reject_fraction: float) -> dict[str, int]:
     """Merge the shard parts into predictions/explanations/rejects.parquet; fail past the reject budget."""

@@ -7,7 +7,8 @@ import sys
 from conftest import ROOT
 
 CORE = ["tasks.config", "tasks.data", "tasks.models", "tasks.attribution", "tasks.metrics", "tasks.scoring",
-        "tasks.outputs", "tasks.report", "tasks.io"]
+        "tasks.outputs", "tasks.report", "tasks.io", "tasks.quality", "tasks.review", "tasks.permutation",
+        "tasks.devices"]
 
 
 def test_core_modules_do_not_import_prefect():
