@@ -59,6 +59,15 @@ def merge_parquet(parts: Sequence[str | Path], path: str | Path, schema: pa.Sche
     return rows
 
 
+PREDICTION_COLUMNS = {"example_id", "label", "prediction", "prediction_name", "correct", "probabilities", "shard"}
+
+
+def sliceable_columns(names: Sequence[str]) -> list[str]:
+    """Return the columns of predictions.parquet that slices may use: the metadata columns, plus `label_name`
+    (a slice per true class) and `confidence` (bucket it: confidence:q10)."""
+    return [c for c in names if c not in PREDICTION_COLUMNS]
+
+
 @dataclass(frozen=True)
 class MetricsSummary:
     verdict: str
@@ -97,9 +106,7 @@ def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, r
     if preds.num_rows == 0:
         raise XAuditError("compute_metrics: no example was scored (all were rejected); see rejects.parquet")
     probs = np.asarray(preds["probabilities"].combine_chunks().flatten(), dtype=np.float64).reshape(preds.num_rows, -1)
-    reserved = {"example_id", "label", "prediction", "prediction_name", "correct", "probabilities", "shard"}
-    # metadata columns, plus `label_name` (slice per true class) and `confidence` (bucket it: confidence:q10)
-    metadata = preds.select([c for c in preds.column_names if c not in reserved]).to_pandas()
+    metadata = preds.select(sliceable_columns(preds.column_names)).to_pandas()
     spec = config.metrics
     ev = evaluate(
         labels=preds["label"].to_numpy(), probabilities=probs, metadata=metadata, slices=spec.slices,

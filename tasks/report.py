@@ -22,6 +22,7 @@ from PIL import Image
 
 from .errors import XAuditError
 from .io import atomic_path, write_bytes
+from .metrics.probabilistic import ece_bins
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 KEY_METRICS = ("accuracy", "f1_macro", "auc_ovr_macro", "ece", "log_loss")
@@ -139,7 +140,7 @@ def confusion_chart(metrics: pd.DataFrame, class_names: list[str]) -> dict[str, 
 def calibration_chart(pred: pd.DataFrame, bins: int = 10) -> dict[str, Any]:
     conf = pred.confidence.to_numpy()
     correct = pred.correct.to_numpy().astype(float)
-    b = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    b = ece_bins(conf, bins)
     pts = []
     for i in range(bins):
         m = b == i

@@ -20,7 +20,7 @@ from .errors import XAuditError
 from .io import write_json, write_parquet
 from .metrics import Evaluation, ExampleStat, evaluate, validate
 from .metrics.evaluate import _interval
-from .outputs import example_stats
+from .outputs import example_stats, sliceable_columns
 from .quality.agreement import rank_correlation
 
 TOP_SHARE = 0.10      # top-10% regions for the overlap statistic
@@ -121,8 +121,7 @@ def review_runs(baseline_dir: str | Path, candidate_dir: str | Path, config: Rev
     cp = cp.set_index("example_id").loc[bp.example_id].reset_index()
     be = pq.read_table(bdir / "explanations.parquet")
     ce = pq.read_table(cdir / "explanations.parquet")
-    reserved = {"example_id", "label", "prediction", "prediction_name", "correct", "probabilities", "shard"}
-    md = bp[[c for c in bp.columns if c not in reserved]].reset_index(drop=True)
+    md = bp[sliceable_columns(bp.columns)].reset_index(drop=True)
     labels = bp.label.to_numpy()
     spec = config.metrics
     common = dict(slices=spec.slices, metrics=spec.metrics, class_names=None, replicates=spec.bootstrap_replicates,

@@ -69,6 +69,11 @@ def _model(weights: str, weights_sha256: str, device: str, card_json: str) -> to
     return build_model(ModelCard(**json.loads(card_json)), device)
 
 
+def _loaded(card: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """Return the card's model on `device`, loaded once per process (weights read and hashed once)."""
+    return _model(card["weights"], card["weights_sha256"], str(device), json.dumps(card, default=list))
+
+
 def _card(card: dict[str, Any]) -> ModelCard:
     return ModelCard(**{**card, "input_size": tuple(card["input_size"]), "mean": tuple(card["mean"]),
                         "std": tuple(card["std"]), "class_names": tuple(card["class_names"])})
@@ -90,7 +95,7 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -
     c = _card(card)
     t0 = time.perf_counter()
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
-        model = _model(c.weights, c.weights_sha256, str(device), json.dumps(card, default=list))
+        model = _loaded(card, device)
         out = asdict(score_shard(shard, c, config, model, device, parts))
     write_json(key_file, {**out, "key": key})
     return {**out, "key": key, "cached": False, "seconds": time.perf_counter() - t0, "device": str(device)}
@@ -100,10 +105,10 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -
 def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -> str:
     """Model-randomisation sanity check of every attribution method; writes sanity.parquet."""
     from .scoring import sanity_check
-    device = pick_device(config.device)
-    c = _card(card)
-    model = build_model(c, device)          # its own copy: the check randomises a deep copy, never this one
-    return str(sanity_check(shard, c, config, model, device, Path(run_dir) / "sanity.parquet"))
+    with device_pool(config.device, config.tasks_per_device).acquire() as device:
+        # the cached model is safe here: the check randomises a deep copy, never the model itself
+        return str(sanity_check(shard, _card(card), config, _loaded(card, device), device,
+                                Path(run_dir) / "sanity.parquet"))
 
 
 @task(name="permutation-importance")
@@ -112,7 +117,7 @@ def permutation(shards: list[str], card: dict[str, Any], config: AuditConfig, ru
     from .scoring import slice_permutation
     c = _card(card)
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
-        model = _model(c.weights, c.weights_sha256, str(device), json.dumps(card, default=list))
+        model = _loaded(card, device)
         return str(slice_permutation(shards, c, config, model, device, Path(run_dir) / "permutation.parquet"))
 
 

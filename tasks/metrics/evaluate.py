@@ -164,7 +164,6 @@ def evaluate(
     rows: list[dict] = []
     samples: dict[tuple[str, str, str, str], list[np.ndarray]] = {}
     point: dict[tuple[str, str, str, str], float] = {}
-    sizes = {}
 
     def run(W_full: np.ndarray | None, is_point: bool) -> None:
         """Compute every metric of every slice; W_full is (n, R) replicate weights, or None for the point."""
@@ -203,7 +202,6 @@ def evaluate(
     stacked = {kk: np.concatenate(v) for kk, v in samples.items()}
 
     for key, value, idx in groups:
-        sizes[(key, value)] = len(idx)
         if len(idx) < min_slice_size:
             for m in [*(c.name for c in chosen if not c.per_class), *stats]:
                 rows.append(dict(slice_key=key, slice_value=value, metric=m, sub_key="", value=None,
