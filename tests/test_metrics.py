@@ -133,6 +133,22 @@ def test_bootstrap_is_seeded_and_recorded():
     pd.testing.assert_frame_equal(a.table, d.table)
 
 
+def test_replicate_weights_are_poisson_one():
+    from scipy.stats import chisquare, poisson
+    from tasks.metrics.evaluate import replicate_weights
+    W = np.concatenate(list(replicate_weights(2000, 500, seed=3, budget_bytes=4 * 2000 * 64)), 1)
+    assert W.shape == (2000, 500) and W.dtype == np.float32
+    counts = np.bincount(W.astype(int).ravel(), minlength=8)
+    expected = poisson(1.0).pmf(np.arange(len(counts))) * W.size
+    pooled = np.r_[counts[:6], counts[6:].sum()]                  # pool the tail (expected counts >= 5)
+    expected = np.r_[expected[:6], W.size - expected[:6].sum()]
+    assert chisquare(pooled, expected).pvalue > 1e-3
+    assert (W >= 0).all() and W.max() < 15
+    # independent across examples and replicates: no correlation between neighbours
+    assert abs(np.corrcoef(W[:-1].ravel(), W[1:].ravel())[0, 1]) < 0.01
+    assert abs(np.corrcoef(W[:, :-1].ravel(), W[:, 1:].ravel())[0, 1]) < 0.01
+
+
 def test_example_stats_are_sliced_like_metrics_and_skip_nan():
     y, p, md = random_data(300)
     vals = np.random.default_rng(1).random(300)

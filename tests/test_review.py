@@ -14,6 +14,7 @@ from conftest import DATA
 from flows.cli import main as cli
 from tasks.config import ChangeThreshold, load_review_config
 from tasks.metrics import evaluate
+from tasks.metrics.evaluate import replicate_weights
 from tasks.review import change_to_thresholds, map_drift, paired_deltas
 
 
@@ -29,14 +30,14 @@ def test_paired_intervals_equal_direct_resampling():
     d = paired_deltas(evaluate(y, pb, md, **kw), evaluate(y, pc, md, **kw))
     row = d.table[d.table.metric == "delta.accuracy"].iloc[0]
     # direct, slow: one resample at a time, the same weights for both models
-    W = np.random.default_rng(seed).poisson(1.0, size=(R, n))
+    W = np.concatenate(list(replicate_weights(n, R, seed)), 1).T      # the weights evaluate draws
     cb, cc = (pb.argmax(1) == y), (pc.argmax(1) == y)
     direct = np.array([(w @ cc - w @ cb) / w.sum() for w in W if w.sum() > 0])
     lo, hi = np.quantile(direct, [0.025, 0.975])
     assert row.value == pytest.approx(cc.mean() - cb.mean())
     assert row.ci_low == pytest.approx(lo, abs=1e-6) and row.ci_high == pytest.approx(hi, abs=1e-6)
     # unpaired resampling (independent weights) would give a wider interval: pairing matters
-    W2 = np.random.default_rng(seed + 1).poisson(1.0, size=(R, n))
+    W2 = np.concatenate(list(replicate_weights(n, R, seed + 1)), 1).T
     unpaired = np.array([w2 @ cc / w2.sum() - w @ cb / w.sum() for w, w2 in zip(W, W2)])
     assert np.subtract(*np.quantile(unpaired, [0.975, 0.025])) > hi - lo
 

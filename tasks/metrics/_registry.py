@@ -1,8 +1,14 @@
 """The registry of slice metrics. A metric maps replicate weights W (R, n) over a slice's examples to
-R values (or R x K for per-class metrics); row 0 of W is all ones, the point estimate."""
+R values (or R x K for per-class metrics); the point estimate is the replicate with all weights one.
+
+Most metrics are functions of weighted sums of per-example statistics (counts, losses, bin contents). Such a
+metric registers `columns(data) -> (n, s)` and `finish(sums (R, s), data) -> values`; `evaluate` then
+computes the sums of every such metric of a slice in one matrix product over the replicate weights (metrics
+that share a `columns` function share its columns). Any other metric registers `fn(data, W)`.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -12,11 +18,13 @@ from ..errors import XAuditError
 
 @dataclass(frozen=True)
 class SliceData:
-    """One slice's examples: `labels` (n,), `predictions` (n,), `probabilities` (n, K)."""
+    """One slice's examples: `labels` (n,), `predictions` (n,), `probabilities` (n, K). `cache` keeps work
+    that depends only on the slice (a sort order, say) between the point estimate and the replicate chunks."""
 
     labels: np.ndarray
     predictions: np.ndarray
     probabilities: np.ndarray
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -37,18 +45,29 @@ class Metric:
     bounds: tuple[float, float]
     per_class: bool
     description: str
+    columns: Callable[[SliceData], np.ndarray] | None = None
+    finish: Callable[[np.ndarray, SliceData], np.ndarray] | None = None
 
 
 METRICS: dict[str, Metric] = {}
 
 
 def register(name: str, *, higher_is_better: bool, bounds: tuple[float, float] = (0.0, 1.0),
-             per_class: bool = False, description: str = ""):
-    """Register `fn(data, W) -> values` as metric `name`."""
+             per_class: bool = False, description: str = "",
+             columns: Callable[[SliceData], np.ndarray] | None = None):
+    """Register `fn(data, W) -> values` as metric `name`; with `columns`, register `fn(sums, data) -> values`,
+    a function of the weighted sums of `columns(data)` (an additive metric, computed by one matrix product)."""
     def wrap(fn):
         if name in METRICS:
             raise RuntimeError(f"metric {name!r} registered twice")
-        METRICS[name] = Metric(name, fn, higher_is_better, bounds, per_class, description or (fn.__doc__ or "").strip())
+        doc = description or (fn.__doc__ or "").strip()
+        if columns is None:
+            METRICS[name] = Metric(name, fn, higher_is_better, bounds, per_class, doc)
+        else:
+            def direct(d: SliceData, W: np.ndarray, _fn=fn) -> np.ndarray:
+                X = columns(d)
+                return _fn(W @ X.reshape(len(X), -1).astype(W.dtype), d)
+            METRICS[name] = Metric(name, direct, higher_is_better, bounds, per_class, doc, columns, fn)
         return fn
     return wrap
 

@@ -1,20 +1,28 @@
 """Accuracy and top-k accuracy: weighted share of examples whose label is the (top-k) prediction."""
 import numpy as np
 
-from ._registry import SliceData, register, weighted_mean
+from ._registry import SliceData, ratio, register
 
 
-@register("accuracy", higher_is_better=True)
-def accuracy(d: SliceData, W: np.ndarray) -> np.ndarray:
-    """Share of examples predicted correctly."""
-    return weighted_mean((d.labels == d.predictions).astype(np.float64), W)
+def _correct(d: SliceData) -> np.ndarray:
+    return np.stack([np.ones(len(d.labels)), d.labels == d.predictions], 1)
 
 
-@register("top_3_accuracy", higher_is_better=True)
-def top_3_accuracy(d: SliceData, W: np.ndarray) -> np.ndarray:
-    """Share of examples whose label is among the 3 most probable classes (ties broken by class order)."""
+def _top_3(d: SliceData) -> np.ndarray:
     k = min(3, d.num_classes)
     p_true = d.probabilities[np.arange(len(d.labels)), d.labels]
     # rank of the true class = number of classes strictly more probable (scikit-learn counts it the same way)
     rank = (d.probabilities > p_true[:, None]).sum(1)
-    return weighted_mean((rank < k).astype(np.float64), W)
+    return np.stack([np.ones(len(d.labels)), rank < k], 1)
+
+
+@register("accuracy", higher_is_better=True, columns=_correct)
+def accuracy(sums: np.ndarray, d: SliceData) -> np.ndarray:
+    """Share of examples predicted correctly."""
+    return ratio(sums[:, 1], sums[:, 0])
+
+
+@register("top_3_accuracy", higher_is_better=True, columns=_top_3)
+def top_3_accuracy(sums: np.ndarray, d: SliceData) -> np.ndarray:
+    """Share of examples whose label is among the 3 most probable classes (ties broken by class order)."""
+    return ratio(sums[:, 1], sums[:, 0])

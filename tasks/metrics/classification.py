@@ -5,15 +5,16 @@ import numpy as np
 from ._registry import SliceData, one_hot, ratio, register
 
 
-def _counts(d: SliceData, W: np.ndarray):
+def _counts(d: SliceData) -> np.ndarray:
+    """Per example: [true positive (K) | predicted (K) | actual (K)] indicators; shared by all six metrics."""
     k = d.num_classes
-    yt, yp = one_hot(d.labels, k, W.dtype), one_hot(d.predictions, k, W.dtype)
-    tp = W @ (yt * yp)
-    return tp, W @ yp, W @ yt          # (R, K) each: true positives, predicted, actual
+    yt, yp = one_hot(d.labels, k), one_hot(d.predictions, k)
+    return np.concatenate([yt * yp, yp, yt], 1)
 
 
-def _per_class(kind: str, d: SliceData, W: np.ndarray) -> np.ndarray:
-    tp, pred, actual = _counts(d, W)
+def _per_class(kind: str, sums: np.ndarray, d: SliceData) -> np.ndarray:
+    k = d.num_classes
+    tp, pred, actual = sums[:, :k], sums[:, k:2 * k], sums[:, 2 * k:]
     if kind == "precision":
         return ratio(tp, pred, empty=0.0)
     if kind == "recall":
@@ -21,41 +22,41 @@ def _per_class(kind: str, d: SliceData, W: np.ndarray) -> np.ndarray:
     return ratio(2 * tp, pred + actual, empty=0.0)
 
 
-def _macro(kind: str, d: SliceData, W: np.ndarray) -> np.ndarray:
-    return _per_class(kind, d, W)[:, d.classes_present()].mean(1)
+def _macro(kind: str, sums: np.ndarray, d: SliceData) -> np.ndarray:
+    return _per_class(kind, sums, d)[:, d.classes_present()].mean(1)
 
 
-@register("precision", higher_is_better=True, per_class=True)
-def precision(d, W):
+@register("precision", higher_is_better=True, per_class=True, columns=_counts)
+def precision(sums, d):
     """Per class: TP / predicted."""
-    return _per_class("precision", d, W)
+    return _per_class("precision", sums, d)
 
 
-@register("recall", higher_is_better=True, per_class=True)
-def recall(d, W):
+@register("recall", higher_is_better=True, per_class=True, columns=_counts)
+def recall(sums, d):
     """Per class: TP / actual."""
-    return _per_class("recall", d, W)
+    return _per_class("recall", sums, d)
 
 
-@register("f1", higher_is_better=True, per_class=True)
-def f1(d, W):
+@register("f1", higher_is_better=True, per_class=True, columns=_counts)
+def f1(sums, d):
     """Per class: 2 TP / (predicted + actual)."""
-    return _per_class("f1", d, W)
+    return _per_class("f1", sums, d)
 
 
-@register("precision_macro", higher_is_better=True)
-def precision_macro(d, W):
+@register("precision_macro", higher_is_better=True, columns=_counts)
+def precision_macro(sums, d):
     """Unweighted mean of per-class precision."""
-    return _macro("precision", d, W)
+    return _macro("precision", sums, d)
 
 
-@register("recall_macro", higher_is_better=True)
-def recall_macro(d, W):
+@register("recall_macro", higher_is_better=True, columns=_counts)
+def recall_macro(sums, d):
     """Unweighted mean of per-class recall (balanced accuracy)."""
-    return _macro("recall", d, W)
+    return _macro("recall", sums, d)
 
 
-@register("f1_macro", higher_is_better=True)
-def f1_macro(d, W):
+@register("f1_macro", higher_is_better=True, columns=_counts)
+def f1_macro(sums, d):
     """Unweighted mean of per-class F1."""
-    return _macro("f1", d, W)
+    return _macro("f1", sums, d)

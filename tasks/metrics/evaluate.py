@@ -7,6 +7,7 @@ bootstrap). Metrics are functions of W, so R replicates cost a few matrix produc
 from __future__ import annotations
 
 import re
+from math import exp, factorial
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import XAuditError
-from ._registry import METRICS, SliceData, get_metric, weighted_mean
+from ._registry import METRICS, SliceData, get_metric, ratio
 
 OVERALL = ("overall", "all")
 COLUMNS = ["slice_key", "slice_value", "metric", "sub_key", "value", "ci_low", "ci_high", "n", "suppressed"]
@@ -125,6 +126,37 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+# P(K <= k) of Poisson(1) on a 32-bit grid: a uniform draw u gives k = the number of thresholds <= u
+_GRID = np.round(np.cumsum([exp(-1.0) / factorial(k) for k in range(30)]) * 2.0**32)
+_POISSON_1_THRESHOLDS = _GRID[_GRID < 2.0**32].astype(np.uint32)
+
+
+def poisson_weights(rng: np.random.Generator, n: int, r: int) -> np.ndarray:
+    """Return (n, r) float32 Poisson(1) counts, example-major: the inverse CDF of 32-bit uniform draws (each
+    probability exact to 2**-32), drawn replicate by replicate, so chunking the replicates does not change
+    them. Four comparisons settle the 98% of draws below 4; the rest are looked up."""
+    u = rng.integers(0, 2**32, size=(r, n), dtype=np.uint32)
+    T = _POISSON_1_THRESHOLDS
+    k = np.greater_equal(u, T[0]).view(np.uint8)
+    above = np.empty_like(k, dtype=np.bool_)
+    for t in T[1:4]:
+        np.greater_equal(u, t, out=above)
+        k += above.view(np.uint8)
+    tail = np.flatnonzero(above)
+    k.reshape(-1)[tail] = np.searchsorted(T, u.reshape(-1)[tail], side="right")
+    return np.ascontiguousarray(k.T, dtype=np.float32)
+
+
+def replicate_weights(n: int, replicates: int, seed: int, budget_bytes: int = 512 << 20):
+    """Yield the bootstrap weights as example-major (n, r) float32 chunks of replicates, r chosen so a chunk
+    fits in `budget_bytes`; concatenated along axis 1 they are the (n, replicates) weights of `evaluate`,
+    whatever the budget."""
+    rng = np.random.default_rng(seed)
+    per_chunk = max(1, min(replicates, budget_bytes // max(1, 4 * n)))
+    for start in range(0, replicates, per_chunk):
+        yield poisson_weights(rng, n, min(per_chunk, replicates - start))
+
+
 def evaluate(
     labels: np.ndarray,
     probabilities: np.ndarray,
@@ -137,7 +169,7 @@ def evaluate(
     seed: int = 0,
     level: float = 0.95,
     min_slice_size: int = 1,
-    weights_budget_bytes: int = 64 << 20,
+    weights_budget_bytes: int = 512 << 20,
 ) -> Evaluation:
     """Return every metric for every slice, with percentile Poisson-bootstrap intervals.
 
@@ -145,6 +177,11 @@ def evaluate(
     class (`sub_key` = class name). A slice with fewer than `min_slice_size` examples keeps one row per metric
     with its `n`, `suppressed=True` and null values. Confusion counts are point estimates (`confusion`,
     sub_key 'true->pred').
+
+    Replicate weights are drawn once per example for the whole dataset (`replicate_weights`), at most
+    `weights_budget_bytes` of them at a time. Per slice, the additive metrics (and the example statistics)
+    take one matrix product of the slice's weights with their per-example columns; other metrics get the
+    weights themselves.
     """
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -159,47 +196,70 @@ def evaluate(
         if len(st.values) != n:
             raise XAuditError(f"evaluate: example stat {name!r} has {len(st.values)} values for {n} examples")
     predictions = probabilities.argmax(1)
-    groups = slice_groups(metadata.reset_index(drop=True), slices)
+    groups = [g for g in slice_groups(metadata.reset_index(drop=True), slices)]
+    live = [(key, value, idx) for key, value, idx in groups if len(idx) >= min_slice_size]
 
-    rows: list[dict] = []
+    # Every additive metric's per-example columns, computed once for all examples (shared `columns` once),
+    # plus (value, defined) per example statistic; `spans` says which columns each one reads.
+    everyone = SliceData(labels, predictions, probabilities)
+    blocks: list[np.ndarray] = []
+    spans: dict[object, slice] = {}
+    for m in chosen:
+        if m.columns is not None and m.columns not in spans:
+            X = np.asarray(m.columns(everyone), dtype=np.float64).reshape(n, -1)
+            spans[m.columns] = slice(sum(b.shape[1] for b in blocks), sum(b.shape[1] for b in blocks) + X.shape[1])
+            blocks.append(X)
+    for name, st in stats.items():
+        vals = np.asarray(st.values, dtype=np.float64)
+        ok = np.isfinite(vals)
+        spans[name] = slice(sum(b.shape[1] for b in blocks), sum(b.shape[1] for b in blocks) + 2)
+        blocks.append(np.stack([np.where(ok, vals, 0.0), ok], 1))
+    X64 = np.concatenate(blocks, 1) if blocks else np.zeros((n, 0))
+    X32 = X64.astype(np.float32)
+    data = [SliceData(labels[idx], predictions[idx], probabilities[idx]) for _, _, idx in live]
+
     samples: dict[tuple[str, str, str, str], list[np.ndarray]] = {}
     point: dict[tuple[str, str, str, str], float] = {}
 
-    def run(W_full: np.ndarray | None, is_point: bool) -> None:
-        """Compute every metric of every slice; W_full is (n, R) replicate weights, or None for the point."""
-        for key, value, idx in groups:
-            if len(idx) < min_slice_size:
-                continue
-            W = np.ones((1, len(idx))) if W_full is None else W_full[idx].T     # (R, n_slice) view
-            d = SliceData(labels[idx], predictions[idx], probabilities[idx])
+    def run(W_full: np.ndarray | None) -> None:
+        """Compute every metric of every slice; W_full is (n, r) replicate weights, or None for the point."""
+        buffer = None
+        for (key, value, idx), d in zip(live, data):
+            if W_full is None:
+                Wn = np.ones((len(idx), 1))                                    # the point estimate, float64
+                sums = X64[idx].sum(0, keepdims=True)
+            else:
+                if len(idx) == n:
+                    Wn = W_full
+                else:
+                    if buffer is None:
+                        buffer = np.empty((max(len(i) for _, _, i in live), W_full.shape[1]), np.float32)
+                    Wn = buffer[:len(idx)]
+                    np.take(W_full, idx, axis=0, out=Wn)
+                sums = Wn.T @ X32[idx] if X32.shape[1] else np.zeros((Wn.shape[1], 0), np.float32)
             results: list[tuple[str, str, np.ndarray]] = []
             for m in chosen:
-                v = m.fn(d, W)
+                v = m.finish(sums[:, spans[m.columns]], d) if m.columns is not None else m.fn(d, Wn.T)
                 if m.per_class:
                     results += [(m.name, names[c], v[:, c]) for c in np.unique(d.labels)]
                 else:
                     results.append((m.name, "", v))
-            for name, st in stats.items():
-                vals = st.values[idx].astype(np.float64)
-                ok = np.isfinite(vals)
-                results.append((name, "", weighted_mean(np.where(ok, vals, 0.0), W * ok)))
+            for name in stats:
+                part = sums[:, spans[name]]
+                results.append((name, "", ratio(part[:, 0], part[:, 1])))
             for name, sub, v in results:
                 kk = (key, value, name, sub)
-                if is_point:
+                if W_full is None:
                     point[kk] = float(v[0])
                 else:
                     samples.setdefault(kk, []).append(v)
 
-    run(None, True)
+    run(None)
     if replicates > 0:
-        rng = np.random.default_rng(seed)
-        per_chunk = max(1, min(replicates, weights_budget_bytes // max(1, 4 * n)))
-        for start in range(0, replicates, per_chunk):
-            r = min(per_chunk, replicates - start)
-            # Poisson weights are small integers: float32 holds them (and their sums below 2**24) exactly.
-            # Stored example-major (n, r) so a slice's rows are contiguous; metrics see the (r, n) transpose.
-            run(rng.poisson(1.0, size=(r, n)).astype(np.float32).T.copy(), False)
+        for W_chunk in replicate_weights(n, replicates, seed, weights_budget_bytes):
+            run(W_chunk)
     stacked = {kk: np.concatenate(v) for kk, v in samples.items()}
+    rows: list[dict] = []
 
     for key, value, idx in groups:
         if len(idx) < min_slice_size:
