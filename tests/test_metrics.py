@@ -26,34 +26,38 @@ def random_data(n=600, k=K, seed=0):
     return y, p, md
 
 
-def ece_reference(y, p, bins=ECE_BINS):
+def ece_reference(y, p, bins=ECE_BINS, w=None):
     conf, pred = p.max(1), p.argmax(1)
+    w = np.ones(len(y)) if w is None else w
     total = 0.0
     for b in range(bins):
         lo, hi = b / bins, (b + 1) / bins
         m = (conf > lo) & (conf <= hi) if b else (conf >= 0) & (conf <= hi)
-        if m.any():
-            total += m.mean() * abs((pred[m] == y[m]).mean() - conf[m].mean())
+        if w[m].sum() > 0:
+            acc, c = np.average(pred[m] == y[m], weights=w[m]), np.average(conf[m], weights=w[m])
+            total += w[m].sum() / w.sum() * abs(acc - c)
     return total
 
 
-def sklearn_metrics(y, p):
+def sklearn_metrics(y, p, w=None):
+    """Every metric by scikit-learn (ECE by a direct loop), optionally with sample weights."""
     pred = p.argmax(1)
     labels = list(range(p.shape[1]))
+    sw = dict(sample_weight=w)
     out = {
-        "accuracy": skm.accuracy_score(y, pred),
-        "top_3_accuracy": skm.top_k_accuracy_score(y, p, k=3, labels=labels),
-        "precision_macro": skm.precision_score(y, pred, average="macro", zero_division=0),
-        "recall_macro": skm.recall_score(y, pred, average="macro", zero_division=0),
-        "f1_macro": skm.f1_score(y, pred, average="macro", zero_division=0),
-        "log_loss": skm.log_loss(y, p, labels=labels),
-        "brier": skm.brier_score_loss(y, p, labels=labels),
-        "ece": ece_reference(y, p),
+        "accuracy": skm.accuracy_score(y, pred, **sw),
+        "top_3_accuracy": skm.top_k_accuracy_score(y, p, k=3, labels=labels, **sw),
+        "precision_macro": skm.precision_score(y, pred, average="macro", zero_division=0, **sw),
+        "recall_macro": skm.recall_score(y, pred, average="macro", zero_division=0, **sw),
+        "f1_macro": skm.f1_score(y, pred, average="macro", zero_division=0, **sw),
+        "log_loss": skm.log_loss(y, p, labels=labels, **sw),
+        "brier": skm.brier_score_loss(y, p, labels=labels, **sw),
+        "ece": ece_reference(y, p, w=w),
     }
     if len(np.unique(y)) == p.shape[1]:
-        out["auc_ovr_macro"] = skm.roc_auc_score(y, p, multi_class="ovr", average="macro", labels=labels)
+        out["auc_ovr_macro"] = skm.roc_auc_score(y, p, multi_class="ovr", average="macro", labels=labels, **sw)
     for name, fn in (("precision", skm.precision_score), ("recall", skm.recall_score), ("f1", skm.f1_score)):
-        per = fn(y, pred, average=None, labels=labels, zero_division=0)
+        per = fn(y, pred, average=None, labels=labels, zero_division=0, **sw)
         for c in np.unique(y):
             out[(name, str(c))] = per[c]
     return out
@@ -78,6 +82,29 @@ def test_every_metric_equals_sklearn_on_every_slice():
             assert got.iloc[0] == pytest.approx(expected, rel=1e-9, abs=1e-12), (key, value, name)
             checked.add(metric)
     assert checked == set(METRICS)          # a newly registered metric must get an oracle here
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_bootstrap_replicate_equals_sklearn_with_its_weights(tied):
+    """The replicates behind the intervals (one matrix product per slice for additive metrics, the gap
+    scatter for AUC) equal scikit-learn given the same Poisson weights as `sample_weight`."""
+    from tasks.metrics.evaluate import replicate_weights
+    y, p, md = random_data(400, seed=2)
+    if tied:      # 12 distinct probability vectors: scores tie across examples (never within one)
+        p = p[np.random.default_rng(0).integers(0, 12, len(p))]
+    R, seed = 6, 11
+    ev = evaluate(y, p, md, slices=[[], ["site"]], replicates=R, seed=seed, level=0.95)
+    W = np.concatenate(list(replicate_weights(len(y), R, seed)), 1)
+    checked = set()
+    for key, value, idx in [("overall", "all", md.index), *[("site", s, g.index) for s, g in md.groupby("site")]]:
+        for r in range(R):
+            ref = sklearn_metrics(y[idx], p[idx], W[idx, r])
+            for name, expected in ref.items():
+                metric, sub = name if isinstance(name, tuple) else (name, "")
+                got = ev.samples[(key, value, metric, sub)][r]
+                assert got == pytest.approx(expected, rel=2e-5, abs=1e-6), (key, value, name, r)
+                checked.add(metric)
+    assert checked == set(METRICS)
 
 
 def test_auc_with_ties_equals_sklearn():

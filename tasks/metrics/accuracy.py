@@ -24,5 +24,6 @@ def accuracy(sums: np.ndarray, d: SliceData) -> np.ndarray:
 
 @register("top_3_accuracy", higher_is_better=True, columns=_top_3)
 def top_3_accuracy(sums: np.ndarray, d: SliceData) -> np.ndarray:
-    """Share of examples whose label is among the 3 most probable classes (ties broken by class order)."""
+    """Share of examples whose label is among the 3 most probable classes (a class tied with the label does
+    not push it out, as TensorFlow's `in_top_k`; scikit-learn breaks such ties by class index)."""
     return ratio(sums[:, 1], sums[:, 0])
