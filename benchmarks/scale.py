@@ -21,16 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r'''
 import asyncio, json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-import flows  # noqa: F401  (Prefect defaults)
+from flows import local_run_settings  # also sets the Prefect defaults
 from flows.audit import audit
 from tasks.config import load_config
 cfg = load_config(sys.argv[2], json.loads(sys.argv[3]))
 warm = load_config(sys.argv[2], {**json.loads(sys.argv[3]), "run_id": "warm-up",
                                  "data": {**json.loads(sys.argv[3])["data"], "limit": 16}})
-audit(warm)
-t0 = time.perf_counter()
-result = audit(cfg)
-wall = time.perf_counter() - t0
+with local_run_settings():                   # as `xaudit run` does
+    audit(warm)
+    t0 = time.perf_counter()
+    result = audit(cfg)
+    wall = time.perf_counter() - t0
 from prefect.client.orchestration import get_client
 from uuid import UUID
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
@@ -91,6 +92,7 @@ def main() -> None:
                          "shard_size": args.shard_size,
                          "attribution": {"methods": ["saliency", "gradcam"]},
                          "quality": {"checks": ["localisation"], "sanity_images": 0},
+                         "permutation": {"enabled": False},
                          "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200}}
             env = {**os.environ, "PREFECT_HOME": str(Path(tmp) / "prefect"), "PREFECT_LOGGING_LEVEL": "ERROR"}
             out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ROOT / "data" / "demo_audit.yaml"),

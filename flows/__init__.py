@@ -9,3 +9,25 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def local_run_settings():
+    """Prefect settings for a flow run in this process on the embedded server: no flow-run heartbeats.
+
+    Heartbeats let a server mark a run whose process died as crashed; the embedded server lives and dies
+    with this process, so nobody would read them. And Prefect 3.8's heartbeat thread sleeps in whole
+    seconds before it notices the run ended, which made every flow (and subflow) end up to 1 s late
+    (0.5 s on average: most of the orchestration overhead of a short audit). With PREFECT_API_URL set (a
+    real server, as under a worker) or the frequency set explicitly, nothing changes.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    if PREFECT_API_URL.value() or any(k in os.environ for k in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
+                                                                "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")):
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield

@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows import local_run_settings
 from tasks.errors import XAuditError
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
@@ -68,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
         with progress_bar(show, f"scoring {Path(path).name}") as update:
             audit_flow.on_shard_done = update
             try:
-                result = flow_fn(config)
+                with local_run_settings():
+                    result = flow_fn(config)
             finally:
                 audit_flow.on_shard_done = None
         took = time.perf_counter() - t0
@@ -116,7 +118,8 @@ def _review(args: argparse.Namespace) -> int:
     config = load_review_config(args.config, overrides)
     from flows.review import review
     t0 = time.perf_counter()
-    result = review(config)
+    with local_run_settings():
+        result = review(config)
     print(f"{args.config}: {result['verdict']} · {result['n_failed']} of {result['n_checks']} checks failed · "
           f"{result['n_examples']} examples · {time.perf_counter() - t0:.1f} s")
     if result["regressed"]:

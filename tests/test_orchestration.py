@@ -63,3 +63,21 @@ def test_flow_on_a_local_dask_cluster_matches_the_thread_runner(prefect_harness,
                                                limit=200)
     keys = {a.key for a in asyncio.run(artifacts())}
     assert {"audit-summary-flow-test", "audit-slices-flow-test", "audit-report-flow-test"} <= keys
+
+
+def test_local_runs_have_no_heartbeat_thread_but_server_runs_keep_it(monkeypatch):
+    """Embedded runs skip flow heartbeats (Prefect's heartbeat thread delayed the end of every flow by up to
+    1 s); against a real server (PREFECT_API_URL) or when the user set a frequency, nothing changes."""
+    from prefect.settings import get_current_settings, temporary_settings, PREFECT_API_URL
+    from flows import local_run_settings
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None
+    with local_run_settings():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == default
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        with local_run_settings():
+            assert get_current_settings().flows.heartbeat_frequency == default
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
+    with local_run_settings():
+        assert get_current_settings().flows.heartbeat_frequency == default
