@@ -72,12 +72,13 @@ def test_local_runs_have_no_heartbeat_thread_but_server_runs_keep_it(monkeypatch
     from flows import local_run_settings
     default = get_current_settings().flows.heartbeat_frequency
     assert default is not None
-    with local_run_settings():
-        assert get_current_settings().flows.heartbeat_frequency is None
-    assert get_current_settings().flows.heartbeat_frequency == default
+    with temporary_settings(updates={PREFECT_API_URL: None}):      # as in `xaudit run` (the harness sets one)
+        with local_run_settings():
+            assert get_current_settings().flows.heartbeat_frequency is None
+        assert get_current_settings().flows.heartbeat_frequency == default
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
         with local_run_settings():
             assert get_current_settings().flows.heartbeat_frequency == default
     monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
-    with local_run_settings():
-        assert get_current_settings().flows.heartbeat_frequency == default
+    with temporary_settings(updates={PREFECT_API_URL: None}), local_run_settings():
+        assert get_current_settings().flows.heartbeat_frequency == 60          # the user's choice stands
