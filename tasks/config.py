@@ -59,7 +59,8 @@ class AttributionSpec(_Strict):
                                                   "halves on a CUDA out-of-memory error")
     max_elements: int = Field(2 ** 21, ge=1, description="most input values per model call (a memory budget: "
                                                         "about 13 images at 3x224x224, 2048 at 1x32x32)")
-    autocast: bool = Field(False, description="bf16 autocast on CUDA (ignored on the CPU, where it is slower)")
+    autocast: bool = Field(False, description="bf16 autocast of the attribution passes on CUDA (predictions stay "
+                                              "float32; ignored on the CPU, where it is slower)")
     channels_last: bool = False
 
 

@@ -59,9 +59,13 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         sl = slice(start, min(n, start + spec.batch_size))
         x = decoded.inputs[sl].to(device).contiguous(memory_format=memory_format)
         target = decoded.labels[sl].to(device) if spec.target == "label" else "predicted"
+        clean = None
+        if not isinstance(autocast, contextlib.nullcontext):
+            with torch.no_grad():      # predictions in full precision: only the attribution passes run in bf16
+                clean = model(x).float()
         with autocast:
             res = attribute(model, x, spec.methods, target=target, params=spec.params,
-                            target_layer=card.target_layer, seed=config.seed + start,
+                            target_layer=card.target_layer, seed=config.seed + start, logits=clean,
                             max_batch=max(spec.max_batch, spec.batch_size), max_elements=spec.max_elements)
         probs_all.append(torch.softmax(res.logits.double(), 1).cpu())
         roi = decoded.roi[sl].to(device) if decoded.roi is not None else None

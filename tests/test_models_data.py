@@ -132,3 +132,26 @@ def test_config_file_resolves_relative_paths_and_reports_every_field(tmp_path):
     bad.write_text(json.dumps({"model": {"card": "x"}, "data": {}, "shard_size": 0}))
     with pytest.raises(XAuditError, match=r"(?s)data.path.*shard_size"):
         load_config(bad)
+
+
+def test_channels_last_scores_like_the_default_layout(tmp_path, demo_card):
+    """`attribution.channels_last` changes only the memory layout: same predictions, same attributions."""
+    from tasks.config import load_config
+    from tasks.data import ingest
+    from tasks.models import build_model
+    from tasks.scoring import score_shard
+    outs = {}
+    for flag in (False, True):
+        cfg = load_config(DATA / "demo_audit.yaml", {
+            "data": {"path": str(DATA / "digits.parquet"), "limit": 24, "roi_column": "roi_png"}, "attribution": {"methods": ["saliency", "gradcam", "integrated_gradients"],
+                                                  "channels_last": flag, "batch_size": 8},
+            "quality": {"checks": ["localisation"]}})
+        res = ingest(cfg.data, tmp_path / f"in-{flag}", 100)
+        out = score_shard(res.shards[0], demo_card, cfg, build_model(demo_card), torch.device("cpu"),
+                          tmp_path / f"out-{flag}")
+        outs[flag] = (pq.read_table(out.predictions).to_pandas(), pq.read_table(out.explanations).to_pandas())
+    (p0, e0), (p1, e1) = outs[False], outs[True]
+    assert len(p0) == 24 and (p0.prediction == p1.prediction).all()
+    np.testing.assert_allclose(np.stack(p0.probabilities), np.stack(p1.probabilities), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(e0.attribution_sum, e1.attribution_sum, rtol=1e-4, atol=1e-6)
+    assert np.abs(np.stack(e0.heatmap).astype(int) - np.stack(e1.heatmap).astype(int)).max() <= 1
