@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from .attribution import attribute, display_heatmap
+from .attribution.engine import example_keys
 from .config import AuditConfig
 from .data import decode_shard, rejects_table
 from .io import write_parquet
@@ -59,24 +60,26 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         sl = slice(start, min(n, start + spec.batch_size))
         x = decoded.inputs[sl].to(device).contiguous(memory_format=memory_format)
         target = decoded.labels[sl].to(device) if spec.target == "label" else "predicted"
+        # random draws per example id: an example's explanation does not depend on its shard or batch
+        keys = example_keys(decoded.example_ids[sl])
         clean = None
         if not isinstance(autocast, contextlib.nullcontext):
             with torch.no_grad():      # predictions in full precision: only the attribution passes run in bf16
                 clean = model(x).float()
         with autocast:
             res = attribute(model, x, spec.methods, target=target, params=spec.params,
-                            target_layer=card.target_layer, seed=config.seed + start, logits=clean,
+                            target_layer=card.target_layer, seed=config.seed, logits=clean, example_keys=keys,
                             max_batch=max(spec.max_batch, spec.batch_size), max_elements=spec.max_elements)
         probs_all.append(torch.softmax(res.logits.double(), 1).cpu())
         roi = decoded.roi[sl].to(device) if decoded.roi is not None else None
         maps = {m: display_heatmap(raw, card.input_size) for m, raw in res.attributions.items()}
 
-        def explain(method: str, xs: torch.Tensor, ts: torch.Tensor, _seed: int = config.seed + start):
+        def explain(method: str, xs: torch.Tensor, ts: torch.Tensor, keys: list[int] | None = None):
             return attribute(model, xs, [method], target=ts, params={method: spec.params.get(method, {})},
-                             target_layer=card.target_layer, seed=_seed, max_batch=spec.max_batch,
-                             max_elements=spec.max_elements).attributions[method]
+                             target_layer=card.target_layer, seed=config.seed, max_batch=spec.max_batch,
+                             max_elements=spec.max_elements, example_keys=keys).attributions[method]
         qctx = QualityContext(model, x, res.target, res.attributions, maps, roi, explain,
-                              max_batch=spec.max_batch, seed=config.seed + start)
+                              max_batch=spec.max_batch, seed=config.seed, keys=keys)
         with autocast:
             quality = run_checks(qctx, config.quality.checks, config.quality.params)
         for method, raw in res.attributions.items():

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from tasks.attribution import METHODS, attribute, display_heatmap
+from tasks.attribution._surrogate import feature_masks
 from tasks.errors import XAuditError
 from tasks.nets import DemoCNN
 
@@ -162,8 +163,6 @@ def test_linear_model_attributions_are_exact():
 PARAMS = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4},
           "occlusion": {"window": 8, "stride": 8}, "lime": {"n_samples": 128}, "kernel_shap": {"n_samples": 128},
           "gradient_shap": {"n_samples": 4}}
-# Sampling methods draw their noise / coalitions for the whole batch, so a row alone gets other draws.
-STOCHASTIC = {"smoothgrad", "lime", "kernel_shap", "gradient_shap"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -173,7 +172,8 @@ def test_contract_every_registered_method(name):
     x = inputs_for((3, 32, 32), 5)
     x_copy = x.clone()
     params = {name: PARAMS[name]} if name in PARAMS else None
-    res = attribute(model, x, [name], params=params, seed=3)
+    keys = [101, 7, 55, 3, 1_000_000_007]          # sampling methods draw per example key
+    res = attribute(model, x, [name], params=params, seed=3, example_keys=keys)
     a = res.attributions[name]
     expected = (5, 1, 8, 8) if METHODS[name].layer else tuple(x.shape)
     assert tuple(a.shape) == expected and a.dtype == torch.float32 and a.device == x.device
@@ -181,16 +181,39 @@ def test_contract_every_registered_method(name):
     torch.testing.assert_close(x, x_copy)                                 # inputs unchanged
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())                # no stray .grad
-    again = attribute(model, x, [name], params=params, seed=3).attributions[name]
+    again = attribute(model, x, [name], params=params, seed=3, example_keys=keys).attributions[name]
     torch.testing.assert_close(a, again)                                  # seeded runs repeat
     rows = torch.cat([attribute(model, x[i:i + 1], [name], target=res.target[i:i + 1], params=params,
-                                seed=3).attributions[name] for i in range(5)])
-    if name not in STOCHASTIC:
-        torch.testing.assert_close(a, rows, rtol=1e-4, atol=1e-5)         # batch == row by row
-    small = attribute(model, x, [name], params=params, seed=3, max_batch=2).attributions[name]
+                                seed=3, example_keys=keys[i:i + 1]).attributions[name] for i in range(5)])
+    torch.testing.assert_close(a, rows, rtol=1e-4, atol=1e-5)             # batch == row by row, every method
+    order = [3, 0, 4, 1, 2]                                               # ... and in any order
+    shuffled = attribute(model, x[order], [name], target=res.target[order], params=params, seed=3,
+                         example_keys=[keys[i] for i in order]).attributions[name]
+    torch.testing.assert_close(a[order], shuffled, rtol=1e-4, atol=1e-5)
+    small = attribute(model, x, [name], params=params, seed=3, max_batch=2, example_keys=keys).attributions[name]
     torch.testing.assert_close(a, small, rtol=1e-4, atol=1e-5)            # chunk size does not matter
+    if name in {"smoothgrad", "lime", "kernel_shap", "gradient_shap"}:    # the seed and key do matter
+        other = attribute(model, x, [name], params=params, seed=4, example_keys=keys).attributions[name]
+        assert not torch.allclose(a, other)
     hm = display_heatmap(a, (16, 16))
     assert hm.shape == (5, 16, 16) and hm.min() >= 0 and hm.max() <= 1
+
+
+@pytest.mark.parametrize("name", ["lime", "kernel_shap"])
+def test_surrogates_on_slic_superpixels_batch_equals_row_by_row(name):
+    """SLIC gives each image its own number of superpixels; a batch pads the smaller ones with features that
+    never vary, which must leave every image's coefficients as it gets them alone."""
+    from tasks.attribution.integrated_gradients import gaussian_blur
+    model = demo_model()
+    x = gaussian_blur(torch.rand((4, 3, 32, 32), generator=torch.Generator().manual_seed(1)), 2.0)
+    x = (x - x.amin((1, 2, 3), keepdim=True)) / (x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True))
+    params = {name: {"n_samples": 64, "segments": "slic", "n_segments": 12}}
+    masks = feature_masks(x, "slic", 12)
+    assert len({int(m.max()) for m in masks}) > 1                         # the counts really differ
+    res = attribute(model, x, [name], params=params, seed=1)
+    rows = torch.cat([attribute(model, x[i:i + 1], [name], target=res.target[i:i + 1], params=params, seed=1,
+                                example_keys=[i]).attributions[name] for i in range(4)])
+    torch.testing.assert_close(res.attributions[name], rows, rtol=1e-4, atol=1e-5)
 
 
 def test_cam_without_conv_layer_is_a_clear_error():

@@ -17,7 +17,7 @@ from tasks.quality.stability import max_sensitivity
 def ctx_for(model, x, methods=("saliency",), roi=None):
     res = attribute(model, x, list(methods))
     maps = {k: display_heatmap(v, x.shape[2:]) for k, v in res.attributions.items()}
-    explain = lambda m, xs, ts: attribute(model, xs, [m], target=ts).attributions[m]   # noqa: E731
+    explain = lambda m, xs, ts, keys=None: attribute(model, xs, [m], target=ts, example_keys=keys).attributions[m]  # noqa: E731,E501
     return QualityContext(model, x, res.target, res.attributions, maps, roi, explain)
 
 

@@ -8,6 +8,7 @@ target logit, weighted per sample; phi is spread back over each feature's pixels
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -47,6 +48,19 @@ def compact(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
     return out, n_features
 
 
+def draw_per_example(ctx, salt: int, masks: torch.Tensor, f: int,
+                     draw: Callable[[torch.Generator, int], torch.Tensor]) -> torch.Tensor:
+    """Return (N, S, f) coalitions: draw(generator, F_i) -> (S, F_i) from each example's own generator and
+    feature count, zero-padded to the batch's f. A padded feature has no pixels and never varies, so its
+    coefficient is 0 and the other coefficients are those the example gets alone."""
+    sizes = (masks.flatten(1).amax(1) + 1).tolist()
+    parts = []
+    for g, fi in zip(ctx.generators(salt), sizes):
+        z = draw(g, int(fi))
+        parts.append(torch.nn.functional.pad(z, (0, f - z.shape[1])))
+    return torch.stack(parts)
+
+
 def evaluate_perturbations(ctx, z: torch.Tensor, masks: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """Return the target logit of every perturbation: z (N, S, F) binary -> (N, S), evaluated across images
     and samples together in chunks of `ctx.max_batch` model inputs."""
@@ -71,7 +85,8 @@ def weighted_least_squares(z: torch.Tensor, y: torch.Tensor, weights: torch.Tens
 
     ridge > 0: (Z1' W Z1 + ridge I) beta = Z1' W y, the intercept unregularised. ridge = 0: the
     minimum-norm least-squares solution of sqrt(W) Z1 beta = sqrt(W) y, which stays finite when there are
-    fewer informative samples than features (paired coalitions, unused feature ids)."""
+    fewer informative samples than features (paired coalitions, unused feature ids). A feature whose column
+    is all zero (padding) gets 0 either way, and leaves the other coefficients as without it."""
     z = z.double()
     n, s, f = z.shape
     z1 = torch.cat([z, torch.ones(n, s, 1, dtype=z.dtype, device=z.device)], 2)

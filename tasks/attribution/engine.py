@@ -6,6 +6,7 @@ every gradient-pass method (saliency, input x gradient, Grad-CAM, Grad-CAM++).
 """
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -59,6 +60,32 @@ class GradientPass:
     layer_grad: torch.Tensor | None
 
 
+def example_keys(example_ids: Sequence[str]) -> list[int]:
+    """Return a stable 63-bit key per example id: what per-example random draws are seeded from."""
+    return [int.from_bytes(hashlib.blake2b(str(e).encode(), digest_size=8).digest(), "little") >> 1
+            for e in example_ids]
+
+
+def example_generators(seed: int, salt: int, keys: Sequence[int], device: torch.device) -> list[torch.Generator]:
+    """Return one generator per example, seeded from (seed, salt, the example's key) alone, so an example's
+    draws do not depend on the batch, shard or position it is scored in."""
+    out = []
+    for k in keys:
+        g = torch.Generator(device=device)
+        digest = hashlib.blake2b(f"{seed}:{salt}:{int(k)}".encode(), digest_size=8).digest()
+        g.manual_seed(int.from_bytes(digest, "little") >> 1)
+        out.append(g)
+    return out
+
+
+def per_example(generators: Sequence[torch.Generator], draw: Callable[[torch.Generator], Any]):
+    """Return draw(g) for each example's generator, stacked along a new first axis (tuples element-wise)."""
+    parts = [draw(g) for g in generators]
+    if parts and isinstance(parts[0], tuple):
+        return tuple(torch.stack(p) for p in zip(*parts))
+    return torch.stack(parts)
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -77,12 +104,14 @@ class Context:
     max_batch: int
     _pass: GradientPass | None = field(default=None, repr=False)
     input_grad: bool = True
+    keys: Sequence[int] | None = None
 
-    def generator(self, salt: int) -> torch.Generator:
-        """Return a generator seeded from the context seed and a per-method salt (device-agnostic)."""
-        g = torch.Generator(device=self.inputs.device)
-        g.manual_seed((self.seed * 1_000_003 + salt) % (2 ** 63))
-        return g
+    def generators(self, salt: int) -> list[torch.Generator]:
+        """Return one generator per example, seeded from the seed, a per-method salt and the example's key
+        (its position in the batch when no keys were given): sampling methods draw per example, so a batch
+        gives each example what it gets alone."""
+        keys = self.keys if self.keys is not None else range(len(self.inputs))
+        return example_generators(self.seed, salt, keys, self.inputs.device)
 
     def gradient_pass(self) -> GradientPass:
         """Return the shared forward/backward, computed once, in chunks of `max_batch` rows."""
@@ -206,6 +235,7 @@ def attribute(
     max_batch: int = 256,
     logits: torch.Tensor | None = None,
     max_elements: int = 2 ** 21,
+    example_keys: Sequence[int] | None = None,
 ) -> AttributionResult:
     """Return the attributions of every method in `methods` for `inputs` (N, C, H, W).
 
@@ -214,9 +244,14 @@ def attribute(
     copies) go through the model at once, and `max_elements` bounds their total number of input values (a
     memory budget that adapts the chunk to the image size: large chunks of large images are slower per image
     on a CPU, and need more memory on a GPU). `logits`, when the caller already has the clean forward, is reused.
+    Sampling methods draw their noise per example from (`seed`, the example's key in `example_keys`, default
+    its position), so an example explained in any batch gets the draws it gets alone (see `example_keys`).
     """
     if inputs.ndim != 4:
         raise XAuditError(f"attribute: 'inputs' must be (N, C, H, W); got shape {tuple(inputs.shape)}")
+    if example_keys is not None and len(example_keys) != len(inputs):
+        raise XAuditError(f"attribute: 'example_keys' needs one key per input; got {len(example_keys)} for "
+                          f"{len(inputs)}")
     max_batch = max(1, min(max_batch, max_elements // max(1, inputs[0].numel())))
     if max_batch >= len(inputs) > 0:
         # sampling methods stack (samples x images): whole rounds of the batch per call run at full speed
@@ -243,7 +278,8 @@ def attribute(
                     logits = torch.cat([model(inputs[s]) for s in chunks(len(inputs), max_batch)])
             logits = logits.detach().clone()
             tgt = resolve_target(target, logits)
-        ctx = Context(model, inputs.detach(), tgt, logits, layer, seed, max_batch, shared, input_grad)
+        ctx = Context(model, inputs.detach(), tgt, logits, layer, seed, max_batch, shared, input_grad,
+                      list(example_keys) if example_keys is not None else None)
         attributions, extras = {}, {}
         for m in specs:
             out = m.fn(ctx, **resolved[m.name])

@@ -8,6 +8,7 @@ import torch
 
 from ..errors import XAuditError
 from ._registry import MethodOutput, register
+from .engine import per_example
 
 
 def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
@@ -56,7 +57,8 @@ def make_baseline(ctx, kind: str, blur_sigma: float, salt: int) -> torch.Tensor:
     if kind == "uniform":
         lo = x.flatten(1).amin(1).view(-1, 1, 1, 1)
         hi = x.flatten(1).amax(1).view(-1, 1, 1, 1)
-        u = torch.rand(x.shape, generator=ctx.generator(salt), device=x.device, dtype=x.dtype)
+        u = per_example(ctx.generators(salt), lambda g: torch.rand(x.shape[1:], generator=g, device=x.device,
+                                                                   dtype=x.dtype))
         return lo + (hi - lo) * u
     raise XAuditError(f"integrated_gradients: 'baseline' must be 'zeros', 'blur' or 'uniform'; got {kind!r}")
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ._registry import MethodOutput, register
-from ._surrogate import baseline_for, compact, evaluate_perturbations, feature_masks, spread, weighted_least_squares
+from ._surrogate import (baseline_for, compact, draw_per_example, evaluate_perturbations, feature_masks, spread,
+                         weighted_least_squares)
 
 ENDPOINT_WEIGHT = 1e6
 
@@ -34,7 +35,7 @@ def kernel_shap(ctx, n_samples: int, segments: str, n_segments: int, baseline: f
     x = ctx.inputs
     n, c = x.shape[:2]
     masks, m = compact(feature_masks(x, segments, n_segments))
-    z = shapley_coalitions(n, n_samples, m, ctx.generator(43), x.device)
+    z = draw_per_example(ctx, 43, masks, m, lambda g, mi: shapley_coalitions(1, n_samples, mi, g, x.device)[0])
     y = evaluate_perturbations(ctx, z, masks, baseline_for(ctx, baseline))
     weights = torch.ones(n, z.shape[1], device=x.device, dtype=torch.float64)
     weights[:, :2] = ENDPOINT_WEIGHT

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from ._registry import MethodOutput, register
-from ._surrogate import baseline_for, compact, evaluate_perturbations, feature_masks, spread, weighted_least_squares
+from ._surrogate import (baseline_for, compact, draw_per_example, evaluate_perturbations, feature_masks, spread,
+                         weighted_least_squares)
 
 
 @register("lime", paper="https://arxiv.org/abs/1602.04938", n_samples=256, segments="grid", n_segments=16,
@@ -17,7 +18,8 @@ def lime(ctx, n_samples: int, segments: str, n_segments: int, kernel_width: floa
     x = ctx.inputs
     n, c = x.shape[:2]
     masks, f = compact(feature_masks(x, segments, n_segments))
-    z = torch.bernoulli(torch.full((n, n_samples, f), 0.5, device=x.device), generator=ctx.generator(41))
+    z = draw_per_example(ctx, 41, masks, f, lambda g, fi: torch.bernoulli(
+        torch.full((n_samples, fi), 0.5, device=x.device), generator=g))
     b = baseline_for(ctx, baseline)
     y = evaluate_perturbations(ctx, z, masks, b)
     # cosine similarity of x and its perturbation, in closed form: both inner products are linear in z

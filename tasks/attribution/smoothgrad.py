@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._registry import MethodOutput, register
+from .engine import per_example
 
 
 @register("smoothgrad", paper="https://arxiv.org/abs/1706.03825", n_samples=16, noise_level=0.15, stdev=None)
@@ -18,7 +19,8 @@ def smoothgrad(ctx, n_samples: int, noise_level: float, stdev: float | None) -> 
         sd = noise_level * span
     else:
         sd = torch.full((1, n, 1, 1, 1), float(stdev), device=x.device, dtype=x.dtype)
-    noise = torch.randn((n_samples, *x.shape), generator=ctx.generator(23), device=x.device, dtype=x.dtype)
+    noise = per_example(ctx.generators(23), lambda g: torch.randn((n_samples, *x.shape[1:]), generator=g,
+                                                                  device=x.device, dtype=x.dtype)).transpose(0, 1)
     noisy = (x[None] + sd * noise).reshape(-1, *x.shape[1:])
     grads = ctx.target_gradient(noisy, ctx.target.repeat(n_samples)).view(n_samples, *x.shape)
     return MethodOutput(grads.abs().mean(0))

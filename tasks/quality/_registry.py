@@ -13,7 +13,8 @@ import torch
 class QualityContext:
     """One batch: the model, normalised `inputs` (N, C, H, W), the explained `target` (N,), each method's raw
     `attributions` and full-resolution display `maps` (N, H, W), the ROI (N, H, W) bool or None, and
-    `explain(method, x, target)` to recompute a method's raw attributions on other inputs."""
+    `explain(method, x, target, keys)` to recompute a method's raw attributions on other inputs (`keys`: one
+    per input, for the sampling methods' per-example draws; None: positions)."""
 
     model: torch.nn.Module
     inputs: torch.Tensor
@@ -25,11 +26,14 @@ class QualityContext:
     max_batch: int = 256
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+    keys: list[int] | None = None
 
-    def generator(self, salt: int) -> torch.Generator:
-        g = torch.Generator(device=self.inputs.device)
-        g.manual_seed((self.seed * 1_000_003 + salt) % (2 ** 63))
-        return g
+    def generators(self, salt: int) -> list[torch.Generator]:
+        """One generator per example (seed, salt, the example's key or position): checks draw per example,
+        so an example's scores do not depend on the batch it was scored in."""
+        from ..attribution.engine import example_generators
+        keys = self.keys if self.keys is not None else range(len(self.inputs))
+        return example_generators(self.seed, salt, keys, self.inputs.device)
 
     def probabilities(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Return softmax(model(x))[i, target_i], in chunks of `max_batch`, without autograd."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..attribution.engine import per_example
 from ..attribution.integrated_gradients import gaussian_blur
 from ._registry import register
 
@@ -55,7 +56,8 @@ def faithfulness(ctx, method: str, steps: int, blur_sigma: float) -> dict[str, n
           steps=16, blur_sigma=4.0)
 def faithfulness_random(ctx, steps: int, blur_sigma: float) -> dict[str, np.ndarray]:
     n, _, h, w = ctx.inputs.shape
-    order = torch.rand(n, h * w, generator=ctx.generator(71), device=ctx.inputs.device).argsort(1)
+    order = per_example(ctx.generators(71), lambda g: torch.rand(h * w, generator=g, device=ctx.inputs.device)
+                        ).argsort(1)
     zero, blur = _baselines(ctx, blur_sigma)
     return {"deletion_auc_random": auc(curves(ctx, order, steps, "deletion", zero)),
             "insertion_auc_random": auc(curves(ctx, order, steps, "insertion", blur))}

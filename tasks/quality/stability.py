@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..attribution.engine import example_keys, per_example
 from ._registry import register
 
 
@@ -14,11 +15,14 @@ def max_sensitivity(ctx, method: str, samples: int, radius: float, noise: torch.
     x = ctx.inputs
     n = len(x)
     if noise is None:
-        noise = (torch.rand((n * samples, *x.shape[1:]), generator=ctx.generator(83), device=x.device,
-                            dtype=x.dtype) * 2 - 1) * radius
+        noise = (per_example(ctx.generators(83), lambda g: torch.rand((samples, *x.shape[1:]), generator=g,
+                                                                      device=x.device, dtype=x.dtype))
+                 .flatten(0, 1) * 2 - 1) * radius
     perturbed = x.repeat_interleave(samples, 0) + noise
     base = ctx.attributions[method].flatten(1).double()
-    again = ctx.explain(method, perturbed, ctx.target.repeat_interleave(samples)).flatten(1).double()
+    keys = ctx.keys if ctx.keys is not None else range(n)
+    copy_keys = example_keys([f"{k}:{j}" for k in keys for j in range(samples)])     # a key per noisy copy
+    again = ctx.explain(method, perturbed, ctx.target.repeat_interleave(samples), copy_keys).flatten(1).double()
     diff = (again - base.repeat_interleave(samples, 0)).norm(dim=1).view(n, samples)
     scale = base.norm(dim=1)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
