@@ -158,6 +158,12 @@ def test_bootstrap_is_seeded_and_recorded():
     d = evaluate(y, p, md, slices=[["site"]], metrics=["accuracy"], replicates=200, seed=5,
                  weights_budget_bytes=4 * 300 * 7)
     pd.testing.assert_frame_equal(a.table, d.table)
+    # nor does computing the slices on one thread or several
+    one, three = (evaluate(y, p, md, slices=[[], ["site"], ["site", "group"]], replicates=50, seed=5, threads=t)
+                  for t in (1, 3))
+    pd.testing.assert_frame_equal(one.table, three.table)
+    assert one.samples.keys() == three.samples.keys()
+    assert all(np.array_equal(one.samples[k], three.samples[k], equal_nan=True) for k in one.samples)
 
 
 def test_replicate_weights_are_poisson_one():

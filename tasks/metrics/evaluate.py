@@ -6,7 +6,10 @@ bootstrap). Metrics are functions of W, so R replicates cost a few matrix produc
 """
 from __future__ import annotations
 
+import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from math import exp, factorial
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -170,6 +173,7 @@ def evaluate(
     level: float = 0.95,
     min_slice_size: int = 1,
     weights_budget_bytes: int = 512 << 20,
+    threads: int | None = None,
 ) -> Evaluation:
     """Return every metric for every slice, with percentile Poisson-bootstrap intervals.
 
@@ -181,7 +185,8 @@ def evaluate(
     Replicate weights are drawn once per example for the whole dataset (`replicate_weights`), at most
     `weights_budget_bytes` of them at a time. Per slice, the additive metrics (and the example statistics)
     take one matrix product of the slice's weights with their per-example columns; other metrics get the
-    weights themselves.
+    weights themselves. Slices are computed on `threads` threads (default: the cores, at most 4); the
+    numbers do not depend on it.
     """
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -221,34 +226,49 @@ def evaluate(
     samples: dict[tuple[str, str, str, str], list[np.ndarray]] = {}
     point: dict[tuple[str, str, str, str], float] = {}
 
-    def run(W_full: np.ndarray | None) -> None:
-        """Compute every metric of every slice; W_full is (n, r) replicate weights, or None for the point."""
-        buffer = None
-        for (key, value, idx), d in zip(live, data):
-            if W_full is None:
-                Wn = np.ones((len(idx), 1))                                    # the point estimate, float64
-                sums = X64[idx].sum(0, keepdims=True)
+    local = threading.local()
+
+    def one_slice(i: int, W_full: np.ndarray | None) -> list[tuple[tuple[str, str, str, str], np.ndarray]]:
+        """Every metric of slice i under W_full ((n, r) replicate weights; None: the point estimate)."""
+        (key, value, idx), d = live[i], data[i]
+        if W_full is None:
+            Wn = np.ones((len(idx), 1))                                        # the point estimate, float64
+            sums = X64[idx].sum(0, keepdims=True)
+        else:
+            if len(idx) == n:
+                Wn = W_full
+            else:                       # the slice's weight rows, gathered into this thread's buffer
+                buffer = getattr(local, "buffer", None)
+                if buffer is None or buffer.shape != (largest, W_full.shape[1]):
+                    buffer = local.buffer = np.empty((largest, W_full.shape[1]), np.float32)
+                Wn = buffer[:len(idx)]
+                np.take(W_full, idx, axis=0, out=Wn)
+            sums = Wn.T @ X32[idx] if X32.shape[1] else np.zeros((Wn.shape[1], 0), np.float32)
+        results: list[tuple[str, str, np.ndarray]] = []
+        for m in chosen:
+            v = m.finish(sums[:, spans[m.columns]], d) if m.columns is not None else m.fn(d, Wn.T)
+            if m.per_class:
+                results += [(m.name, names[c], v[:, c]) for c in np.unique(d.labels)]
             else:
-                if len(idx) == n:
-                    Wn = W_full
-                else:
-                    if buffer is None:
-                        buffer = np.empty((max(len(i) for _, _, i in live), W_full.shape[1]), np.float32)
-                    Wn = buffer[:len(idx)]
-                    np.take(W_full, idx, axis=0, out=Wn)
-                sums = Wn.T @ X32[idx] if X32.shape[1] else np.zeros((Wn.shape[1], 0), np.float32)
-            results: list[tuple[str, str, np.ndarray]] = []
-            for m in chosen:
-                v = m.finish(sums[:, spans[m.columns]], d) if m.columns is not None else m.fn(d, Wn.T)
-                if m.per_class:
-                    results += [(m.name, names[c], v[:, c]) for c in np.unique(d.labels)]
-                else:
-                    results.append((m.name, "", v))
-            for name in stats:
-                part = sums[:, spans[name]]
-                results.append((name, "", ratio(part[:, 0], part[:, 1])))
-            for name, sub, v in results:
-                kk = (key, value, name, sub)
+                results.append((m.name, "", v))
+        for name in stats:
+            part = sums[:, spans[name]]
+            results.append((name, "", ratio(part[:, 0], part[:, 1])))
+        return [((key, value, name, sub), v) for name, sub, v in results]
+
+    largest = max((len(i) for _, _, i in live if len(i) < n), default=0)
+    # Slices run on `threads` threads (numpy and torch release the GIL in the heavy parts), largest first.
+    order = sorted(range(len(live)), key=lambda i: -len(live[i][2]))
+    workers = max(1, min(threads or os.cpu_count() or 1, 4))
+
+    def run(W_full: np.ndarray | None) -> None:
+        if workers == 1 or len(live) < 2:
+            outputs = [one_slice(i, W_full) for i in order]
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                outputs = list(pool.map(lambda i: one_slice(i, W_full), order))
+        for out in outputs:
+            for kk, v in out:
                 if W_full is None:
                     point[kk] = float(v[0])
                 else:
