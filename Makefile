@@ -22,6 +22,7 @@ test: setup-test
 	$(BIN)/python -m pytest
 
 bench: setup-test
+	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python benchmarks/metrics.py
 	$(BIN)/python benchmarks/attribution.py
 
