@@ -31,3 +31,19 @@ def local_run_settings():
         return
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+_SEVERITY = {"PASS": 0, "WARN": 1, "FAIL": 2}
+
+
+def final_state(result: dict, fails_on: str, n_failed: int):
+    """Return the flow's result, or, when its verdict is `fails_on` or worse, Prefect's Failed state carrying
+    `VerdictFailed(result)`: the run's outputs are all written; only the run's state tells the scheduler."""
+    from prefect.states import Failed
+
+    from tasks.errors import VerdictFailed
+    if fails_on == "never" or _SEVERITY[result["verdict"]] < _SEVERITY[fails_on]:
+        return result
+    message = (f"verdict {result['verdict']}: {n_failed} check(s) failed (flow_run_fails_on={fails_on}); "
+               f"outputs in {result['run_dir']}")
+    return Failed(message=message, data=VerdictFailed(message, result))

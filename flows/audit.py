@@ -11,6 +11,7 @@ from prefect import flow
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import final_state
 from tasks import steps
 from tasks.config import AuditConfig
 
@@ -26,7 +27,8 @@ def default_workers() -> int:
 
 @flow(name="xaudit-audit", task_runner=ThreadPoolTaskRunner(max_workers=default_workers()), log_prints=False)
 def audit(config: AuditConfig) -> dict[str, Any]:
-    """Audit one model on one dataset slice; returns the run directory, verdict and counts."""
+    """Audit one model on one dataset slice; returns the run directory, verdict and counts (raises
+    `VerdictFailed`, carrying them, when the verdict reaches `config.flow_run_fails_on`)."""
     card = steps.resolve_model(config.model)          # bad model input fails before a run directory exists
     run = steps.prepare_run(config)
     data = steps.ingest_data(config, run["run_dir"])
@@ -45,10 +47,11 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     reports = steps.render(run["run_dir"], list(config.report.formats))
     steps.seal_manifest(run["run_dir"])
     steps.publish_artifacts(run["run_dir"], run["run_id"])
-    return {"run_id": run["run_id"], "run_dir": run["run_dir"], "verdict": summary["verdict"],
-            "accuracy": summary["accuracy"], "failed_checks": summary["n_failed"], **counts,
-            "cached_shards": sum(bool(s["cached"]) for s in shard_outputs),
-            "task_seconds": sum(s.get("seconds", 0.0) for s in shard_outputs), "reports": reports}
+    result = {"run_id": run["run_id"], "run_dir": run["run_dir"], "verdict": summary["verdict"],
+              "accuracy": summary["accuracy"], "failed_checks": summary["n_failed"], **counts,
+              "cached_shards": sum(bool(s["cached"]) for s in shard_outputs),
+              "task_seconds": sum(s.get("seconds", 0.0) for s in shard_outputs), "reports": reports}
+    return final_state(result, config.flow_run_fails_on, summary["n_failed"])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
     xaudit verify RUN_DIR
 
 Exit codes: 0 done (and, with --gate, no audit FAILED; a review PASSED or WARNED); 1 an audit FAILED under
---gate, a review FAILED, or verify found a mismatch; 2 bad input (config, model, data).
+--gate, a review FAILED, or verify found a mismatch; 2 bad input (config, model, data). A config's
+`flow_run_fails_on: WARN` makes a WARN count as FAIL here too.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flows import local_run_settings
-from tasks.errors import XAuditError
+from tasks.errors import VerdictFailed, XAuditError
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -31,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="fixed run id (a rerun with the same id resumes); one config only")
     run.add_argument("--output-dir", help="parent folder of run directories (default: runs)")
     run.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
-    run.add_argument("--gate", action="store_true", help="exit 1 when an audit's verdict is FAIL")
+    run.add_argument("--gate", action="store_true",
+                     help="exit 1 when an audit's verdict is FAIL (or WARN, under flow_run_fails_on: WARN)")
     run.add_argument("--runner", choices=["threads", "dask"], default="threads",
                      help="task runner: threads (default) or dask (prefect-dask: a local cluster, or --dask-address)")
     run.add_argument("--dask-address", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
@@ -71,13 +73,17 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 with local_run_settings():
                     result = flow_fn(config)
+            except VerdictFailed as exc:           # flow_run_fails_on: the run is Failed in Prefect; same outputs
+                result, failed_run = exc.result, True
+            else:
+                failed_run = False
             finally:
                 audit_flow.on_shard_done = None
         took = time.perf_counter() - t0
         print(f"{path}: {result['verdict']} · accuracy {result['accuracy']:.3f} · {result['scored']} scored, "
               f"{result['rejected']} rejected · {took:.1f} s")
         print(f"run directory: {Path(result['run_dir']).resolve()}")
-        if args.gate and result["verdict"] == "FAIL":
+        if args.gate and (result["verdict"] == "FAIL" or failed_run):
             worst = EXIT_FAIL
     return worst
 
@@ -118,14 +124,18 @@ def _review(args: argparse.Namespace) -> int:
     config = load_review_config(args.config, overrides)
     from flows.review import review
     t0 = time.perf_counter()
-    with local_run_settings():
-        result = review(config)
+    failed_run = False
+    try:
+        with local_run_settings():
+            result = review(config)
+    except VerdictFailed as exc:
+        result, failed_run = exc.result, True
     print(f"{args.config}: {result['verdict']} · {result['n_failed']} of {result['n_checks']} checks failed · "
           f"{result['n_examples']} examples · {time.perf_counter() - t0:.1f} s")
     if result["regressed"]:
         print("regressed: " + ", ".join(result["regressed"]))
     print(f"review directory: {Path(result['run_dir']).resolve()}")
-    return EXIT_FAIL if result["verdict"] == "FAIL" else EXIT_OK
+    return EXIT_FAIL if result["verdict"] == "FAIL" or failed_run else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows import final_state
 from flows.audit import audit
 from tasks import steps
 from tasks.config import ReviewConfig
@@ -31,5 +32,6 @@ def review(config: ReviewConfig) -> dict[str, Any]:
     reports = steps.render_review(str(review_dir), list(config.report.formats))
     steps.seal_manifest(str(review_dir), review=True)
     steps.publish_artifacts(str(review_dir), run_id, kind="review")
-    return {"run_id": run_id, "run_dir": str(review_dir), **summary, "reports": reports,
-            "audits": {role: a["run_dir"] for role, a in audits.items()}}
+    result = {"run_id": run_id, "run_dir": str(review_dir), **summary, "reports": reports,
+              "audits": {role: a["run_dir"] for role, a in audits.items()}}
+    return final_state(result, config.flow_run_fails_on, summary["n_failed"])

@@ -143,6 +143,9 @@ class AuditConfig(_Strict):
     shard_size: int = Field(512, ge=1)
     tasks_per_device: int = Field(1, ge=1, description="shard tasks running at once on each device")
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    flow_run_fails_on: Literal["never", "FAIL", "WARN"] = Field(
+        "never", description="end the Prefect flow run in the Failed state when the verdict is this or worse "
+                             "(after every output is written), so schedules and automations can alert")
 
     @field_validator("run_id")
     @classmethod
@@ -250,6 +253,9 @@ class ReviewConfig(_Strict):
     shard_size: int = Field(512, ge=1)
     tasks_per_device: int = Field(1, ge=1)
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    flow_run_fails_on: Literal["never", "FAIL", "WARN"] = Field(
+        "never", description="end the Prefect flow run in the Failed state when the verdict is this or worse "
+                             "(after every output is written), so schedules and automations can alert")
 
     def audit_config(self, role: Literal["baseline", "candidate"], review_dir: Path) -> "AuditConfig":
         """Return the audit of one side: same data, attribution, slices and seed; no thresholds of its own."""

@@ -113,3 +113,41 @@ def test_input_errors_are_not_retried(prefect_harness, small_data, tmp_path):
                 task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest-data")))
     (last,) = asyncio.run(ingest_runs())
     assert last.state.is_failed() and last.run_count == 1      # failed once, not retried
+
+
+def test_failing_verdict_can_fail_the_flow_run_after_writing_everything(prefect_harness, small_data, tmp_path,
+                                                                         capsys):
+    """flow_run_fails_on: FAIL ends the Prefect flow run Failed (for schedules and automations) once every
+    output is written and sealed; the CLI reports it like any FAIL and gates on it."""
+    import asyncio
+    import uuid
+    from prefect.client.orchestration import get_client
+    from tasks.errors import VerdictFailed
+    strict = {"metrics": {"slices": [[]], "bootstrap_replicates": 50,
+                          "thresholds": [{"metric": "accuracy", "lower": 0.9999}]}}
+    config = config_for(small_data, tmp_path, run_id="strict", flow_run_fails_on="FAIL", **strict)
+    with pytest.raises(VerdictFailed, match="verdict FAIL: 1 check") as raised:
+        audit(config)
+    result = raised.value.result
+    assert result["verdict"] == "FAIL" and result["failed_checks"] == 1 and result["scored"] == 39
+    run_dir = tmp_path / "strict"
+    assert verify_run(run_dir) == [] and (run_dir / "report.pdf").is_file()
+    flow_run_id = json.loads((run_dir / "manifest.json").read_text())["prefect_flow_run_id"]
+
+    async def state_of(run_id):
+        async with get_client() as client:
+            return (await client.read_flow_run(uuid.UUID(run_id))).state
+    state = asyncio.run(state_of(flow_run_id))
+    assert state.is_failed() and "verdict FAIL" in state.message
+
+    # the CLI: same outputs (shards reused), exit 1 under --gate, and 0 without it
+    path = tmp_path / "strict.json"
+    path.write_text(config.model_dump_json())
+    assert cli(["run", str(path), "--gate"]) == 1
+    assert cli(["run", str(path)]) == 0
+    assert "FAIL" in capsys.readouterr().out
+    # a WARN-level policy does not fail a passing run
+    lenient = config_for(small_data, tmp_path, run_id="lenient", flow_run_fails_on="WARN",
+                         metrics={"slices": [[]], "bootstrap_replicates": 50,
+                                  "thresholds": [{"metric": "accuracy", "lower": 0.5}]})
+    assert audit(lenient)["verdict"] == "PASS"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -82,3 +83,31 @@ def test_local_runs_have_no_heartbeat_thread_but_server_runs_keep_it(monkeypatch
     monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")
     with temporary_settings(updates={PREFECT_API_URL: None}), local_run_settings():
         assert get_current_settings().flows.heartbeat_frequency == 60          # the user's choice stands
+
+
+def test_prefect_yaml_deployments_are_valid_flow_parameters():
+    """Every deployment in prefect.yaml names a real flow entrypoint, and its parameters (paths relative to
+    the repository, where the worker runs) validate as that flow's config; the scheduled ones fail their
+    flow run on a FAIL verdict, so that Prefect can alert."""
+    import importlib
+
+    import yaml
+    from tasks.config import AuditConfig, ReviewConfig
+    root = Path(__file__).resolve().parent.parent
+    spec = yaml.safe_load((root / "prefect.yaml").read_text())
+    kinds = {"flows/audit.py:audit": AuditConfig, "flows/review.py:review": ReviewConfig}
+    seen = set()
+    for dep in spec["deployments"]:
+        module, fn = dep["entrypoint"].split(":")
+        assert hasattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), fn)
+        params = dep.get("parameters")
+        seen.add(dep["name"])
+        if params:
+            config = kinds[dep["entrypoint"]].model_validate(params["config"])
+            for model in ("model", "baseline", "candidate"):
+                if getattr(config, model, None) is not None:
+                    assert (root / getattr(config, model).card).is_file()
+            assert (root / config.data.path).is_file()
+            assert config.flow_run_fails_on == "FAIL", dep["name"]
+    assert {"nightly-audit", "release-review"} <= seen
+    assert any(s.get("cron") for d in spec["deployments"] for s in d.get("schedules", []))
