@@ -24,7 +24,9 @@ def _png(arr):
     return buf.getvalue()
 
 
-def build(run_dir: Path, hostile: bool = True) -> Path:
+def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str = "golden-run") -> Path:
+    """Write a finished audit of 60 synthetic examples. `degrade` lowers the true class's logit on site
+    'south' and moves the heatmaps there (a worse candidate model for review tests); all else is identical."""
     rng = np.random.default_rng(42)
     n, k = 60, 3
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -33,10 +35,11 @@ def build(run_dir: Path, hostile: bool = True) -> Path:
     y = rng.integers(0, k, n)
     logits = rng.normal(size=(n, k))
     logits[np.arange(n), y] += 1.5
+    sites = np.array(["north", "south", "file:///etc/passwd" if hostile else "east"])[rng.integers(0, 3, n)]
+    logits[np.flatnonzero(sites == "south"), y[sites == "south"]] -= degrade
     p = np.round(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 4)
     p = p / p.sum(1, keepdims=True)
     pred = p.argmax(1)
-    sites = np.array(["north", "south", "file:///etc/passwd" if hostile else "east"])[rng.integers(0, 3, n)]
     images = [_png(rng.integers(0, 255, (16, 16))) for _ in range(n)]
     pq.write_table(pa.table({"example_id": ids, "image_png": images, "label": y.tolist(), "site": sites}),
                    run_dir / "inputs" / "shard-00000.parquet")
@@ -47,6 +50,9 @@ def build(run_dir: Path, hostile: bool = True) -> Path:
         "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(p.reshape(-1).astype(np.float32)), k),
         "shard": ["shard-00000"] * n, "site": sites}), run_dir / "predictions.parquet")
     heat = rng.integers(0, 256, (2 * n, 64)).astype(np.uint8)
+    if degrade:
+        moved = np.tile(sites == "south", 2)
+        heat[moved] = heat[moved][:, ::-1]
     roi = np.round(rng.random(2 * n), 3)
     pq.write_table(pa.table({
         "example_id": ids * 2, "method": ["saliency"] * n + ["gradcam"] * n, "target": np.tile(pred, 2),
@@ -59,7 +65,7 @@ def build(run_dir: Path, hostile: bool = True) -> Path:
     config = parse_config({
         "model": {"name": "pets", "factory": "tasks.nets:demo_cnn", "weights": "pets.safetensors"},
         "data": {"path": "pets.parquet", "filter": {"site": ["north", "south"]}},
-        "run_id": "golden-run", "attribution": {"methods": ["saliency", "gradcam"], "heatmap_size": 8},
+        "run_id": run_id, "attribution": {"methods": ["saliency", "gradcam"], "heatmap_size": 8},
         "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200, "min_slice_size": 5,
                     "thresholds": [{"metric": "accuracy", "lower": 0.95},
                                    {"metric": "gradcam.roi_mass", "lower": 0.4, "severity": "warn"}]},
@@ -72,16 +78,16 @@ def build(run_dir: Path, hostile: bool = True) -> Path:
                   min_slice_size=5)
     table = ev.table
     table.insert(0, "model", "pets@2.0")
-    table.insert(0, "run_id", "golden-run")
+    table.insert(0, "run_id", run_id)
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), run_dir / "metrics.parquet")
     result = validate(ev, config.metrics.thresholds)
-    write_json(run_dir / "validation.json", {"run_id": "golden-run", "model": "pets@2.0", **result.to_dict(),
+    write_json(run_dir / "validation.json", {"run_id": run_id, "model": "pets@2.0", **result.to_dict(),
                "interval": {"ci_method": ev.method, "ci_replicates": "200", "ci_seed": "0", "ci_level": "0.95"}})
     card = {"name": "pets", "version": "2.0", "factory": "tasks.nets:demo_cnn", "weights": "pets.safetensors",
             "weights_sha256": "0" * 64, "kwargs": {}, "input_size": [16, 16], "channels": 1, "mean": [0.5],
             "std": [0.25], "class_names": CLASSES, "target_layer": None, "description": "A pets model.", "extra": {}}
     manifest = {
-        "schema": "xaudit.manifest/1", "run_id": "golden-run", "created_utc": "2026-01-02T03:04:05+00:00",
+        "schema": "xaudit.manifest/1", "run_id": run_id, "created_utc": "2026-01-02T03:04:05+00:00",
         "finished_utc": "2026-01-02T03:05:00+00:00", "verdict": result.verdict,
         "config": json.loads(config.model_dump_json()), "config_sha256": "c" * 64, "model": card,
         "data": {"source": "pets.parquet", "format": "parquet", "fingerprint": "f" * 64, "n_rows": n + 1,
@@ -92,3 +98,41 @@ def build(run_dir: Path, hostile: bool = True) -> Path:
     manifest["artifacts"] = {k: {"sha256": "a" * 64, "bytes": 1} for k in artifact_hashes(run_dir)}
     write_json(run_dir / "manifest.json", manifest)
     return run_dir
+
+
+def build_review(review_dir: Path) -> Path:
+    """Write a finished release review (fixed ids and clock) of a synthetic candidate that is worse on site
+    'south' against its baseline, with the real comparison code (`tasks.review.review_runs`)."""
+    from tasks.config import ReviewConfig
+    from tasks.io import sha256_file
+    from tasks.review import review_runs
+    review_dir.mkdir(parents=True, exist_ok=True)
+    build(review_dir / "baseline", run_id="baseline")
+    build(review_dir / "candidate", degrade=2.5, run_id="candidate")
+    config = ReviewConfig.model_validate({
+        "baseline": {"name": "pets", "version": "2.0"}, "candidate": {"name": "pets", "version": "2.1"},
+        "data": {"path": "pets.parquet"}, "attribution": {"methods": ["saliency", "gradcam"]},
+        "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200, "min_slice_size": 5},
+        "change_thresholds": [{"metric": "accuracy", "absolute": 0.02, "gate_on": "interval"}],
+        "thresholds": [{"metric": "flip_to_wrong", "upper": 0.05, "gate_on": "interval"},
+                       {"metric": "gradcam.rank_corr", "lower": 0.5, "severity": "warn"}],
+        "report": {"title": "Pets release review", "prepared_by": "A. Auditor", "reviewed_by": "R. Viewer"},
+        "run_id": "golden-review"})
+    summary = review_runs(review_dir / "baseline", review_dir / "candidate", config, review_dir, "golden-review")
+    audits = {role: json.loads((review_dir / role / "manifest.json").read_text()) for role in ("baseline", "candidate")}
+    audits["candidate"]["model"]["version"] = "2.1"
+    manifest = {
+        "schema": "xaudit.review-manifest/1", "run_id": "golden-review", "created_utc": "2026-01-02T03:04:05+00:00",
+        "finished_utc": "2026-01-02T03:06:00+00:00", "verdict": summary.verdict,
+        "config": json.loads(config.model_dump_json()), "config_sha256": "c" * 64,
+        "prefect_flow_run_id": "00000000-0000-0000-0000-000000000000",
+        "models": {role: m["model"] for role, m in audits.items()}, "data": audits["baseline"]["data"],
+        "audits": {role: {"run_id": role, "manifest_sha256": sha256_file(review_dir / role / "manifest.json")}
+                   for role in audits},
+        "libraries": {"python": "3.x", "torch": "x"},
+        "artifacts": {k: {"sha256": "a" * 64, "bytes": 1}
+                      for k in ("review_metrics.parquet", "review_examples.parquet", "review_drift.parquet",
+                                "validation.parquet", "validation.json")},
+    }
+    write_json(review_dir / "manifest.json", manifest)
+    return review_dir

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from synthetic_run import build
-from tasks.report import DataOnlyFetcher, render_html, render_pdf, render_report
+from synthetic_run import build, build_review
+from tasks.report import DataOnlyFetcher, render_html, render_pdf, render_report, render_review
 
 GOLDEN = Path(__file__).parent / "golden" / "report.html"
+GOLDEN_REVIEW = Path(__file__).parent / "golden" / "review.html"
 HOSTILE_LABEL = "<img src=x onerror=alert(1)>"
 
 
@@ -75,3 +76,41 @@ def test_pdf_renderer_fetches_nothing_but_inline_data(tmp_path):
     render_pdf(html, tmp_path / "x.pdf", [], fetcher)
     assert set(fetcher.refused) == {"file:///etc/passwd", "http://example.com/a.png", "file:///etc/hosts"}
     assert (tmp_path / "x.pdf").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def review_dir(tmp_path_factory):
+    return build_review(tmp_path_factory.mktemp("review") / "golden-review")
+
+
+def test_review_html_matches_reviewed_golden_file(review_dir):
+    html = Path(render_review(review_dir, ("html",))["html"]).read_text()
+    if os.environ.get("XAUDIT_UPDATE_GOLDEN"):
+        GOLDEN_REVIEW.write_text(html)
+    assert html == GOLDEN_REVIEW.read_text(), "review HTML changed: review it, then XAUDIT_UPDATE_GOLDEN=1 pytest ..."
+
+
+def test_review_report_names_the_regressed_slice_is_self_contained_and_carries_its_evidence(review_dir, tmp_path):
+    """The synthetic candidate is worse only on site 'south': the report leads with FAIL naming that slice,
+    shows data as text, fetches nothing, and the PDF carries the review's tables."""
+    import json
+    validation = json.loads((review_dir / "validation.json").read_text())
+    failed = {(c["slice_key"], c["slice_value"]) for c in validation["checks"] if c["status"] == "FAIL"}
+    assert validation["verdict"] == "FAIL" and ("site", "south") in failed and ("site", "north") not in failed
+    html = Path(render_review(review_dir, ("html",))["html"]).read_text()
+    refs = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert refs and all(r.startswith("data:") for r in refs) and "default-src 'none'" in html
+    assert HOSTILE_LABEL not in html and "file:///etc/passwd" in html and 'src="file:' not in html
+    head = html[:html.index("1 · Models and data")]
+    assert "FAIL" in head and "site=south" in head
+    for section in ("Models and data", "Metric changes per slice", "Attribution drift", "Method", "Sign-off",
+                    "Reproducibility appendix", "pets 2.0", "pets 2.1"):
+        assert section in html, section
+    if not shutil.which("pdfdetach"):
+        pytest.skip("poppler-utils (pdftotext, pdfdetach) not installed")
+    pdf = Path(render_review(review_dir, ("pdf",))["pdf"])
+    text = subprocess.run(["pdftotext", "-layout", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    assert "FAIL" in text.split("\f")[0] and "site=south" in text.split("\f")[0]
+    subprocess.run(["pdfdetach", "-saveall", "-o", str(tmp_path), str(pdf)], check=True)
+    for name in ("review_metrics.parquet", "validation.json", "manifest.json"):
+        assert (tmp_path / name).read_bytes() == (review_dir / name).read_bytes()
