@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -261,11 +262,20 @@ def test_kernel_shap_converges_to_exact_shapley_and_beats_captum_per_evaluation(
     model = demo_model()
     x = inputs_for((3, 32, 32), 2)
     masks = feature_masks(x, "grid", 9)                       # 3 x 3 grid: 9 features, 512 coalitions
-    res = attribute(model, x, ["kernel_shap"], params={"kernel_shap": {"n_samples": 4000, "n_segments": 9}})
+    # a budget of every coalition (2^9) enumerates all sizes with their exact kernel weights: exact values
+    res = attribute(model, x, ["kernel_shap"], params={"kernel_shap": {"n_samples": 512, "n_segments": 9}})
     exact = exact_shapley(model, x, res.target, masks, 9)
     ours = torch.stack([res.attributions["kernel_shap"][i, 0].flatten()[
         torch.tensor([int((masks[i].flatten() == f).nonzero()[0]) for f in range(9)])] for i in range(2)])
-    torch.testing.assert_close(ours, exact, rtol=0.02, atol=0.02 * exact.abs().max().item())
+    torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+    # below that, enumerated sizes and sampled pairs share the kernel's mass exactly
+    from tasks.attribution.kernel_shap import coalition_plan
+    for budget in (12, 24, 48, 96, 200, 512):
+        enumerated, pairs, w = coalition_plan(9, budget)
+        sampled = [t for t in range(1, 9) if t not in enumerated]
+        total = sum(math.comb(9, t) * float(w[t]) for t in enumerated) + (2 * pairs * float(w[sampled[0]])
+                                                                           if sampled else 0.0)
+        assert total == pytest.approx(1.0) and 2 + sum(math.comb(9, t) for t in enumerated) + 2 * pairs <= budget
     # with the same small budget, paired sampling's error is not larger than Captum's
     budget = 64
     ours_small = attribute(model, x, ["kernel_shap"], seed=1,
