@@ -206,8 +206,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
     ap.add_argument("--only", choices=["resnet", "surrogates", "error"], help="run one table")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc returning large buffers to the OS (slower batched CPU calls)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
+    if not args.default_malloc:
+        from tasks.devices import keep_cpu_buffers
+        keep_cpu_buffers()        # as the xaudit command does; applies to Captum's calls in this process too
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device cpu\n")
     if args.only in (None, "resnet"):

@@ -140,6 +140,8 @@ def _review(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from tasks.devices import keep_cpu_buffers
+    keep_cpu_buffers()            # large CPU buffers are reused instead of page-faulted afresh per model call
     try:
         if args.command == "run":
             return _run(args)

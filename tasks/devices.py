@@ -52,3 +52,26 @@ def device_pool(requested: str = "auto", per_device: int = 1) -> DevicePool:
         if key not in _pools:
             _pools[key] = DevicePool(visible_devices(requested), per_device)
         return _pools[key]
+
+
+def keep_cpu_buffers(threshold_bytes: int = 1 << 31) -> bool:
+    """Ask glibc's malloc to keep large freed buffers instead of returning them to the OS; True if it did.
+
+    Batched CPU attribution allocates activation buffers of tens of MB per model call; by default glibc
+    serves those with mmap and unmaps them on free, so every call page-faults fresh memory. Measured on the
+    2-core machine (benchmarks/README): LIME/KernelSHAP on 64 demo images ran 1.8-2.0x slower that way.
+    Process-wide, so only the command line and the benchmarks call it; a no-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, ctypes.c_int(min(threshold_bytes, 2 ** 31 - 1)))) and \
+        bool(mallopt(m_trim_threshold, ctypes.c_int(min(2 * threshold_bytes, 2 ** 31 - 1))))

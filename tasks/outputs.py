@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import AuditConfig
+from .config import AuditConfig, ReviewConfig
 from .errors import XAuditError
 from .io import atomic_path, sha256_file, sha256_json, write_json, write_parquet
 from .metrics import ExampleStat, evaluate, validate
@@ -168,6 +168,50 @@ def build_manifest(run_id: str, started: datetime, config: AuditConfig, card: Mo
         "libraries": library_versions(),
         "artifacts": artifact_hashes(run_dir),
     }
+
+
+def build_review_manifest(review_dir: str | Path, run_id: str, config: ReviewConfig, verdict: str, started: str,
+                          flow_run_id: str | None) -> dict[str, Any]:
+    """Return the review manifest: config, both audits' manifests by hash, every review artifact's hash."""
+    rd = Path(review_dir)
+    cfg = json.loads(config.model_dump_json())
+    audits = {role: json.loads((rd / role / "manifest.json").read_text()) for role in ("baseline", "candidate")}
+    return {
+        "schema": "xaudit.review-manifest/1", "run_id": run_id, "created_utc": started,
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "verdict": verdict,
+        "config": cfg, "config_sha256": sha256_json(cfg), "prefect_flow_run_id": flow_run_id,
+        "models": {role: m["model"] for role, m in audits.items()},
+        "data": audits["baseline"]["data"],
+        "audits": {role: {"run_id": m["run_id"], "manifest_sha256": sha256_file(rd / role / "manifest.json")}
+                   for role, m in audits.items()},
+        "libraries": library_versions(),
+        "artifacts": artifact_hashes(rd, REVIEW_ARTIFACTS),
+    }
+
+
+def run_summary(run_dir: str | Path, run_id: str, kind: str = "audit") -> tuple[str, list[dict[str, Any]], Path]:
+    """Return what a run publishes to Prefect: a markdown summary (verdict, failed checks), the overall and
+    per-slice rows of its key metrics, and the path of its HTML report."""
+    import pandas as pd
+    rd = Path(run_dir).resolve()
+    validation = json.loads((rd / "validation.json").read_text())
+    failed = [c for c in validation["checks"] if c["status"] != "PASS"]
+    lines = [f"# xaudit {kind} {run_id}: **{validation['verdict']}**", "",
+             f"{validation['counts']['PASS']} checks passed, {validation['counts']['WARN']} warnings, "
+             f"{validation['counts']['FAIL']} failed.", ""]
+    lines += [f"- **{c['status']}** {c['message']}" for c in failed[:20]]
+    if len(failed) > 20:
+        lines.append(f"- ... and {len(failed) - 20} more in validation.json")
+    t = pd.read_parquet(rd / ("metrics.parquet" if kind == "audit" else "review_metrics.parquet"))
+    keep = ["accuracy", "f1_macro", "ece"] if kind == "audit" else ["delta.accuracy", "flip_to_wrong"]
+    t = t[t.metric.isin(keep) & (t.sub_key == "")]
+
+    def num(v: Any) -> float | None:
+        return None if pd.isna(v) else round(float(v), 4)
+    rows = [{"slice": "overall" if r.slice_key == "overall" else f"{r.slice_key}={r.slice_value}",
+             "metric": r.metric, "n": int(r.n), "value": num(r.value), "ci_low": num(r.ci_low),
+             "ci_high": num(r.ci_high)} for r in t.itertuples()]
+    return "\n".join(lines), rows, rd / ("report.html" if kind == "audit" else "review.html")
 
 
 def verify_run(run_dir: str | Path) -> list[str]:

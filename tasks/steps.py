@@ -187,21 +187,8 @@ def render_review(review_dir: str, formats: list[str]) -> dict[str, str]:
 def write_review_manifest(review_dir: str, run_id: str, config: ReviewConfig, verdict: str, started: str,
                           flow_run_id: str | None) -> str:
     """Write the review's manifest.json: config, both audits' manifests by hash, every artifact's hash."""
-    rd = Path(review_dir)
-    cfg = json.loads(config.model_dump_json())
-    audits = {role: json.loads((rd / role / "manifest.json").read_text()) for role in ("baseline", "candidate")}
-    manifest = {
-        "schema": "xaudit.review-manifest/1", "run_id": run_id, "created_utc": started,
-        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "verdict": verdict,
-        "config": cfg, "config_sha256": sha256_json(cfg), "prefect_flow_run_id": flow_run_id,
-        "models": {role: m["model"] for role, m in audits.items()},
-        "data": audits["baseline"]["data"],
-        "audits": {role: {"run_id": m["run_id"], "manifest_sha256": sha256_file(rd / role / "manifest.json")}
-                   for role, m in audits.items()},
-        "libraries": outputs.library_versions(),
-        "artifacts": outputs.artifact_hashes(rd, outputs.REVIEW_ARTIFACTS),
-    }
-    return str(write_json(rd / "manifest.json", manifest))
+    manifest = outputs.build_review_manifest(review_dir, run_id, config, verdict, started, flow_run_id)
+    return str(write_json(Path(review_dir) / "manifest.json", manifest))
 
 
 @task(name="publish-artifacts")
@@ -209,24 +196,8 @@ def publish_artifacts(run_dir: str, run_id: str, kind: str = "audit") -> None:
     """Publish to Prefect: a markdown summary (verdict, failed checks, key metrics), a table of per-slice
     metrics, and a link to the report."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-    import pandas as pd
-    rd = Path(run_dir).resolve()
-    validation = json.loads((rd / "validation.json").read_text())
-    failed = [c for c in validation["checks"] if c["status"] != "PASS"]
+    markdown, rows, report_path = outputs.run_summary(run_dir, run_id, kind)
     key = "".join(ch if ch.isalnum() else "-" for ch in run_id.lower())[:60]
-    lines = [f"# xaudit {kind} {run_id}: **{validation['verdict']}**", "",
-             f"{validation['counts']['PASS']} checks passed, {validation['counts']['WARN']} warnings, "
-             f"{validation['counts']['FAIL']} failed.", ""]
-    lines += [f"- **{c['status']}** {c['message']}" for c in failed[:20]]
-    table_file = rd / ("metrics.parquet" if kind == "audit" else "review_metrics.parquet")
-    t = pd.read_parquet(table_file)
-    keep = ["accuracy", "f1_macro", "ece"] if kind == "audit" else ["delta.accuracy", "flip_to_wrong"]
-    t = t[t.metric.isin(keep) & (t.sub_key == "")]
-    rows = [{"slice": "overall" if r.slice_key == "overall" else f"{r.slice_key}={r.slice_value}",
-             "metric": r.metric, "n": int(r.n), "value": None if pd.isna(r.value) else round(float(r.value), 4),
-             "ci_low": None if pd.isna(r.ci_low) else round(float(r.ci_low), 4),
-             "ci_high": None if pd.isna(r.ci_high) else round(float(r.ci_high), 4)} for r in t.itertuples()]
-    create_markdown_artifact(key=f"{kind}-summary-{key}", markdown="\n".join(lines), description=f"{kind} verdict")
+    create_markdown_artifact(key=f"{kind}-summary-{key}", markdown=markdown, description=f"{kind} verdict")
     create_table_artifact(key=f"{kind}-slices-{key}", table=rows, description="per-slice metrics")
-    report_name = "report.html" if kind == "audit" else "review.html"
-    create_link_artifact(key=f"{kind}-report-{key}", link=(rd / report_name).as_uri(), link_text=report_name)
+    create_link_artifact(key=f"{kind}-report-{key}", link=report_path.as_uri(), link_text=report_path.name)

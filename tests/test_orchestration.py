@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,33 @@ def test_device_pool_hands_out_each_device_at_most_per_device_times():
     [t.start() for t in threads]
     [t.join(5) for t in threads]
     assert peak[0] == 2 and not held
+
+
+_PAGE_FAULTS = """
+import resource, sys
+import numpy as np
+if sys.argv[1] == "keep":
+    from tasks.devices import keep_cpu_buffers
+    assert keep_cpu_buffers()
+np.ones(8 << 20).sum()                                  # one 64 MiB buffer, allocated and freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    np.ones(8 << 20).sum()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc only")
+def test_keep_cpu_buffers_reuses_large_buffers_instead_of_faulting_them_in_again():
+    root = Path(__file__).resolve().parents[1]
+
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], cwd=root, capture_output=True,
+                             text=True, check=True)
+        return int(out.stdout.split()[-1])
+    default, kept = faults("default"), faults("keep")
+    assert default >= 10 * 32          # glibc's default: each 64 MiB buffer mmapped afresh, >= 1 fault per 2 MiB page
+    assert kept * 20 < default         # kept: the freed heap is reused, next to no new page faults
 
 
 def test_flow_on_a_local_dask_cluster_matches_the_thread_runner(prefect_harness, small_data, tmp_path):  # noqa: F811
@@ -109,5 +138,7 @@ def test_prefect_yaml_deployments_are_valid_flow_parameters():
                     assert (root / getattr(config, model).card).is_file()
             assert (root / config.data.path).is_file()
             assert config.flow_run_fails_on == "FAIL", dep["name"]
+        env = dep["work_pool"].get("job_variables", {}).get("env", {})
+        assert int(env["MALLOC_MMAP_THRESHOLD_"]) >= 1 << 30, dep["name"]     # workers keep CPU buffers too
     assert {"nightly-audit", "release-review"} <= seen
     assert any(s.get("cron") for d in spec["deployments"] for s in d.get("schedules", []))
