@@ -1,5 +1,6 @@
 """KernelSHAP on superpixels (Lundberg & Lee 2017, https://arxiv.org/abs/1705.07874): the exact Shapley
-kernel; the sizes with the most kernel mass per coalition enumerated in full, the other sizes drawn with
+kernel; the sizes with the most kernel mass per coalition enumerated in full (at small budgets only the
+leave-one-out ones), the other sizes drawn with
 p(k) ~ (M-1) / (k (M-k)), each sample paired with its complement (antithetic sampling); the empty and
 full coalitions weighted 1e6; one batched least-squares solve for all images."""
 from __future__ import annotations
@@ -24,18 +25,32 @@ def coalition_plan(m: int, n_samples: int) -> tuple[list[int], int, torch.Tensor
     but it) whenever the budget holds them, then 2 and m-2, ... while the budget would sample each of their
     coalitions at least once on average; the rest of the budget samples pairs (z, 1 - z) from the
     remaining sizes, each carrying an equal share of the remaining mass. Enumerating sizes 1 and m-1 even
-    when sampling would not reach every coalition halves the error at small budgets (benchmarks/README)."""
+    when sampling would not reach every coalition halves the error at small budgets (benchmarks/README).
+
+    A budget that holds the m leave-one-out coalitions (size m-1) but not the m single ones as well
+    enumerates the leave-one-out ones, carrying the mass of both sizes, and samples pairs from sizes 2..m-2
+    only: on three models (trained and random demo CNN, random ResNet-18) that halved the error against
+    sampling pairs of every size (0.60 -> 0.30, 0.49 -> 0.27, 0.60 -> 0.40 at 12 evaluations for 9
+    features), and it beat enumerating the single ones instead (0.48, 0.32, 0.55): removing one region
+    keeps the image near the ones the model knows."""
     mass = torch.zeros(m + 1, dtype=torch.float64)
     if m >= 2:
         k = torch.arange(1, m, dtype=torch.float64)
         mass[1:m] = (m - 1) / (k * (m - k))
         mass /= mass.sum()
     left, remaining, enumerated = n_samples - 2, 1.0, []
+    carried = mass.clone()
     for size in range(1, m // 2 + 1):
         sizes = {size, m - size}
         count = sum(math.comb(m, t) for t in sizes)
         share = float(sum(mass[t] for t in sizes))
         if count > left or (enumerated and left * share / remaining < count - 1e-9):
+            if size == 1 and 3 <= m <= left:
+                # the budget holds every leave-one-out coalition but not every single one as well
+                enumerated.append(m - 1)
+                left -= m
+                remaining -= share
+                carried[m - 1] = share
             break
         enumerated += sorted(sizes)
         left -= count
@@ -45,16 +60,16 @@ def coalition_plan(m: int, n_samples: int) -> tuple[list[int], int, torch.Tensor
     if pairs:
         weights[:] = remaining / (2 * pairs)
     for t in enumerated:
-        weights[t] = float(mass[t]) / math.comb(m, t)
+        weights[t] = float(carried[t]) / math.comb(m, t)
     weights[0] = weights[m] = ENDPOINT_WEIGHT
     return enumerated, pairs, weights
 
 
 def shapley_coalitions(n: int, n_samples: int, m: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Return (n, rows, m) binary coalitions, rows = 2 + 2 * ((n_samples - 2) // 2): the full and empty
+    """Return (n, rows, m) binary coalitions, rows = max(2, n_samples) whatever m is: the full and empty
     ones, every coalition of the enumerated sizes, then sampled pairs (z, 1 - z) of the other sizes (rows
-    left over when every size is enumerated repeat the empty coalition)."""
-    rows = 2 + 2 * max(0, (n_samples - 2) // 2)
+    the plan leaves over repeat the empty coalition)."""
+    rows = max(2, n_samples)
     enumerated, pairs, _ = coalition_plan(m, n_samples)
     ends = torch.stack([torch.ones(n, m, device=device), torch.zeros(n, m, device=device)], 1)
     parts = [ends]
@@ -65,7 +80,7 @@ def shapley_coalitions(n: int, n_samples: int, m: int, generator: torch.Generato
     if pairs:
         k = torch.arange(1, m, device=device, dtype=torch.float64)
         p = (m - 1) / (k * (m - k))
-        p[[t - 1 for t in enumerated]] = 0
+        p[[t - 1 for t in enumerated] + [m - t - 1 for t in enumerated]] = 0
         sizes = torch.multinomial(p.float().expand(n, -1), pairs, replacement=True, generator=generator) + 1
         ranks = torch.rand(n, pairs, m, generator=generator, device=device).argsort(-1).argsort(-1)
         z = (ranks < sizes[..., None]).float()
