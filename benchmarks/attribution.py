@@ -8,6 +8,8 @@ measured time of one such pass at the same batch size) / our time.
 Table 2 (the demo CNN, 32x32, a batch of 64): LIME and KernelSHAP with 1,000 samples, against Captum.
 Table 3: KernelSHAP error against exact Shapley values (all 2^9 coalitions of a 3x3 grid) per model
 evaluations, ours (paired sampling) vs Captum, averaged over seeds.
+Table 4: memory layout. The default (contiguous NCHW) against channels-last, which `attribution.channels_last:
+auto` picks when the model allows: model passes, and the demo audit's methods through `attribute`.
 """
 from __future__ import annotations
 
@@ -200,12 +202,48 @@ def table_kernel_shap_error(budgets, seeds: int) -> None:
         print(f"| {b} | {ours:.4f} | {theirs / seeds:.4f} |")
 
 
+def table_layout(quick: bool) -> None:
+    from tasks.models import use_channels_last
+    torch.manual_seed(0)
+    demo, resnet = DemoCNN(in_channels=1).eval(), torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x_demo, x_resnet = torch.randn(256, 1, 32, 32), torch.randn(8, 3, 224, 224)
+    reps = 1 if quick else 3
+    print("\n## Memory layout: default (NCHW) vs channels-last, same model and inputs\n")
+    print("| model, batch | work | default layout (s) | channels-last (s) | ratio |")
+    print("|---|---|---|---|---|")
+    rows = [("demo CNN, 256 x 1x32x32", demo, x_demo, "forward"),
+            ("demo CNN, 256 x 1x32x32", demo, x_demo, "forward+backward"),
+            ("demo CNN, 256 x 1x32x32", demo, x_demo, "saliency+gradcam+IG(16)"),
+            ("ResNet-18, 8 x 3x224x224", resnet, x_resnet, "forward"),
+            ("ResNet-18, 8 x 3x224x224", resnet, x_resnet, "forward+backward")]
+    for name, model, x, work in rows:
+        times = []
+        for channels_last in (False, True):
+            use_channels_last(model, x[:2], channels_last)
+            xx = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            if work == "forward":
+                def fn():
+                    with torch.inference_mode():
+                        model(xx)
+            elif work == "forward+backward":
+                def fn():
+                    xi = xx.clone().requires_grad_(True)
+                    torch.autograd.grad(model(xi)[:, 0].sum(), xi)
+            else:
+                def fn():
+                    attribute(model, xx, ["saliency", "gradcam", "integrated_gradients"], target_layer="features.6",
+                              params={"integrated_gradients": {"n_steps": 16}}, max_batch=1024)
+            times.append(timed(fn, reps))
+        use_channels_last(model, x[:2], False)
+        print(f"| {name} | {work} | {times[0]:.3f} | {times[1]:.3f} | {times[0] / times[1]:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
-    ap.add_argument("--only", choices=["resnet", "surrogates", "error"], help="run one table")
+    ap.add_argument("--only", choices=["resnet", "surrogates", "error", "layout"], help="run one table")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc returning large buffers to the OS (slower batched CPU calls)")
     args = ap.parse_args()
@@ -221,6 +259,8 @@ def main() -> None:
         table_surrogates(200 if args.quick else 1000)
     if args.only in (None, "error"):
         table_kernel_shap_error([12, 24, 48, 96, 192] if not args.quick else [12, 24], 2 if args.quick else 5)
+    if args.only in (None, "layout"):
+        table_layout(args.quick)
 
 
 if __name__ == "__main__":

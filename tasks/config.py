@@ -61,7 +61,9 @@ class AttributionSpec(_Strict):
                                                         "about 13 images at 3x224x224, 2048 at 1x32x32)")
     autocast: bool = Field(False, description="bf16 autocast of the attribution passes on CUDA (predictions stay "
                                               "float32; ignored on the CPU, where it is slower)")
-    channels_last: bool = False
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels-last memory layout for image models: auto = when a probe forward runs and "
+                            "gives the same logits (tasks.models.use_channels_last)")
 
 
 class QualitySpec(_Strict):

@@ -18,7 +18,7 @@ from .attribution.engine import example_keys
 from .config import AuditConfig
 from .data import decode_shard, rejects_table
 from .io import write_parquet
-from .models import ModelCard
+from .models import ModelCard, use_channels_last
 from .quality import QualityContext, quality_columns, run_checks
 
 @dataclass(frozen=True)
@@ -51,9 +51,8 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
     n = len(decoded.example_ids)
     size = (spec.heatmap_size, spec.heatmap_size)
     probs_all, expl_rows = [], []
-    memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
-    if spec.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    channels_last = use_channels_last(model, decoded.inputs[:2].to(device), spec.channels_last) if n else False
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if spec.autocast and device.type == "cuda" \
         else contextlib.nullcontext()
     for start in range(0, n, spec.batch_size):

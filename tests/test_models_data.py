@@ -134,6 +134,34 @@ def test_config_file_resolves_relative_paths_and_reports_every_field(tmp_path):
         load_config(bad)
 
 
+def test_channels_last_auto_probes_the_model_and_falls_back_to_the_default_layout():
+    from tasks.models import use_channels_last
+    from tasks.nets import DemoCNN
+
+    class ViewsConvOutput(torch.nn.Module):          # `.view` on a conv output fails in channels-last
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.fc(y.view(y.shape[0], -1))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    cnn, viewer = DemoCNN(in_channels=3).eval(), ViewsConvOutput().eval()
+    assert use_channels_last(cnn, torch.randn(2, 3, 32, 32)) is True
+    assert cnn.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert use_channels_last(viewer, x) is False
+    assert viewer.conv.weight.is_contiguous() and viewer(x).shape == (2, 2)     # left usable, default layout
+    with pytest.raises(RuntimeError):
+        use_channels_last(viewer, x, True)
+        viewer(x.contiguous(memory_format=torch.channels_last))
+    assert use_channels_last(viewer, x) is False                                  # remembered, layout restored
+    assert viewer.conv.weight.is_contiguous()
+    assert use_channels_last(cnn, torch.randn(2, 3, 32, 32), False) is False and cnn.features[0].weight.is_contiguous()
+    assert use_channels_last(torch.nn.Linear(4, 2), torch.randn(2, 4)) is False   # not images
+
+
 def test_channels_last_scores_like_the_default_layout(tmp_path, demo_card):
     """`attribution.channels_last` changes only the memory layout: same predictions, same attributions."""
     from tasks.config import load_config
@@ -141,7 +169,7 @@ def test_channels_last_scores_like_the_default_layout(tmp_path, demo_card):
     from tasks.models import build_model
     from tasks.scoring import score_shard
     outs = {}
-    for flag in (False, True):
+    for flag in (False, True, "auto"):
         cfg = load_config(DATA / "demo_audit.yaml", {
             "data": {"path": str(DATA / "digits.parquet"), "limit": 24, "roi_column": "roi_png"}, "attribution": {"methods": ["saliency", "gradcam", "integrated_gradients"],
                                                   "channels_last": flag, "batch_size": 8},
@@ -150,8 +178,10 @@ def test_channels_last_scores_like_the_default_layout(tmp_path, demo_card):
         out = score_shard(res.shards[0], demo_card, cfg, build_model(demo_card), torch.device("cpu"),
                           tmp_path / f"out-{flag}")
         outs[flag] = (pq.read_table(out.predictions).to_pandas(), pq.read_table(out.explanations).to_pandas())
-    (p0, e0), (p1, e1) = outs[False], outs[True]
-    assert len(p0) == 24 and (p0.prediction == p1.prediction).all()
-    np.testing.assert_allclose(np.stack(p0.probabilities), np.stack(p1.probabilities), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(e0.attribution_sum, e1.attribution_sum, rtol=1e-4, atol=1e-6)
-    assert np.abs(np.stack(e0.heatmap).astype(int) - np.stack(e1.heatmap).astype(int)).max() <= 1
+    (p0, e0) = outs[False]
+    for flag in (True, "auto"):
+        p1, e1 = outs[flag]
+        assert len(p0) == 24 and (p0.prediction == p1.prediction).all()
+        np.testing.assert_allclose(np.stack(p0.probabilities), np.stack(p1.probabilities), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(e0.attribution_sum, e1.attribution_sum, rtol=1e-4, atol=1e-6)
+        assert np.abs(np.stack(e0.heatmap).astype(int) - np.stack(e1.heatmap).astype(int)).max() <= 1
