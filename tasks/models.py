@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import json
 import pickle
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,7 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 _LAYOUT_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> channels-last chosen
+_LAYOUT_LOCK = threading.Lock()
 
 
 def use_channels_last(model: nn.Module, probe: torch.Tensor, setting: bool | str = "auto") -> bool:
@@ -164,9 +166,15 @@ def use_channels_last(model: nn.Module, probe: torch.Tensor, setting: bool | str
     `setting` True or False decides. "auto" decides once per model object (remembered): channels-last when
     the inputs are images (N, C, H, W) and a forward of `probe` in that layout runs and gives the logits of
     the default layout; a model that cannot (for example one that calls `.view` on a conv output) keeps the
-    default layout. On the 2-core CPU it made the demo CNN's forward 3.1x and forward+backward 1.4x faster,
-    and ResNet-18's (batch 8, 224x224) 1.4x and 1.14x (max-pooling in the default layout is 7-15x slower).
+    default layout. On the 2-core CPU it made the demo CNN's forward 2.4x and forward+backward 1.8x faster
+    (batch 256) and ResNet-18's (batch 8, 224x224) 1.24x and 1.15x (benchmarks/README; max-pooling in the
+    default layout is 7-15x slower there). One lock: shard tasks in threads may share a model.
     """
+    with _LAYOUT_LOCK:
+        return _use_channels_last(model, probe, setting)
+
+
+def _use_channels_last(model: nn.Module, probe: torch.Tensor, setting: bool | str) -> bool:
     if setting != "auto":
         model.to(memory_format=torch.channels_last if setting else torch.contiguous_format)
         return bool(setting)
