@@ -1,6 +1,6 @@
 """Benchmark: attribution methods, xaudit vs Captum (and pytorch-grad-cam) in one run.
 
-    python benchmarks/attribution.py [--batch 8] [--size 224] [--quick]
+    python benchmarks/attribution.py [--batch 8] [--size 224] [--quick] [--only resnet|surrogates|error|layout]
 
 Table 1 (torchvision ResNet-18, random weights, eval mode): per method, our time, the peer's time for the
 same model, inputs and settings, the ratio, and our efficiency = (passes the method cannot avoid x the

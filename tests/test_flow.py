@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -59,6 +60,7 @@ def test_audit_flow_end_to_end_and_resume(prefect_harness, small_data, tmp_path)
     acc = m[(m.metric == "accuracy")].set_index("slice_value")
     assert acc.loc["all", "n"] == 39 and acc.drop("all").n.sum() == 39
     assert acc.loc["all", "value"] == pytest.approx(preds.correct.mean())
+    _duckdb_reads_the_tables_as_pandas_does(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["prefect_flow_run_id"] and manifest["run_id"] == "flow-test"
     assert manifest["model"]["weights_sha256"] and len(manifest["data"]["fingerprint"]) == 64
@@ -78,6 +80,23 @@ def test_audit_flow_end_to_end_and_resume(prefect_harness, small_data, tmp_path)
     # tampering is detected
     (run_dir / "metrics.parquet").write_bytes(b"tampered")
     assert verify_run(run_dir) == ["metrics.parquet: sha256 differs from the manifest (modified after the run)"]
+
+
+def _duckdb_reads_the_tables_as_pandas_does(run_dir):
+    """The README's promise: DuckDB reads the outputs with no project code, and sees what pandas sees."""
+    duckdb = pytest.importorskip("duckdb")
+    con = duckdb.connect()
+    for name in ("metrics.parquet", "validation.parquet", "predictions.parquet", "rejects.parquet"):
+        path = str(run_dir / name).replace("'", "''")
+        ours = pd.read_parquet(run_dir / name)
+        theirs = con.execute(f"select * from read_parquet('{path}')").fetch_df()
+        assert list(theirs.columns) == list(ours.columns) and len(theirs) == len(ours), name
+    path = str(run_dir / "metrics.parquet").replace("'", "''")
+    acc = con.execute(f"select value, ci_low, ci_high, n from read_parquet('{path}') "
+                      "where metric = 'accuracy' and slice_key = 'overall'").fetchall()
+    m = pd.read_parquet(run_dir / "metrics.parquet")
+    row = m[(m.metric == "accuracy") & (m.slice_key == "overall")].iloc[0]
+    assert acc == [(pytest.approx(row.value), pytest.approx(row.ci_low), pytest.approx(row.ci_high), row.n)]
 
 
 def test_cli_bad_input_exit_code_and_message(prefect_harness, tmp_path, capsys):
