@@ -279,6 +279,12 @@ def test_kernel_shap_converges_to_exact_shapley_and_beats_captum_per_evaluation(
         carried = 1.0 if pairs or not sampled else (kernel[0] + kernel[7]) / sum(kernel)   # no pair to carry the rest
         assert total == pytest.approx(carried) and 2 + sum(math.comb(9, t) for t in enumerated) + 2 * pairs <= budget
         assert enumerated[:2] == ([8] if budget < 20 else [1, 8])       # leave-one-out first, then singles too
+    assert coalition_plan(9, 1)[:2] == ([], 0)                       # under 2: the two ends only, no draws
+    assert coalition_plan(1, 12)[:2] == ([], 0)                      # one feature: nothing between the ends
+    one = attribute(model, x, ["kernel_shap"], params={"kernel_shap": {"n_samples": 12, "n_segments": 1}})
+    assert one.attributions["kernel_shap"].isfinite().all()
+    assert attribute(model, x, ["kernel_shap"], params={"kernel_shap": {"n_samples": 1, "n_segments": 9}}
+                     ).attributions["kernel_shap"].isfinite().all()
     # 11 or 12 evaluations: every leave-one-out coalition and the two ends, no sampling, hence no seed
     # dependence; a smaller error than Captum's with as many evaluations, close to Captum's with twice as many
     small = [attribute(model, x, ["kernel_shap"], seed=s, params={"kernel_shap": {"n_samples": 12, "n_segments": 9}})

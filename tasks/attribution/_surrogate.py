@@ -48,15 +48,19 @@ def compact(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
     return out, n_features
 
 
+def feature_counts(masks: torch.Tensor) -> list[int]:
+    """Return each example's number of features (its mask's largest id + 1) from compact (N, H, W) masks."""
+    return [int(v) for v in (masks.flatten(1).amax(1) + 1).tolist()]
+
+
 def draw_per_example(ctx, salt: int, masks: torch.Tensor, f: int,
                      draw: Callable[[torch.Generator, int], torch.Tensor]) -> torch.Tensor:
     """Return (N, S, f) coalitions: draw(generator, F_i) -> (S, F_i) from each example's own generator and
     feature count, zero-padded to the batch's f. A padded feature has no pixels and never varies, so its
     coefficient is 0 and the other coefficients are those the example gets alone."""
-    sizes = (masks.flatten(1).amax(1) + 1).tolist()
     parts = []
-    for g, fi in zip(ctx.generators(salt), sizes):
-        z = draw(g, int(fi))
+    for g, fi in zip(ctx.generators(salt), feature_counts(masks)):
+        z = draw(g, fi)
         parts.append(torch.nn.functional.pad(z, (0, f - z.shape[1])))
     return torch.stack(parts)
 

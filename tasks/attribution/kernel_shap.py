@@ -1,8 +1,8 @@
 """KernelSHAP on superpixels (Lundberg & Lee 2017, https://arxiv.org/abs/1705.07874): the exact Shapley
 kernel; the sizes with the most kernel mass per coalition enumerated in full (at small budgets only the
-leave-one-out ones), the other sizes drawn with
-p(k) ~ (M-1) / (k (M-k)), each sample paired with its complement (antithetic sampling); the empty and
-full coalitions weighted 1e6; one batched least-squares solve for all images."""
+leave-one-out ones), the other sizes drawn with p(k) ~ (M-1) / (k (M-k)), each sample paired with its
+complement (antithetic sampling); the empty and full coalitions weighted 1e6; one batched least-squares
+solve for all images."""
 from __future__ import annotations
 
 import itertools
@@ -11,8 +11,8 @@ import math
 import torch
 
 from ._registry import MethodOutput, register
-from ._surrogate import (baseline_for, compact, draw_per_example, evaluate_perturbations, feature_masks, spread,
-                         weighted_least_squares)
+from ._surrogate import (baseline_for, compact, draw_per_example, evaluate_perturbations, feature_counts,
+                         feature_masks, spread, weighted_least_squares)
 
 ENDPOINT_WEIGHT = 1e6
 
@@ -38,7 +38,7 @@ def coalition_plan(m: int, n_samples: int) -> tuple[list[int], int, torch.Tensor
         k = torch.arange(1, m, dtype=torch.float64)
         mass[1:m] = (m - 1) / (k * (m - k))
         mass /= mass.sum()
-    left, remaining, enumerated = n_samples - 2, 1.0, []
+    left, remaining, enumerated = n_samples - 2, (1.0 if m >= 2 else 0.0), []   # m < 2: nothing to sample
     carried = mass.clone()
     for size in range(1, m // 2 + 1):
         sizes = {size, m - size}
@@ -56,7 +56,7 @@ def coalition_plan(m: int, n_samples: int) -> tuple[list[int], int, torch.Tensor
         left -= count
         remaining -= share
     weights = torch.full((m + 1,), 0.0, dtype=torch.float64)
-    pairs = left // 2 if remaining > 1e-12 else 0
+    pairs = max(left, 0) // 2 if remaining > 1e-12 else 0      # a budget under 2 keeps only the two ends
     if pairs:
         weights[:] = remaining / (2 * pairs)
     for t in enumerated:
@@ -85,18 +85,21 @@ def shapley_coalitions(n: int, n_samples: int, m: int, generator: torch.Generato
         ranks = torch.rand(n, pairs, m, generator=generator, device=device).argsort(-1).argsort(-1)
         z = (ranks < sizes[..., None]).float()
         parts.append(torch.stack([z, 1 - z], 2).view(n, 2 * pairs, m))
-    z = torch.cat(parts, 1)
+    z = torch.cat(parts, 1)                              # the plan never uses more than `rows`
     if z.shape[1] < rows:
         z = torch.cat([z, torch.zeros(n, rows - z.shape[1], m, device=device)], 1)
-    return z[:, :rows]
+    return z
 
 
 def coalition_weights(z: torch.Tensor, n_features: list[int], n_samples: int) -> torch.Tensor:
     """Return (N, S) regression weights of the coalitions z (N, S, F): by each row's size, per example's plan."""
     sizes = z.sum(-1).long()
     out = torch.empty(z.shape[:2], dtype=torch.float64, device=z.device)
+    plans: dict[int, torch.Tensor] = {}                 # one plan per feature count, not per example
     for i, m in enumerate(n_features):
-        out[i] = coalition_plan(m, n_samples)[2].to(z.device)[sizes[i]]
+        if m not in plans:
+            plans[m] = coalition_plan(m, n_samples)[2].to(z.device)
+        out[i] = plans[m][sizes[i]]
     return out
 
 
@@ -105,10 +108,10 @@ def coalition_weights(z: torch.Tensor, n_features: list[int], n_samples: int) ->
 def kernel_shap(ctx, n_samples: int, segments: str, n_segments: int, baseline: float) -> MethodOutput:
     """Return KernelSHAP attributions (N, C, H, W): each superpixel's Shapley estimate on its pixels."""
     x = ctx.inputs
-    n, c = x.shape[:2]
+    c = x.shape[1]
     masks, m = compact(feature_masks(x, segments, n_segments))
     z = draw_per_example(ctx, 43, masks, m, lambda g, mi: shapley_coalitions(1, n_samples, mi, g, x.device)[0])
     y = evaluate_perturbations(ctx, z, masks, baseline_for(ctx, baseline))
-    weights = coalition_weights(z, (masks.flatten(1).amax(1) + 1).tolist(), n_samples)
+    weights = coalition_weights(z, feature_counts(masks), n_samples)
     phi = weighted_least_squares(z, y, weights, ridge=0.0)
     return MethodOutput(spread(phi, masks, c, x.dtype))
