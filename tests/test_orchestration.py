@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -52,9 +53,11 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_keep_cpu_buffers_reuses_large_buffers_instead_of_faulting_them_in_again():
     root = Path(__file__).resolve().parents[1]
 
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}   # glibc's own defaults
+
     def faults(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], cwd=root, capture_output=True,
-                             text=True, check=True)
+                             text=True, check=True, env=env)
         return int(out.stdout.split()[-1])
     default, kept = faults("default"), faults("keep")
     assert default >= 10 * 32          # glibc's default: each 64 MiB buffer mmapped afresh, >= 1 fault per 2 MiB page
