@@ -1,6 +1,7 @@
 """Prefect flows. Importing this package sets quiet, local Prefect defaults unless the caller set them:
 an embedded (temporary) API server with a generous start-up timeout on small machines, state under
 `.prefect/` in the working directory, no analytics."""
+import logging
 import os
 from pathlib import Path
 
@@ -31,6 +32,42 @@ def local_run_settings():
         return
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
+
+
+class _InputErrorFilter(logging.Filter):
+    """Drop Prefect's log records about an `XAuditError` (its traceback, and the 'Finished in state Failed'
+    line that repeats it): the command line prints the error once, as one message naming the field."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.errors import XAuditError
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, XAuditError):
+            return False
+        try:
+            text = record.getMessage()
+        except Exception:
+            return True
+        return "XAuditError" not in text
+
+
+@contextmanager
+def quiet_input_errors():
+    """While running a flow from the command line, keep Prefect from printing input errors' tracebacks."""
+    import prefect  # noqa: F401  (sets up Prefect's handlers)
+    filt = _InputErrorFilter()
+    loggers = [logging.getLogger(n) for n in ("prefect", "prefect.flow_runs", "prefect.task_runs", "")]
+    handlers = {h for lg in loggers for h in lg.handlers}
+    for lg in loggers:
+        lg.addFilter(filt)
+    for h in handlers:
+        h.addFilter(filt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(filt)
+        for h in handlers:
+            h.removeFilter(filt)
 
 
 _SEVERITY = {"PASS": 0, "WARN": 1, "FAIL": 2}

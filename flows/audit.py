@@ -29,7 +29,7 @@ def default_workers() -> int:
 def audit(config: AuditConfig) -> dict[str, Any]:
     """Audit one model on one dataset slice; returns the run directory, verdict and counts (raises
     `VerdictFailed`, carrying them, when the verdict reaches `config.flow_run_fails_on`)."""
-    card = steps.resolve_model(config.model)          # bad model input fails before a run directory exists
+    card = steps.preflight(config)          # bad config, model or data fails before a run directory exists
     run = steps.prepare_run(config)
     data = steps.ingest_data(config, run["run_dir"])
     futures = [steps.score.submit(shard, card, config, run["run_dir"]) for shard in data["shards"]]

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,14 +14,15 @@ from prefect.runtime import flow_run
 from flows import final_state
 from flows.audit import audit
 from tasks import steps
-from tasks.config import ReviewConfig
+from tasks.config import ReviewConfig, new_run_id
 
 
 @flow(name="xaudit-review")
 def review(config: ReviewConfig) -> dict[str, Any]:
     """Audit both models (subflows; a rerun with the same run id reuses their shards), compare, report."""
+    steps.preflight_review(config)          # both models, the data and every threshold, before any directory
     started = datetime.now(timezone.utc)
-    run_id = config.run_id or f"review-{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    run_id = config.run_id or new_run_id("review-")
     review_dir = Path(config.output_dir) / run_id
     audits = {role: audit(config.audit_config(role, review_dir)) for role in ("baseline", "candidate")}
     summary = steps.compare(audits["baseline"]["run_dir"], audits["candidate"]["run_dir"], config, str(review_dir),

@@ -5,8 +5,10 @@ config and the files it names travel together.
 """
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +20,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The largest image side and pixel count xaudit decodes or feeds a model (decompression bombs are refused).
+MAX_SIDE = 16384
+MAX_PIXELS = 64_000_000
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
+
+
+def _finite(values: list[float] | None, name: str) -> list[float] | None:
+    if values is not None and not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite numbers; got {values}")
+    return values
+
+
 class ModelSpec(_Strict):
     """Which model to audit. `card` names a JSON model card whose fields are the defaults for the others."""
 
@@ -27,12 +43,32 @@ class ModelSpec(_Strict):
     factory: str | None = Field(None, description="import path 'package.module:callable' that builds the nn.Module")
     weights: Path | None = Field(None, description="safetensors file, or a weights-only torch state dict")
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    input_size: tuple[int, int] | None = None
-    channels: int | None = None
+    input_size: tuple[Side, Side] | None = Field(None, description="(height, width) the model takes")
+    channels: Literal[1, 3, 4] | None = Field(None, description="1 (grey), 3 (RGB) or 4 (RGBA); default 3")
     mean: list[float] | None = None
     std: list[float] | None = None
-    class_names: list[str] | None = None
+    class_names: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
     target_layer: str | None = Field(None, description="module path of the CAM layer; default: the last Conv2d")
+
+    @field_validator("input_size")
+    @classmethod
+    def _not_a_bomb(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and v[0] * v[1] > MAX_PIXELS:
+            raise ValueError(f"input_size {list(v)} has more than {MAX_PIXELS:,} pixels")
+        return v
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite_stats(cls, v: list[float] | None, info) -> list[float] | None:
+        return _finite(v, info.field_name)
+
+    @field_validator("class_names")
+    @classmethod
+    def _unique_names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            dup = sorted({c for c in v if v.count(c) > 1})
+            raise ValueError(f"class_names must be unique; repeated: {dup}")
+        return v
 
 
 class DataSpec(_Strict):
@@ -152,9 +188,34 @@ class AuditConfig(_Strict):
     @field_validator("run_id")
     @classmethod
     def _safe_run_id(cls, v: str | None) -> str | None:
-        if v is not None and (not v or any(c in v for c in "/\\\0") or v.startswith(".")):
-            raise ValueError(f"run_id must be a plain folder name; got {v!r}")
-        return v
+        return check_run_id(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        return check_device_name(v)
+
+
+def new_run_id(prefix: str = "") -> str:
+    """Return a fresh run id: the UTC time and a random suffix, e.g. 20261201T104500Z-3fa9c1."""
+    import secrets
+    from datetime import datetime, timezone
+    return f"{prefix}{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def check_run_id(v: str | None) -> str | None:
+    """Return `v` if it is a plain folder name (letters, digits, '.', '_', '-'; at most 100; not starting with
+    '.' or '-'), else raise ValueError."""
+    if v is not None and not RUN_ID.match(v):
+        raise ValueError(f"run_id must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or "
+                         f"digit; got {v[:120]!r}")
+    return v
+
+
+def check_device_name(v: str) -> str:
+    if not DEVICE.match(v):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {v[:60]!r}")
+    return v
 
 
 def _resolve(base: Path, value: Any) -> Any:
@@ -190,13 +251,34 @@ def _read_config_file(path: str | Path, where: str, model_keys: tuple[str, ...])
     return raw
 
 
+def _field(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _validate(model: type[BaseModel], raw: Any, where: str, source: str, kind: str):
-    """Return `model` validated from `raw`; pydantic's errors become one `XAuditError` listing each field."""
+    """Return `model` validated from `raw`; pydantic's errors become one `XAuditError` whose first line names
+    the first bad field, what it must be and what it got (the others follow, one per line)."""
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise XAuditError(f"{where}: {source} is not a valid {kind} config:\n" + "\n".join(lines)) from None
+        errors = exc.errors()
+
+        def line(e: dict) -> str:
+            msg = e["msg"].removeprefix("Value error, ")
+            msg = msg[:1].lower() + msg[1:]
+            got = "" if e["type"] in ("missing", "extra_forbidden", "value_error") else f"; got {_shown(e.get('input'))}"
+            if e["type"] == "extra_forbidden":
+                msg = "is not a known field (check its spelling and indentation)"
+            elif e["type"] == "missing":
+                msg = "is required"
+            return f"'{_field(e['loc'])}': {msg}{got}"
+        rest = "".join(f"\n  also: {line(e)}" for e in errors[1:])
+        raise XAuditError(f"{where}: {line(errors[0])} (in the {kind} config {source}){rest}") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AuditConfig:
@@ -258,6 +340,16 @@ class ReviewConfig(_Strict):
     flow_run_fails_on: Literal["never", "FAIL", "WARN"] = Field(
         "never", description="end the Prefect flow run in the Failed state when the verdict is this or worse "
                              "(after every output is written), so schedules and automations can alert")
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        return check_run_id(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        return check_device_name(v)
 
     def audit_config(self, role: Literal["baseline", "candidate"], review_dir: Path) -> "AuditConfig":
         """Return the audit of one side: same data, attribution, slices and seed; no thresholds of its own."""

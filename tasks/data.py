@@ -8,6 +8,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import re
+import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,17 +21,24 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .config import DataSpec
+from .config import MAX_PIXELS, DataSpec
 from .errors import XAuditError
 from .io import write_parquet
 from .models import ModelCard
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 REJECT_SCHEMA = pa.schema([("example_id", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
-# Decoded images bigger than this are refused (decompression bombs).
-Image.MAX_IMAGE_PIXELS = 64_000_000
+# Images (and masks) above MAX_PIXELS are refused from their header, before any pixel is decoded; Pillow's own
+# guard (an error at twice its limit, a warning at it) stays as a second line, its warning silenced because
+# the check here already decides.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# Columns xaudit writes into predictions.parquet itself: a metadata column may not take one of these names.
+RESERVED_COLUMNS = ("example_id", "label", "label_name", "prediction", "prediction_name", "confidence",
+                    "correct", "probabilities", "shard")
+_ADDRESS = re.compile(r"\s*<[^<>]*\bat 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -55,36 +66,60 @@ class DecodedShard:
     rejects: list[dict[str, str]]
 
 
-def _imagefolder_batches(root: Path, spec: DataSpec) -> Iterator[pa.RecordBatch]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+def _imagefolder_files(root: Path) -> list[tuple[str, Path]]:
+    """Return (class folder, file) for every image under an ImageFolder root, in a stable order."""
+    try:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    except OSError as exc:
+        raise XAuditError(f"ingest: 'data.path' {str(root)!r} cannot be listed: {exc.strerror}") from None
     if not classes:
         raise XAuditError(f"ingest: ImageFolder {str(root)!r} must contain one folder per class; found none")
+    files = [(cls, f) for cls in classes for f in sorted((root / cls).rglob("*"))
+             if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
+        raise XAuditError(f"ingest: ImageFolder {str(root)!r} holds no images ({sorted(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def _imagefolder_batches(root: Path, spec: DataSpec, with_bytes: bool = True) -> Iterator[pa.RecordBatch]:
     rows: list[dict[str, Any]] = []
-    for cls in classes:
-        for f in sorted((root / cls).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                rows.append({spec.id_column: f.relative_to(root).as_posix(), spec.image_column: f.read_bytes(),
-                             spec.label_column: cls, "folder": cls})
-                if len(rows) == 256:
-                    yield pa.RecordBatch.from_pylist(rows)
-                    rows = []
+    schema = pa.schema([(spec.id_column, pa.string()), (spec.image_column, pa.binary()),
+                        (spec.label_column, pa.string()), ("folder", pa.string())])
+    for cls, f in _imagefolder_files(root):
+        rid = f.relative_to(root).as_posix()
+        try:
+            data = f.read_bytes() if with_bytes else b""
+        except OSError:
+            data = None            # unreadable file: a reject at decode ("missing or empty")
+        rows.append({spec.id_column: rid.encode("utf-8", "backslashreplace").decode("utf-8")
+                     if any(unicodedata.category(c) == "Cs" for c in rid) else rid,
+                     spec.image_column: data, spec.label_column: cls, "folder": cls})
+        if len(rows) == 256:
+            yield pa.RecordBatch.from_pylist(rows, schema=schema)
+            rows = []
     if rows:
-        yield pa.RecordBatch.from_pylist(rows)
+        yield pa.RecordBatch.from_pylist(rows, schema=schema)
 
 
-def _filter_expression(spec: DataSpec, names: list[str]):
+def _filter_expression(spec: DataSpec, schema: pa.Schema):
     expr = None
     for col, want in spec.filter.items():
-        if col not in names:
+        if col not in schema.names:
             raise XAuditError(f"ingest: 'data.filter' names column {col!r}, which the dataset does not have; "
-                              f"columns are {names}")
+                              f"columns are {schema.names}")
         values = want if isinstance(want, list) else [want]
-        term = ds.field(col).isin(values)
+        if not values or any(isinstance(v, (dict, list)) for v in values):
+            raise XAuditError(f"ingest: 'data.filter.{col}' must be a value or a non-empty list of values; got {want!r}")
+        try:
+            term = ds.field(col).isin(pa.array(values).cast(schema.field(col).type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OverflowError):
+            raise XAuditError(f"ingest: 'data.filter.{col}' values {values!r} do not fit the column's type "
+                              f"{schema.field(col).type}") from None
         expr = term if expr is None else expr & term
     return expr
 
 
-def _source_batches(spec: DataSpec) -> tuple[Iterator[pa.RecordBatch], str, list[str]]:
+def _source_format(spec: DataSpec) -> tuple[Path, str]:
     path = Path(spec.path)
     if not path.exists():
         raise XAuditError(f"ingest: 'data.path' must be a Parquet file or an ImageFolder directory; "
@@ -92,24 +127,20 @@ def _source_batches(spec: DataSpec) -> tuple[Iterator[pa.RecordBatch], str, list
     fmt = spec.format
     if fmt == "auto":
         fmt = "imagefolder" if path.is_dir() and not any(path.glob("*.parquet")) else "parquet"
-    if fmt == "imagefolder":
-        batches = _imagefolder_batches(path, spec)
-        first = next(batches, None)
-        if first is None:
-            raise XAuditError(f"ingest: ImageFolder {str(path)!r} holds no images ({sorted(IMAGE_EXTENSIONS)})")
-        names = first.schema.names
+    if fmt == "imagefolder" and not path.is_dir():
+        raise XAuditError(f"ingest: 'data.format' imagefolder needs a directory; {str(path)!r} is a file")
+    return path, fmt
 
-        def chained():
-            yield first
-            yield from batches
-        expr = _filter_expression(spec, names)
-        source = chained() if expr is None else (b.filter(expr) for b in chained())
-        return source, fmt, names
+
+def _parquet_dataset(path: Path) -> ds.Dataset:
     try:
-        dataset = ds.dataset(str(path), format="parquet")
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise XAuditError(f"ingest: 'data.path' {str(path)!r} is not readable Parquet: {exc}") from None
-    names = dataset.schema.names
+        return ds.dataset(str(path), format="parquet")
+    except (pa.ArrowException, OSError) as exc:
+        raise XAuditError(f"ingest: 'data.path' {str(path)!r} is not readable Parquet: {_reason(exc)}") from None
+
+
+def _check_columns(spec: DataSpec, schema: pa.Schema) -> None:
+    names = schema.names
     for role in ("id_column", "image_column", "label_column"):
         col = getattr(spec, role)
         if col not in names:
@@ -117,22 +148,102 @@ def _source_batches(spec: DataSpec) -> tuple[Iterator[pa.RecordBatch], str, list
     if spec.roi_column and spec.roi_column not in names:
         raise XAuditError(f"ingest: 'data.roi_column' is {spec.roi_column!r}, which the dataset does not have; "
                           f"columns are {names}")
-    expr = _filter_expression(spec, names)
-    return dataset.to_batches(filter=expr, batch_size=256), fmt, names
+    for role in ("image_column", "roi_column"):
+        col = getattr(spec, role)
+        if col and not (pa.types.is_binary(schema.field(col).type) or pa.types.is_large_binary(schema.field(col).type)):
+            raise XAuditError(f"ingest: 'data.{role}' {col!r} must hold encoded image bytes (binary); it holds "
+                              f"{schema.field(col).type}")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the data source holds before any row is read: its format, schema, metadata columns, and the rows
+    the filter (and limit) keep."""
+
+    format: str
+    schema: pa.Schema
+    metadata_columns: tuple[str, ...]
+    n_rows: int
+
+
+def inspect_source(spec: DataSpec) -> SourceInfo:
+    """Return the source's format, schema, metadata columns and filtered row count; raise `XAuditError` for
+    everything about the dataset as a whole that is wrong (path, format, columns, filter, no rows left)."""
+    path, fmt = _source_format(spec)
+    if fmt == "imagefolder":
+        table = pa.Table.from_batches(list(_imagefolder_batches(path, spec, with_bytes=False)))
+        schema = table.schema
+        expr = _filter_expression(spec, schema)
+        n = (table.filter(expr) if expr is not None else table).num_rows
+    else:
+        dataset = _parquet_dataset(path)
+        schema = dataset.schema
+        _check_columns(spec, schema)
+        expr = _filter_expression(spec, schema)
+        try:
+            n = dataset.count_rows(filter=expr)
+        except (pa.ArrowException, OSError) as exc:
+            raise XAuditError(f"ingest: 'data.path' {str(path)!r} could not be read: {_reason(exc)}") from None
+    meta = metadata_columns(schema, spec)
+    n = min(n, spec.limit) if spec.limit is not None else n
+    if n == 0:
+        raise XAuditError(f"ingest: no rows left in {str(spec.path)!r} after 'data.filter' {spec.filter}")
+    return SourceInfo(fmt, schema, tuple(meta), n)
+
+
+def _source_batches(spec: DataSpec) -> tuple[Iterator[pa.RecordBatch], str, list[str]]:
+    path, fmt = _source_format(spec)
+    if fmt == "imagefolder":
+        batches = _imagefolder_batches(path, spec)
+        first = next(batches)
+        schema = first.schema
+
+        def chained():
+            yield first
+            yield from batches
+        expr = _filter_expression(spec, schema)
+        source = chained() if expr is None else (b.filter(expr) for b in chained())
+        return source, fmt, schema.names
+    dataset = _parquet_dataset(path)
+    _check_columns(spec, dataset.schema)
+    expr = _filter_expression(spec, dataset.schema)
+    return dataset.to_batches(filter=expr, batch_size=256), fmt, dataset.schema.names
+
+
+_SCALAR = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating,
+           pa.types.is_boolean, pa.types.is_dictionary, pa.types.is_date, pa.types.is_timestamp)
 
 
 def metadata_columns(schema: pa.Schema, spec: DataSpec) -> list[str]:
-    """Return the metadata columns: those configured, else every scalar column that is not id/image/label/roi."""
+    """Return the metadata columns: those configured, else every scalar column that is not id/image/label/roi.
+
+    A metadata column may not be named like a column xaudit adds to predictions.parquet (`RESERVED_COLUMNS`),
+    and a configured one must be a scalar column."""
     reserved = {spec.id_column, spec.image_column, spec.label_column, spec.roi_column}
     if spec.metadata_columns is not None:
         missing = [c for c in spec.metadata_columns if c not in schema.names]
         if missing:
             raise XAuditError(f"ingest: 'data.metadata_columns' names {missing}, which the dataset does not have; "
                               f"columns are {schema.names}")
-        return list(spec.metadata_columns)
-    scalar = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating,
-              pa.types.is_boolean, pa.types.is_dictionary)
-    return [f.name for f in schema if f.name not in reserved and any(t(f.type) for t in scalar)]
+        own = [c for c in spec.metadata_columns if c in reserved]
+        if own:
+            raise XAuditError(f"ingest: 'data.metadata_columns' names {own}, which the config already uses as the "
+                              f"id, image, label or ROI column")
+        nested = [c for c in spec.metadata_columns if not any(t(schema.field(c).type) for t in _SCALAR)]
+        if nested:
+            raise XAuditError(f"ingest: 'data.metadata_columns' must name scalar columns; {nested} hold "
+                              f"{[str(schema.field(c).type) for c in nested]}")
+        chosen = list(dict.fromkeys(spec.metadata_columns))
+        where = "'data.metadata_columns' names"
+    else:
+        chosen = [f.name for f in schema if f.name not in reserved and any(t(f.type) for t in _SCALAR)]
+        where = "the dataset has metadata column(s)"
+    clash = [c for c in chosen if c in RESERVED_COLUMNS]
+    if clash:
+        raise XAuditError(f"ingest: {where} {clash}, named like column(s) xaudit adds to predictions.parquet "
+                          f"{list(RESERVED_COLUMNS)}; rename them in the data, or list the metadata to keep in "
+                          f"'data.metadata_columns' without them")
+    return chosen
 
 
 def _row_digest(row: dict[str, Any]) -> bytes:
@@ -142,6 +253,44 @@ def _row_digest(row: dict[str, Any]) -> bytes:
         h.update(key.encode())
         h.update(value if isinstance(value, bytes) else json.dumps(value, default=str).encode())
     return h.digest()
+
+
+def _reason(exc: BaseException) -> str:
+    """Return 'Type: message' for an exception, without object addresses (reasons must be the same in
+    every run) and cut to one line of at most 300 characters."""
+    text = _ADDRESS.sub("", str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """Return a value as safe, one-line text for a reason: control characters escaped, cut to `limit`."""
+    text = ascii(value) if isinstance(value, str) else repr(value)
+    text = text if isinstance(value, str) else text.encode("ascii", "backslashreplace").decode()
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _example_id(value: Any, column: str) -> tuple[str | None, str | None]:
+    """Return (id as text, None), or (a printable form or None, the reason it cannot identify a row)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None, f"missing '{column}'"
+    if isinstance(value, (bytes, bytearray, list, dict)):
+        return None, f"'{column}' must be text or a number; got {type(value).__name__}"
+    text = str(value)
+    if text.strip() == "":
+        return None, f"missing '{column}' (empty or blank)"
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in text):
+        return ascii(text)[1:-1][:200], f"'{column}' holds control characters: {_shown(text)}"
+    if len(text) > 1024:
+        return text[:60] + "...", f"'{column}' is longer than 1024 characters ({len(text)})"
+    return text, None
+
+
+def _reading(batches: Iterator[pa.RecordBatch], spec: DataSpec) -> Iterator[pa.RecordBatch]:
+    """Yield the source's batches; a read error part-way (a truncated or corrupt file) is a data error."""
+    try:
+        yield from batches
+    except (pa.ArrowException, OSError) as exc:
+        raise XAuditError(f"ingest: 'data.path' {str(spec.path)!r} could not be read to the end: {_reason(exc)}") from None
 
 
 def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult:
@@ -172,7 +321,7 @@ def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult
             shards.append(str(path))
             pending, pending_rows = tail.to_batches(), tail.num_rows
 
-    for batch in batches:
+    for batch in _reading(batches, spec):
         if meta_cols is None:
             meta_cols = metadata_columns(batch.schema, spec)
             columns = [c for c in dict.fromkeys([spec.id_column, spec.image_column, spec.label_column,
@@ -183,15 +332,14 @@ def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult
         keep = []
         for i, row in enumerate(batch.to_pylist()):
             fingerprint.update(_row_digest(row))
-            eid = row[spec.id_column]
-            if eid is None or str(eid) == "":
-                rejects.append({"example_id": f"<row {n_rows + i}>", "stage": "ingest",
-                                "reason": f"missing '{spec.id_column}'"})
-            elif str(eid) in seen:
-                rejects.append({"example_id": str(eid), "stage": "ingest",
+            eid, problem = _example_id(row[spec.id_column], spec.id_column)
+            if problem:
+                rejects.append({"example_id": eid or f"<row {n_rows + i}>", "stage": "ingest", "reason": problem})
+            elif eid in seen:
+                rejects.append({"example_id": eid, "stage": "ingest",
                                 "reason": f"duplicate '{spec.id_column}' (first occurrence kept)"})
             else:
-                seen.add(str(eid))
+                seen.add(eid)
                 keep.append(i)
         n_rows += batch.num_rows
         if len(keep) < batch.num_rows:
@@ -209,10 +357,80 @@ def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult
                         tuple(meta_cols or ()))
 
 
+class _Refused(ValueError):
+    """A row's image or mask that is refused before decoding (too large, empty)."""
+
+
+_INT_TEXT = re.compile(r"^[+-]?[0-9]+$")
+_HIGH_DEPTH = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+
+
+def label_index(value: Any, class_names: tuple[str, ...], column: str = "label") -> tuple[int | None, str | None]:
+    """Return (class index, None) for a label, or (None, the reason it is refused).
+
+    A label is a class name, a whole number (int, a float with no fraction, or ASCII digits as text) in
+    0..K-1, or a boolean (0/1). NaN, inf, fractions, other text and other types are refused."""
+    k = len(class_names)
+    if value is None:
+        return None, f"missing '{column}'"
+    if isinstance(value, str):
+        if value in class_names:
+            return class_names.index(value), None
+        if not _INT_TEXT.match(value):
+            return None, f"label {_shown(value)} is not one of the model's classes {_shown(list(class_names), 120)}"
+        index = int(value)
+    elif isinstance(value, (bool, np.bool_)):
+        index = int(value)
+    elif isinstance(value, (int, np.integer)):
+        index = int(value)
+    elif isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            return None, f"label {value!r} is not a finite number"
+        if value != int(value):
+            return None, f"label {value!r} is not a whole class index"
+        index = int(value)
+    else:
+        return None, f"label must be a class name or index; got {type(value).__name__} {_shown(value)}"
+    if not 0 <= index < k:
+        return None, f"label {_shown(value)} out of range: the model has {k} classes (0..{k - 1})"
+    return index, None
+
+
+def _open_checked(data: bytes, what: str) -> Image.Image:
+    """Open encoded image bytes lazily and refuse, from the header alone, images above MAX_PIXELS."""
+    im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    if w < 1 or h < 1:
+        raise _Refused(f"{what} has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise _Refused(f"{what} is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the {MAX_PIXELS / 1e6:.0f} MP "
+                       f"limit (refused before decoding)")
+    return im
+
+
+def _high_depth_array(im: Image.Image) -> np.ndarray:
+    """Return a 16-bit or 32-bit greyscale image as floats in [0, 1]: 16-bit modes by 65535; 'I' by 255 when
+    every value fits 8 bits, else by 65535; 'F' as is when within [0, 1], else like 'I'. Clipped to [0, 1]."""
+    arr = np.asarray(im, dtype=np.float64)
+    if im.mode.startswith("I;16"):
+        scale = 65535.0
+    else:
+        top = float(np.nanmax(arr)) if arr.size else 0.0
+        scale = 1.0 if im.mode == "F" and top <= 1.0 else 255.0 if top <= 255 else 65535.0
+    return np.clip(np.nan_to_num(arr / scale), 0.0, 1.0).astype(np.float32)
+
+
 def _decode_image(data: bytes, card: ModelCard) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("L" if card.channels == 1 else "RGB")
-        h, w = card.input_size
+    """Return the image as (C, H, W) float32 in [0, 1] at the card's size (bilinear resize)."""
+    h, w = card.input_size
+    with _open_checked(data, "image") as im:
+        if im.mode in _HIGH_DEPTH:         # 16-bit PNG/TIFF: scale to [0, 1] instead of clipping to 8 bits
+            grey = Image.fromarray(_high_depth_array(im), mode="F")
+            if grey.size != (w, h):
+                grey = grey.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(grey, dtype=np.float32)[None]
+            return np.repeat(arr, card.channels, 0) if card.channels != 1 else arr
+        im = im.convert({1: "L", 3: "RGB", 4: "RGBA"}[card.channels])
         if im.size != (w, h):
             im = im.resize((w, h), Image.BILINEAR)
         arr = np.asarray(im, dtype=np.float32) / 255.0
@@ -220,7 +438,9 @@ def _decode_image(data: bytes, card: ModelCard) -> np.ndarray:
 
 
 def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
+    with _open_checked(data, "region-of-interest mask") as im:
+        if im.mode in _HIGH_DEPTH:
+            im = Image.fromarray((np.asarray(im) != 0).astype(np.uint8) * 255, mode="L")
         im = im.convert("L")
         h, w = size
         if im.size != (w, h):
@@ -231,7 +451,6 @@ def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
 def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedShard:
     """Return the shard's good rows as normalised tensors, and a reject (with its reason) for every bad row."""
     table = pq.read_table(path)
-    name_to_index = {n: i for i, n in enumerate(card.class_names)}
     ids, images, labels, masks, keep, rejects = [], [], [], [], [], []
     id_col = table[spec.id_column].to_pylist()
     img_col = table[spec.image_column].to_pylist()
@@ -242,38 +461,35 @@ def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedSh
 
         def reject(reason: str) -> None:
             rejects.append({"example_id": rid, "stage": "decode", "reason": reason})
-        if lab is None:
-            reject(f"missing '{spec.label_column}'")
-            continue
-        if isinstance(lab, str):
-            if lab in name_to_index:
-                label = name_to_index[lab]
-            elif lab.lstrip("-").isdigit():
-                label = int(lab)
-            else:
-                reject(f"label {lab!r} is not one of the model's classes {list(card.class_names)}")
-                continue
-        else:
-            label = int(lab)
-        if not 0 <= label < card.num_classes:
-            reject(f"label {lab!r} out of range: the model has {card.num_classes} classes (0..{card.num_classes - 1})")
+        label, problem = label_index(lab, card.class_names, spec.label_column)
+        if problem:
+            reject(problem)
             continue
         if not isinstance(img, (bytes, bytearray)) or not img:
             reject(f"missing or empty '{spec.image_column}'")
             continue
         try:
             arr = _decode_image(img, card)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-            reject(f"corrupt image: {type(exc).__name__}: {exc}")
+        except _Refused as exc:
+            reject(str(exc))
+            continue
+        except Exception as exc:  # Pillow raises many types on hostile bytes; a bad row never ends the audit
+            reject(f"corrupt image: {_reason(exc)}")
             continue
         if roi_col is not None:
             if roi_col[i] is None:
                 mask = np.zeros(card.input_size, dtype=bool)
             else:
                 try:
+                    if not isinstance(roi_col[i], (bytes, bytearray)):
+                        raise _Refused(f"region-of-interest mask must be encoded image bytes; got "
+                                       f"{type(roi_col[i]).__name__}")
                     mask = _decode_mask(roi_col[i], card.input_size)
-                except (UnidentifiedImageError, OSError, ValueError) as exc:
-                    reject(f"corrupt region-of-interest mask: {type(exc).__name__}: {exc}")
+                except _Refused as exc:
+                    reject(str(exc))
+                    continue
+                except Exception as exc:  # as for images: a bad mask is a bad row
+                    reject(f"corrupt region-of-interest mask: {_reason(exc)}")
                     continue
             masks.append(mask)
         ids.append(rid)

@@ -1,14 +1,20 @@
 """Load a model from its spec or card: factory import path + weights, never an arbitrary pickle."""
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
-import pickle
+import os
+import re
 import threading
 import weakref
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 import torch
 from torch import nn
@@ -46,23 +52,38 @@ class ModelCard:
 
 
 def resolve_card(spec: ModelSpec) -> ModelCard:
-    """Return the `ModelCard` for `spec`: fields of the spec override those of its card file."""
+    """Return the `ModelCard` for `spec`: fields of the spec override those of its card file. The merged
+    fields are validated by the same rules as the config's `model` block."""
     where = "load_model"
     values: dict[str, Any] = {}
     base = Path.cwd()
+    source = "the config's 'model'"
     if spec.card is not None:
         card_path = Path(spec.card)
         if not card_path.is_file():
             raise XAuditError(f"{where}: 'model.card' must be an existing JSON model card; got {str(card_path)!r}")
         try:
             values = json.loads(card_path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise XAuditError(f"{where}: model card {card_path} is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise XAuditError(f"{where}: model card {card_path} must hold a JSON object; got {type(values).__name__}")
         base = card_path.resolve().parent
+        source = f"model card {card_path}"
     values.update({k: v for k, v in spec.model_dump(exclude={"card"}).items() if v not in (None, {}, [])})
+    known = set(ModelSpec.model_fields) - {"card"}
+    try:
+        checked = ModelSpec.model_validate({k: v for k, v in values.items() if k in known})
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        field_name = ".".join(str(p) for p in e["loc"])
+        raise XAuditError(f"{where}: '{field_name}' in {source}: {e['msg'].removeprefix('Value error, ')}; "
+                          f"got {str(e.get('input'))[:80]!r}") from None
+    values.update({k: v for k, v in checked.model_dump(exclude={"card"}).items() if k in values})
     missing = [k for k in ("factory", "weights", "input_size", "class_names") if not values.get(k)]
     if missing:
         raise XAuditError(f"{where}: the model spec (or its card) must give {', '.join(map(repr, missing))}")
+    check_factory(str(values["factory"]))
     weights = Path(values["weights"])
     weights = weights if weights.is_absolute() else base / weights
     if not weights.is_file():
@@ -73,12 +94,12 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
     if len(mean) != channels or len(std) != channels or any(s <= 0 for s in std):
         raise XAuditError(f"{where}: 'mean' and 'std' must have one value per channel ({channels}), std > 0; "
                           f"got mean={list(mean)}, std={list(std)}")
-    known = {f for f in ModelCard.__dataclass_fields__}
+    card_fields = {f for f in ModelCard.__dataclass_fields__}
     return ModelCard(
         name=str(values.get("name") or weights.stem),
         version=str(values.get("version") or "unversioned"),
         factory=str(values["factory"]),
-        weights=str(weights),
+        weights=str(weights.resolve()),
         weights_sha256=sha256_file(weights),
         kwargs=dict(values.get("kwargs") or {}),
         input_size=tuple(int(s) for s in values["input_size"]),  # type: ignore[arg-type]
@@ -88,15 +109,54 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
         class_names=tuple(str(c) for c in values["class_names"]),
         target_layer=values.get("target_layer"),
         description=str(values.get("description") or ""),
-        extra={k: v for k, v in values.items() if k not in known},
+        extra={k: v for k, v in values.items() if k not in card_fields},
     )
 
 
-def import_factory(path: str):
-    """Return the callable named by 'package.module:attr' (or 'package.module.attr')."""
+# A model factory named in a config is code that xaudit calls: only these import prefixes are trusted, plus
+# the ones the operator (never the audited config) adds in XAUDIT_TRUSTED_FACTORIES or with --trust-factory.
+TRUSTED_FACTORIES = ("torchvision.models", "timm", "tasks.nets")
+TRUSTED_FACTORIES_ENV = "XAUDIT_TRUSTED_FACTORIES"
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def trusted_factory_prefixes() -> tuple[str, ...]:
+    """Return the trusted import prefixes: the built-in ones and those in $XAUDIT_TRUSTED_FACTORIES
+    (separated by commas or spaces)."""
+    extra = re.split(r"[,\s]+", os.environ.get(TRUSTED_FACTORIES_ENV, "").strip())
+    return tuple(dict.fromkeys([*TRUSTED_FACTORIES, *(p for p in extra if p)]))
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def check_factory(path: str) -> tuple[str, str]:
+    """Return (module, attribute) of a factory path 'package.module:callable' that lies under a trusted
+    prefix; refuse anything else *before* importing it."""
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
+    if not (_DOTTED.match(module_name or "") and _DOTTED.match(attr or "")) or \
+            any(part.startswith("_") for part in attr.split(".")):
+        raise XAuditError(f"load_model: 'factory' must be an import path like 'torchvision.models:resnet18' "
+                          f"(public names only); got {path[:120]!r}")
+    prefixes = trusted_factory_prefixes()
+    if not _under(module_name, prefixes):
+        raise XAuditError(f"load_model: 'factory' {path[:120]!r} is not under a trusted import prefix "
+                          f"{list(prefixes)}; a factory is code that xaudit calls, so only the operator can "
+                          f"trust more: set {TRUSTED_FACTORIES_ENV}=your.package or pass --trust-factory "
+                          f"your.package (never in the audited config)")
+    return module_name, attr
+
+
+def import_factory(path: str):
+    """Return the callable named by 'package.module:attr' (or 'package.module.attr') under a trusted prefix.
+
+    The module is imported only after the prefix check, and the callable must itself be defined under a
+    trusted prefix (a trusted module that merely imports, say, `torch.load` or `os.system` does not make it
+    trusted) and be a class or a Python function."""
+    module_name, attr = check_factory(path)
     try:
         obj = importlib.import_module(module_name)
         for part in attr.split("."):
@@ -104,8 +164,11 @@ def import_factory(path: str):
     except (ImportError, AttributeError, ValueError) as exc:
         raise XAuditError(f"load_model: 'factory' must be an import path like 'torchvision.models:resnet18'; "
                           f"could not import {path!r}: {exc}") from None
-    if not callable(obj):
-        raise XAuditError(f"load_model: 'factory' {path!r} must name a callable; got {type(obj).__name__}")
+    defined_in = getattr(obj, "__module__", None) or ""
+    if not (inspect.isclass(obj) or inspect.isfunction(obj)) or not _under(defined_in, trusted_factory_prefixes()):
+        raise XAuditError(f"load_model: 'factory' {path!r} must name a class or function defined under a trusted "
+                          f"prefix {list(trusted_factory_prefixes())}; it is {type(obj).__name__} from "
+                          f"{defined_in or 'an unknown module'!r}")
     return obj
 
 
@@ -120,8 +183,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise XAuditError(f"load_model: {str(path)!r} is not a readable safetensors file: {exc}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # unpickling refusals, truncated zips, foreign formats: all mean "not a state dict"
+        first = _first_line(exc)
         raise XAuditError(f"load_model: 'weights' must be a safetensors or state-dict file; {str(path)!r} "
                           f"holds something else (refused by weights_only loading: {first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -132,9 +195,37 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def model_logits(output: Any) -> torch.Tensor:
+    """Return the logits in a model's output: a tensor as is; a mapping's 'logits' entry; an object's
+    `.logits` attribute (Hugging Face style); a tuple's or list's first element. Anything else is an error."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    keys = f" with keys {sorted(map(str, output))[:8]}" if isinstance(output, Mapping) else ""
+    raise XAuditError(f"load_model: the model's forward must return logits (N, num_classes): a tensor, a tuple "
+                      f"whose first element is one, or a dict/object with 'logits'; got {type(output).__name__}{keys}")
+
+
+def _logits_hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor | None:
+    return None if isinstance(output, torch.Tensor) else model_logits(output)
+
+
 def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Module:
-    """Return the model described by `card`, with its weights loaded strictly, in eval mode on `device`."""
-    model = import_factory(card.factory)(**card.kwargs)
+    """Return the model described by `card`, with its weights loaded strictly, in eval mode on `device`.
+
+    A forward hook applies `model_logits`, so every caller sees a (N, K) tensor whatever form the model
+    returns (module paths such as the CAM layer's are unchanged)."""
+    factory = import_factory(card.factory)
+    try:
+        model = factory(**card.kwargs)
+    except Exception as exc:  # the factory is the user's code: any failure is a bad model spec
+        raise XAuditError(f"load_model: factory {card.factory!r} failed with kwargs {card.kwargs}: "
+                          f"{type(exc).__name__}: {_first_line(exc)}") from None
     if not isinstance(model, nn.Module):
         raise XAuditError(f"load_model: factory {card.factory!r} must return a torch.nn.Module; "
                           f"got {type(model).__name__}")
@@ -142,17 +233,82 @@ def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Modul
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise XAuditError(f"load_model: weights {card.weights!r} do not fit {card.factory!r}: {exc}") from None
+        raise XAuditError(f"load_model: weights {card.weights!r} do not fit {card.factory!r}: "
+                          f"{_first_lines(exc)}") from None
+    model.register_forward_hook(_logits_hook)
     return model.eval().to(device)
 
 
+@functools.lru_cache(maxsize=4)
+def _cached(card_json: str, device: str) -> nn.Module:
+    values = json.loads(card_json)
+    values.update(input_size=tuple(values["input_size"]), mean=tuple(values["mean"]), std=tuple(values["std"]),
+                  class_names=tuple(values["class_names"]))
+    return build_model(ModelCard(**values), device)
+
+
+def cached_model(card: ModelCard, device: torch.device | str) -> nn.Module:
+    """Return `build_model(card, device)`, built once per process for the same card (weights hash included)
+    and device: the preflight's probe, the shard tasks and the checks share one model object."""
+    return _cached(json.dumps(card.to_dict(), sort_keys=True, default=list), str(device))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _first_lines(exc: BaseException, n: int = 4) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return " ".join(lines[:n])[:600] or type(exc).__name__
+
+
+def probe_model(model: nn.Module, card: ModelCard, device: torch.device) -> None:
+    """Check with one forward of two synthetic images that `model` takes (2, C, H, W) inputs of the card's
+    size and returns finite (2, num_classes) logits; raise `XAuditError` naming what does not fit."""
+    c, (h, w) = card.channels, card.input_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, c, h, w, generator=g)
+    x = ((x - torch.tensor(card.mean).view(1, -1, 1, 1)) / torch.tensor(card.std).view(1, -1, 1, 1)).to(device)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except XAuditError:
+        raise
+    except Exception as exc:  # the model's own code rejected the input
+        raise XAuditError(f"load_model: a probe forward of a {tuple(x.shape)} input (the card's 'channels' "
+                          f"{c} and 'input_size' {[h, w]}) failed: {type(exc).__name__}: {_first_lines(exc, 2)}; "
+                          f"check 'channels' and 'input_size' against what the model takes") from None
+    if out.ndim != 2 or out.shape[0] != 2:
+        raise XAuditError(f"load_model: the model must return logits of shape (N, num_classes); for a "
+                          f"{tuple(x.shape)} input it returned {tuple(out.shape)}")
+    if out.shape[1] != card.num_classes:
+        raise XAuditError(f"load_model: 'class_names' has {card.num_classes} names but the model returns "
+                          f"{out.shape[1]} logits per image; give one name per output")
+    if not torch.isfinite(out).all():
+        raise XAuditError(f"load_model: the model returned non-finite logits (NaN or inf) for a probe input "
+                          f"of shape {tuple(x.shape)}; check the weights")
+
+
 def pick_device(requested: str = "auto") -> torch.device:
-    """Return `cuda` when present (for 'auto'), else `cpu`; a named device must exist."""
+    """Return `cuda` when present (for 'auto'), else `cpu`; a named device must exist on this machine."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(requested)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise XAuditError(f"pick_device: 'device' {requested!r} asks for CUDA, which this machine does not have")
+    try:
+        dev = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise XAuditError(f"pick_device: 'device' must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; "
+                          f"got {requested[:60]!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise XAuditError(f"pick_device: 'device' {requested!r} asks for CUDA, which this machine does not have")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise XAuditError(f"pick_device: 'device' {requested!r} names GPU {dev.index}; this machine has "
+                              f"{torch.cuda.device_count()} (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise XAuditError(f"pick_device: 'device' {requested!r} asks for Apple's MPS, which is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise XAuditError(f"pick_device: 'device' must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'; got {requested!r}")
     return dev
 
 

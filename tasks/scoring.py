@@ -41,6 +41,20 @@ def quantize_heatmap(maps: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(maps, 0, 1) * 255).astype(np.uint8)
 
 
+def non_finite_rows(res) -> dict[int, tuple[str, str]]:
+    """Return {row: (stage, reason)} for the rows of a batch whose logits (stage 'predict') or whose
+    attributions of some method (stage 'attribute') are not all finite."""
+    bad: dict[int, tuple[str, str]] = {}
+    finite = torch.isfinite(res.logits).all(1)
+    for j in torch.nonzero(~finite).flatten().tolist():
+        bad[j] = ("predict", "the model returned non-finite logits (NaN or inf) for this image")
+    for method, raw in sorted(res.attributions.items()):
+        ok = torch.isfinite(raw.flatten(1)).all(1)
+        for j in torch.nonzero(~ok).flatten().tolist():
+            bad.setdefault(j, ("attribute", f"{method} gave non-finite attributions (NaN or inf)"))
+    return bad
+
+
 def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: torch.nn.Module,
                 device: torch.device, out_dir: str | Path) -> ShardOutput:
     """Score one input shard and write `predictions`, `explanations` and `rejects` parts under `out_dir`."""
@@ -55,12 +69,14 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if spec.autocast and device.type == "cuda" \
         else contextlib.nullcontext()
-    for start in range(0, n, spec.batch_size):
-        sl = slice(start, min(n, start + spec.batch_size))
-        x = decoded.inputs[sl].to(device).contiguous(memory_format=memory_format)
-        target = decoded.labels[sl].to(device) if spec.target == "label" else "predicted"
+    rejects = list(decoded.rejects)
+    kept: list[int] = []                # rows of the decoded shard that were scored, in order
+
+    def attribute_rows(rows: list[int]):
+        x = decoded.inputs[rows].to(device).contiguous(memory_format=memory_format)
+        target = decoded.labels[rows].to(device) if spec.target == "label" else "predicted"
         # random draws per example id: an example's explanation does not depend on its shard or batch
-        keys = example_keys(decoded.example_ids[sl])
+        keys = example_keys([decoded.example_ids[i] for i in rows])
         clean = None
         if not isinstance(autocast, contextlib.nullcontext):
             with torch.no_grad():      # predictions in full precision: only the attribution passes run in bf16
@@ -69,6 +85,24 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
             res = attribute(model, x, spec.methods, target=target, params=spec.params,
                             target_layer=card.target_layer, seed=config.seed, logits=clean, example_keys=keys,
                             max_batch=max(spec.max_batch, spec.batch_size), max_elements=spec.max_elements)
+        return x, keys, res
+
+    for start in range(0, n, spec.batch_size):
+        rows = list(range(start, min(n, start + spec.batch_size)))
+        x, keys, res = attribute_rows(rows)
+        while bad := non_finite_rows(res):
+            # a NaN/inf row is rejected and the others explained again without it (a batch equals row by row,
+            # so they get what they would have got); rows only shrink, so this ends
+            rejects += [{"example_id": decoded.example_ids[rows[j]], "stage": stage, "reason": reason}
+                        for j, (stage, reason) in sorted(bad.items())]
+            rows = [r for j, r in enumerate(rows) if j not in bad]
+            if not rows:
+                break
+            x, keys, res = attribute_rows(rows)
+        if not rows:
+            continue
+        kept.extend(rows)
+        sl = rows
         probs_all.append(torch.softmax(res.logits.double(), 1).cpu())
         roi = decoded.roi[sl].to(device) if decoded.roi is not None else None
         maps = {m: display_heatmap(raw, card.input_size) for m, raw in res.attributions.items()}
@@ -88,7 +122,7 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
             flat = raw.flatten(1).double()
             delta = res.extras[method].get("delta")
             expl_rows.append({
-                "example_id": decoded.example_ids[sl],
+                "example_id": np.array([decoded.example_ids[i] for i in sl], dtype=object),
                 "method": [method] * len(full),
                 "target": res.target.cpu().numpy(),
                 "attribution_sum": flat.sum(1).cpu().numpy(),
@@ -98,11 +132,14 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
                 "heatmap": low,
             })
     probs = torch.cat(probs_all).numpy() if probs_all else np.zeros((0, card.num_classes))
+    n = len(kept)
     pred = probs.argmax(1) if n else np.zeros(0, dtype=np.int64)
-    labels = decoded.labels.numpy()
+    labels = decoded.labels.numpy()[kept]
     names = np.array(card.class_names)
+    scored_ids = [decoded.example_ids[i] for i in kept]
+    metadata = decoded.metadata.take(pa.array(kept, type=pa.int64()))
     predictions = pa.table({
-        "example_id": pa.array(decoded.example_ids, pa.string()),
+        "example_id": pa.array(scored_ids, pa.string()),
         "label": pa.array(labels, pa.int64()),
         "label_name": pa.array(names[labels] if n else [], pa.string()),
         "prediction": pa.array(pred, pa.int64()),
@@ -112,8 +149,8 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         "probabilities": _list_column(probs.reshape(n, card.num_classes)),
         "shard": pa.array([name] * n, pa.string()),
     })
-    for col in decoded.metadata.column_names:
-        predictions = predictions.append_column(col, decoded.metadata[col])
+    for col in metadata.column_names:
+        predictions = predictions.append_column(col, metadata[col])
     stat_columns = quality_columns(config.quality.checks)
     if not expl_rows:      # every row rejected: still write a typed, empty part
         expl_rows = [{"example_id": np.array([], dtype=object), "method": np.array([], dtype=object),
@@ -137,9 +174,9 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
     out = ShardOutput(
         predictions=str(write_parquet(out_dir / f"{name}.predictions.parquet", predictions)),
         explanations=str(write_parquet(out_dir / f"{name}.explanations.parquet", explanations)),
-        rejects=str(write_parquet(out_dir / f"{name}.rejects.parquet", rejects_table(decoded.rejects))),
+        rejects=str(write_parquet(out_dir / f"{name}.rejects.parquet", rejects_table(rejects))),
         n_scored=n,
-        n_rejected=len(decoded.rejects),
+        n_rejected=len(rejects),
     )
     return out
 
@@ -149,8 +186,12 @@ def sanity_check(shard: str | Path, card: ModelCard, config: AuditConfig, model:
     """Run the model-randomisation check on the first `quality.sanity_images` images of `shard`; write Parquet."""
     from .quality import randomisation_check
     decoded = decode_shard(shard, card, config.data)
-    x = decoded.inputs[:config.quality.sanity_images].to(device)
     spec = config.attribution
+    x = decoded.inputs[:config.quality.sanity_images].to(device)
+    # the layout the shard tasks chose (remembered per model): a run whose shards all came from the cache
+    # never ran them, and the maps must not depend on that
+    if len(x) and use_channels_last(model, x[:2], spec.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():          # not inference_mode: the target indexes logits later saved for backward
         target = model(x).argmax(1)
 
@@ -164,18 +205,29 @@ def sanity_check(shard: str | Path, card: ModelCard, config: AuditConfig, model:
 
 
 def slice_permutation(shards: list[str], card: ModelCard, config: AuditConfig, model: torch.nn.Module,
-                      device: torch.device, out_path: str | Path) -> Path:
-    """Permutation importance of grid regions for overall and each single-column slice; writes Parquet."""
-    import pandas as pd
+                      device: torch.device, out_path: str | Path, predictions: str | Path) -> Path:
+    """Permutation importance of grid regions for overall and each single-column slice; writes Parquet.
+
+    The examples and their slice columns are those of `predictions` (predictions.parquet: the scored rows,
+    with label_name and confidence besides the metadata), so every slice an audit reports can be permuted."""
+    import pyarrow.parquet as pq
     from .metrics import slice_groups
+    from .outputs import sliceable_columns
     from .permutation import permutation_importance
     spec = config.permutation
+    preds = pq.read_table(predictions)
+    ids = preds["example_id"].to_pylist()
+    position = {e: i for i, e in enumerate(ids)}
     parts = [decode_shard(s, card, config.data) for s in shards]
-    x = torch.cat([p.inputs for p in parts]).to(device)
-    labels = torch.cat([p.labels for p in parts]).to(device)
-    metadata = pd.concat([p.metadata.to_pandas() for p in parts], ignore_index=True)
+    kept = [(p, [j for j, e in enumerate(p.example_ids) if e in position]) for p in parts]
+    x = torch.cat([p.inputs[rows] for p, rows in kept])
+    order = [position[p.example_ids[j]] for p, rows in kept for j in rows]
+    labels = torch.as_tensor(preds["label"].to_numpy())[order]
+    metadata = preds.select(sliceable_columns(preds.column_names)).to_pandas().iloc[order].reset_index(drop=True)
+    channels_last = use_channels_last(model, x[:2].to(device), config.attribution.channels_last) if len(x) else False
+    x = x.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     slices = [s for s in config.metrics.slices if len(s) <= 1]
     groups = {(k, v): idx[:spec.max_images] for k, v, idx in slice_groups(metadata, slices)}
-    table = permutation_importance(model, x, labels, groups, grid=spec.grid, repeats=spec.repeats,
+    table = permutation_importance(model, x, labels.to(device), groups, grid=spec.grid, repeats=spec.repeats,
                                    seed=config.seed, max_batch=config.attribution.max_batch)
     return write_parquet(out_path, pa.Table.from_pandas(table, preserve_index=False))

@@ -4,9 +4,7 @@ This is the only module of `tasks` that imports Prefect.
 """
 from __future__ import annotations
 
-import functools
 import json
-import secrets
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -18,12 +16,13 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from . import outputs, report
-from .config import AuditConfig, ModelSpec, ReviewConfig
+from . import preflight as checks
+from .config import AuditConfig, ReviewConfig, new_run_id
 from .data import REJECT_SCHEMA, ingest
 from .devices import device_pool
 from .errors import XAuditError
 from .io import sha256_file, sha256_json, write_json
-from .models import ModelCard, build_model, pick_device, resolve_card
+from .models import ModelCard, cached_model, pick_device
 from .scoring import score_shard
 
 CODE_VERSION = "xaudit-scoring/4"   # bump when scoring output changes, so cached shards are recomputed
@@ -43,7 +42,7 @@ IO_RETRIES = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_un
 def prepare_run(config: AuditConfig) -> dict[str, str]:
     """Create the run directory; returns {run_id, run_dir, started}."""
     started = datetime.now(timezone.utc)
-    run_id = config.run_id or f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    run_id = config.run_id or new_run_id()
     run_dir = Path(config.output_dir) / run_id
     (run_dir / "inputs").mkdir(parents=True, exist_ok=True)
     (run_dir / "parts").mkdir(exist_ok=True)
@@ -51,10 +50,17 @@ def prepare_run(config: AuditConfig) -> dict[str, str]:
             "flow_run_id": str(flow_run.get_id()) if flow_run.get_id() else None}
 
 
-@task(name="resolve-model")
-def resolve_model(spec: ModelSpec) -> dict[str, Any]:
-    """Resolve the model card and hash the weights; returns the card as a dict."""
-    return resolve_card(spec).to_dict()
+@task(name="preflight")
+def preflight(config: AuditConfig) -> dict[str, Any]:
+    """Check the whole config, the model (a probe forward) and the data's schema before any work; returns the
+    model card as a dict. Nothing is written."""
+    return checks.preflight_audit(config, load=cached_model).cards["model"].to_dict()
+
+
+@task(name="preflight-review")
+def preflight_review(config: ReviewConfig) -> dict[str, dict[str, Any]]:
+    """Check a review config (both models, the data, every threshold) before any work; returns both cards."""
+    return {role: c.to_dict() for role, c in checks.preflight_review(config, load=cached_model).cards.items()}
 
 
 @task(name="ingest-data", **IO_RETRIES)
@@ -64,14 +70,9 @@ def ingest_data(config: AuditConfig, run_dir: str) -> dict[str, Any]:
     return asdict(result)
 
 
-@functools.lru_cache(maxsize=4)
-def _model(weights: str, weights_sha256: str, device: str, card_json: str) -> torch.nn.Module:
-    return build_model(ModelCard(**json.loads(card_json)), device)
-
-
 def _loaded(card: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """Return the card's model on `device`, loaded once per process (weights read and hashed once)."""
-    return _model(card["weights"], card["weights_sha256"], str(device), json.dumps(card, default=list))
+    return cached_model(_card(card), device)
 
 
 def _card(card: dict[str, Any]) -> ModelCard:
@@ -118,7 +119,8 @@ def permutation(shards: list[str], card: dict[str, Any], config: AuditConfig, ru
     c = _card(card)
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
         model = _loaded(card, device)
-        return str(slice_permutation(shards, c, config, model, device, Path(run_dir) / "permutation.parquet"))
+        return str(slice_permutation(shards, c, config, model, device, Path(run_dir) / "permutation.parquet",
+                                     Path(run_dir) / "predictions.parquet"))
 
 
 @task(name="merge-outputs", **IO_RETRIES)

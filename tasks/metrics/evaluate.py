@@ -49,36 +49,93 @@ class Evaluation:
 _BUCKETS = re.compile(r"^(?P<col>[^:=]+):(?:q(?P<q>\d+)|bins\((?P<edges>[^)]*)\))$")
 
 
-def _term(metadata: pd.DataFrame, term: str) -> tuple[str, pd.Series, np.ndarray | None]:
-    """Return (key, per-row label, row mask or None) for one term of a slice spec."""
-    def column(name: str) -> pd.Series:
-        if name not in metadata.columns:
-            raise XAuditError(f"metrics: slice columns [{name!r}] are not metadata columns; "
-                              f"available: {list(metadata.columns)}")
-        return metadata[name]
+@dataclass(frozen=True)
+class Term:
+    """One parsed slice term: `column`, `kind` ('column', 'value', 'quantiles', 'bins'), and the filter value,
+    quantile count or bin edges."""
+
+    column: str
+    kind: str
+    value: str | None = None
+    quantiles: int | None = None
+    edges: tuple[float, ...] = ()
+
+
+def parse_term(term: str) -> Term:
+    """Return the parsed slice term, or raise `XAuditError` naming what is wrong with it (no data needed)."""
+    if not isinstance(term, str) or not term.strip():
+        raise XAuditError(f"metrics: 'slices' terms must be non-empty text; got {term!r}")
     if "=" in term:                                            # value filter: site=C
         name, value = term.split("=", 1)
-        col = column(name).astype("string").fillna("null")
-        return name, col, (col == value).to_numpy()
+        return Term(name, "value", value=value)
     m = _BUCKETS.match(term)
-    if m:                                                      # numeric buckets: confidence:q10, x:bins(0,0.5,1)
-        col = pd.to_numeric(column(m["col"]), errors="coerce")
+    if m:
         if m["q"]:
             q = int(m["q"])
-            if q < 2:
-                raise XAuditError(f"metrics: slice term {term!r} needs at least 2 quantile buckets")
-            edges = np.unique(np.nanquantile(col.to_numpy(dtype=float), np.linspace(0, 1, q + 1)))
-        else:
-            try:
-                edges = np.array(sorted(float(e) for e in m["edges"].split(",")))
-            except ValueError:
-                raise XAuditError(f"metrics: slice term {term!r} must be 'col:bins(e0,e1,...)' with numbers") from None
-        idx = np.clip(np.searchsorted(edges, col.to_numpy(dtype=float), side="right") - 1, 0, len(edges) - 2)
-        labels = np.array([f"[{edges[i]:.4g}, {edges[i + 1]:.4g}{']' if i == len(edges) - 2 else ')'}"
-                           for i in range(len(edges) - 1)] or ["all"], dtype=object)
-        out = pd.Series(labels[idx] if len(edges) > 1 else "all", index=metadata.index, dtype="string")
-        return term, out.where(col.notna(), "null"), None
-    return term, column(term).astype("string").fillna("null"), None
+            if not 2 <= q <= 1000:
+                raise XAuditError(f"metrics: slice term {term!r} needs 2 to 1000 quantile buckets")
+            return Term(m["col"], "quantiles", quantiles=q)
+        try:
+            edges = tuple(float(e) for e in m["edges"].split(","))
+        except ValueError:
+            raise XAuditError(f"metrics: slice term {term!r} must be 'col:bins(e0,e1,...)' with numbers") from None
+        if len(edges) < 2 or not all(np.isfinite(edges)) or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise XAuditError(f"metrics: slice term {term!r} needs at least two finite, strictly increasing "
+                              f"bin edges")
+        return Term(m["col"], "bins", edges=edges)
+    if ":" in term and "(" in term:
+        raise XAuditError(f"metrics: slice term {term!r} is neither 'col', 'col=value', 'col:qN' nor "
+                          f"'col:bins(e0,e1,...)'")
+    return Term(term, "column")
+
+
+def _edge_labels(edges: np.ndarray) -> list[str]:
+    """Return '[a, b)' labels for consecutive edges (the last one closed, '[a, b]'), with as many significant
+    digits as it takes for every edge to print differently (so buckets never share a label)."""
+    for digits in range(4, 18):
+        text = [f"{e:.{digits}g}" for e in edges]
+        if len(set(text)) == len(text):
+            break
+    return [f"[{text[i]}, {text[i + 1]}{']' if i == len(edges) - 2 else ')'}" for i in range(len(edges) - 1)]
+
+
+def _term(metadata: pd.DataFrame, term: str) -> tuple[str, pd.Series, np.ndarray | None]:
+    """Return (key, per-row label, row mask or None) for one term of a slice spec.
+
+    Buckets are half-open [a, b), the last one closed [a, b]. Fixed edges: values below the first edge form
+    the slice '< a', values above the last '> b' (never folded into the end buckets); missing or non-numeric
+    values form 'null'. Quantile edges are the distinct quantiles of the values, so ties can leave fewer
+    buckets than asked for."""
+    parsed = parse_term(term)
+    if parsed.column not in metadata.columns:
+        raise XAuditError(f"metrics: slice columns [{parsed.column!r}] are not metadata columns; "
+                          f"available: {list(metadata.columns)}")
+    column = metadata[parsed.column]
+    if parsed.kind == "value":
+        col = column.astype("string").fillna("null")
+        return parsed.column, col, (col == parsed.value).to_numpy()
+    if parsed.kind == "column":
+        return term, column.astype("string").fillna("null"), None
+    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
+    finite = np.isfinite(values)
+    if parsed.kind == "quantiles":
+        edges = np.unique(np.quantile(values[finite], np.linspace(0, 1, parsed.quantiles + 1))) \
+            if finite.any() else np.zeros(0)
+    else:
+        edges = np.asarray(parsed.edges, dtype=float)
+    out = np.full(len(values), "null", dtype=object)
+    if len(edges) == 1:                                        # every value equal: one closed bucket
+        out[finite] = f"[{edges[0]:.6g}]"
+    elif len(edges) > 1:
+        labels = np.array(_edge_labels(edges), dtype=object)
+        idx = np.searchsorted(edges, values, side="right") - 1
+        idx = np.where(values == edges[-1], len(edges) - 2, idx)    # the last bucket is closed
+        inside = finite & (idx >= 0) & (idx <= len(edges) - 2)
+        out[inside] = labels[idx[inside]]
+        low, high = _edge_labels(edges[[0, -1]])[0][1:-1].split(", ")
+        out[finite & (values < edges[0])] = f"< {low}"
+        out[finite & (values > edges[-1])] = f"> {high}"
+    return term, pd.Series(out, index=metadata.index, dtype="string"), None
 
 
 def slice_groups(metadata: pd.DataFrame, specs: Sequence[Sequence[str]]) -> list[tuple[str, str, np.ndarray]]:

@@ -1,0 +1,228 @@
+"""Check an audit or review config end to end before any work and before its run directory exists.
+
+Everything a config, a model card, the model itself and the dataset's schema can tell is checked here: the
+output location and run id, the device, every method, check, metric, threshold and slice name, the model
+(its factory is trusted, it builds, its weights load, and one probe forward gives finite
+(N, num_classes) logits for the card's channels and input size), and the data (it opens, has every column
+the config names, and the filter leaves rows). A failure raises one `XAuditError` naming the field.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .attribution import METHODS, get_method
+from .attribution._registry import resolve_params
+from .config import AuditConfig, DataSpec, ModelSpec, ReviewConfig, Threshold
+from .data import SourceInfo, inspect_source
+from .errors import XAuditError
+from .metrics import METRICS
+from .metrics.evaluate import parse_term
+from .models import ModelCard, build_model, pick_device, probe_model, resolve_card
+from .quality import CHECKS, quality_columns
+
+# Columns of predictions.parquet that slices may use besides the metadata columns.
+DERIVED_SLICE_COLUMNS = ("label_name", "confidence")
+REVIEW_STATISTICS = ("flip_any", "flip_to_wrong", "flip_to_right")
+DRIFT_STATISTICS = ("rank_corr", "top10_overlap")
+LOCALISATION_COLUMNS = ("roi_mass", "pointing_game")
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the checks established: the model card(s), the device, and the data source."""
+
+    cards: dict[str, ModelCard]
+    device: str
+    source: SourceInfo
+
+
+def check_output_location(output_dir: str | Path, run_id: str | None) -> None:
+    """Raise unless run directories can be created under `output_dir` (a folder, or a path whose nearest
+    existing parent is a writable folder), and `output_dir/run_id`, if it exists, is a folder."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise XAuditError(f"preflight: 'output_dir' {str(out)!r} must be a folder; it is a file")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise XAuditError(f"preflight: 'output_dir' {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    try:                                  # the real test (os.access says yes to root on read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".xaudit-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise XAuditError(f"preflight: 'output_dir' {str(out)!r} is not writable ({str(parent)!r}: "
+                          f"{exc.strerror})") from None
+    if run_id:
+        run_dir = out / run_id
+        if run_dir.exists() and not run_dir.is_dir():
+            raise XAuditError(f"preflight: run directory {str(run_dir)!r} exists and is not a folder; "
+                              f"choose another 'run_id'")
+
+
+def check_methods(methods: Sequence[str], params: dict[str, dict], checks: Sequence[str],
+                  check_params: dict[str, dict]) -> None:
+    """Raise unless every attribution method and quality check exists and every parameter is known."""
+    if not methods:
+        raise XAuditError("preflight: 'attribution.methods' must name at least one method; "
+                          f"registered: {sorted(METHODS)}")
+    for m in methods:
+        get_method(m)
+    dup = sorted({m for m in methods if list(methods).count(m) > 1})
+    if dup:
+        raise XAuditError(f"preflight: 'attribution.methods' names {dup} more than once")
+    stray = sorted(set(params) - set(methods))
+    if stray:
+        raise XAuditError(f"preflight: 'attribution.params' gives parameters for {stray}, which are not among "
+                          f"'attribution.methods' {list(methods)}")
+    for m, p in params.items():
+        if not isinstance(p, dict):
+            raise XAuditError(f"preflight: 'attribution.params.{m}' must be a mapping of parameters; got {p!r}")
+        resolve_params(m, p)
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise XAuditError(f"preflight: 'quality.checks' must name registered checks {sorted(CHECKS)}; got {unknown}")
+    stray = sorted(set(check_params) - set(checks))
+    if stray:
+        raise XAuditError(f"preflight: 'quality.params' gives parameters for {stray}, which are not among "
+                          f"'quality.checks' {list(checks)}")
+    for c, p in check_params.items():
+        bad = sorted(set(p or {}) - set(CHECKS[c].defaults))
+        if bad:
+            raise XAuditError(f"preflight: 'quality.params.{c}' has unknown parameters {bad}; "
+                              f"{c!r} takes {sorted(CHECKS[c].defaults)}")
+
+
+def check_slices(slices: Sequence[Sequence[str]], columns: Sequence[str], where: str = "metrics.slices") -> list[str]:
+    """Raise unless every slice term parses and names a sliceable column; returns the slice keys."""
+    keys = []
+    for i, spec in enumerate(slices):
+        terms = [parse_term(t) for t in spec]
+        for t in terms:
+            if t.column not in columns:
+                raise XAuditError(f"preflight: '{where}[{i}]' slices by {t.column!r}, which is not a sliceable "
+                                  f"column; sliceable: {list(columns)} (the metadata columns, label_name, "
+                                  f"confidence)")
+        cols = [t.column for t in terms]
+        if len(set(cols)) != len(cols):
+            raise XAuditError(f"preflight: '{where}[{i}]' crosses column(s) with themselves: {list(spec)}")
+        keys.append("&".join(t.column if t.kind in ("value", "column") else raw
+                             for t, raw in zip(terms, spec)) if spec else "overall")
+    return keys
+
+
+def _check_threshold(th: Threshold, i: int, where: str, known: dict[str, bool], per_class: set[str],
+                     class_names: Sequence[str], slice_keys: Sequence[str], hint: str) -> None:
+    field = f"{where}[{i}]"
+    if th.metric not in known:
+        raise XAuditError(f"preflight: '{field}.metric' is {th.metric!r}, which this config does not compute; "
+                          f"it computes {sorted(known)}{hint}")
+    if th.sub_key is not None:
+        if th.metric not in per_class:
+            raise XAuditError(f"preflight: '{field}.sub_key' is set, but {th.metric!r} is not a per-class metric "
+                              f"(per-class: {sorted(per_class)})")
+        if th.sub_key not in class_names:
+            raise XAuditError(f"preflight: '{field}.sub_key' must be one of the model's classes "
+                              f"{list(class_names)}; got {th.sub_key!r}")
+    if th.multiple_testing == "bh" and getattr(th, "gate_on", "interval") != "interval":
+        raise XAuditError(f"preflight: '{field}.multiple_testing' bh needs gate_on: interval")
+    if th.slice not in (None, "overall"):
+        parts = th.slice.split("&")
+        if any("=" not in p or not p.split("=", 1)[0] for p in parts):
+            raise XAuditError(f"preflight: '{field}.slice' must be 'overall' or 'col=value[&col=value]'; "
+                              f"got {th.slice!r}")
+        key = "&".join(p.split("=", 1)[0] for p in parts)
+        if key not in slice_keys:
+            raise XAuditError(f"preflight: '{field}.slice' {th.slice!r} selects slices keyed {key!r}, which "
+                              f"'metrics.slices' does not make (keys: {sorted(set(slice_keys))})")
+
+
+def _stat_names(methods: Sequence[str], checks: Sequence[str], has_roi: bool) -> dict[str, bool]:
+    cols = quality_columns(list(checks))
+    return {f"{m}.{c}": higher for m in methods for c, (higher, _) in cols.items()
+            if has_roi or c not in LOCALISATION_COLUMNS}
+
+
+def _roi_hint(known: dict[str, bool], metric: str, has_roi: bool) -> str:
+    if not has_roi and metric.rpartition(".")[2] in LOCALISATION_COLUMNS:
+        return "; localisation statistics need 'data.roi_column'"
+    return ""
+
+
+def check_model(spec: ModelSpec, device: torch.device, role: str = "model",
+                load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> ModelCard:
+    """Return the card once the model builds, its weights load and a probe forward fits the card."""
+    card = resolve_card(spec)
+    try:
+        model = load(card, device)
+        probe_model(model, card, device)
+    except XAuditError as exc:
+        if role == "model":
+            raise
+        raise XAuditError(f"{role}: {exc}") from None
+    return card
+
+
+def check_data(spec: DataSpec) -> SourceInfo:
+    return inspect_source(spec)
+
+
+def preflight_audit(config: AuditConfig,
+                    load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> Preflight:
+    """Check everything about an audit that can be known before it runs (see the module docstring)."""
+    check_output_location(config.output_dir, config.run_id)
+    device = pick_device(config.device)
+    a, q, m = config.attribution, config.quality, config.metrics
+    check_methods(a.methods, a.params, q.checks, q.params)
+    for name in m.metrics or []:
+        if name not in METRICS:
+            raise XAuditError(f"preflight: 'metrics.metrics' must name registered metrics {sorted(METRICS)}; "
+                              f"got {name!r}")
+    source = check_data(config.data)
+    slice_keys = check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS])
+    card = check_model(config.model, device, load=load)
+    chosen = m.metrics if m.metrics is not None else sorted(METRICS)
+    known = {n: METRICS[n].higher_is_better for n in chosen}
+    known.update(_stat_names(a.methods, q.checks, bool(config.data.roi_column)))
+    per_class = {n for n in chosen if METRICS[n].per_class}
+    for i, th in enumerate(m.thresholds):
+        _check_threshold(th, i, "metrics.thresholds", known, per_class, card.class_names,
+                         [*slice_keys, "overall"], _roi_hint(known, th.metric, bool(config.data.roi_column)))
+    return Preflight({"model": card}, str(device), source)
+
+
+def preflight_review(config: ReviewConfig,
+                     load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> Preflight:
+    """Check a review: both audits as an audit would be checked, the two models' classes agree, and every
+    change threshold and review threshold names a statistic the review computes."""
+    check_output_location(config.output_dir, config.run_id)
+    device = pick_device(config.device)
+    a, q, m = config.attribution, config.quality, config.metrics
+    check_methods(a.methods, a.params, q.checks, q.params)
+    source = check_data(config.data)
+    slice_keys = [*check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS]), "overall"]
+    cards = {role: check_model(getattr(config, role), device, role, load) for role in ("baseline", "candidate")}
+    if cards["baseline"].class_names != cards["candidate"].class_names:
+        raise XAuditError(f"preflight: 'candidate' has classes {list(cards['candidate'].class_names)} but "
+                          f"'baseline' has {list(cards['baseline'].class_names)}; a review compares the same classes")
+    chosen = m.metrics if m.metrics is not None else sorted(METRICS)
+    stats = _stat_names(a.methods, q.checks, bool(config.data.roi_column))
+    known = {n: METRICS[n].higher_is_better for n in chosen if n in METRICS} | stats
+    per_class = {n for n in chosen if n in METRICS and METRICS[n].per_class}
+    names = cards["baseline"].class_names
+    for i, ch in enumerate(config.change_thresholds):
+        _check_threshold(ch, i, "change_thresholds", known, per_class, names, slice_keys,
+                         _roi_hint(known, ch.metric, bool(config.data.roi_column)))
+    review_known = {s: False for s in REVIEW_STATISTICS} | {f"{meth}.{d}": True for meth in a.methods
+                                                             for d in DRIFT_STATISTICS}
+    for i, th in enumerate(config.thresholds):
+        _check_threshold(th, i, "thresholds", review_known, set(), names, slice_keys, "")
+    return Preflight(cards, str(device), source)
