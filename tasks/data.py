@@ -173,6 +173,9 @@ def inspect_source(spec: DataSpec) -> SourceInfo:
     if fmt == "imagefolder":
         table = pa.Table.from_batches(list(_imagefolder_batches(path, spec, with_bytes=False)))
         schema = table.schema
+        if spec.roi_column:
+            raise XAuditError(f"ingest: 'data.roi_column' {spec.roi_column!r} cannot be read from an ImageFolder "
+                              f"(it has only {schema.names}); convert the data to Parquet to give masks")
         expr = _filter_expression(spec, schema)
         n = (table.filter(expr) if expr is not None else table).num_rows
     else:
@@ -398,7 +401,11 @@ def label_index(value: Any, class_names: tuple[str, ...], column: str = "label")
 
 def _open_checked(data: bytes, what: str) -> Image.Image:
     """Open encoded image bytes lazily and refuse, from the header alone, images above MAX_PIXELS."""
-    im = Image.open(io.BytesIO(data))
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:       # above twice the limit: Pillow refuses from the header
+        raise _Refused(f"{what} is above the {MAX_PIXELS / 1e6:.0f} MP limit (refused before decoding: "
+                       f"{_reason(exc)})") from None
     w, h = im.size
     if w < 1 or h < 1:
         raise _Refused(f"{what} has no pixels ({w}x{h})")

@@ -108,8 +108,11 @@ def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, r
     probs = np.asarray(preds["probabilities"].combine_chunks().flatten(), dtype=np.float64).reshape(preds.num_rows, -1)
     metadata = preds.select(sliceable_columns(preds.column_names)).to_pandas()
     spec = config.metrics
+    slices = list(spec.slices)
+    if any(th.max_gap is not None for th in spec.thresholds) and [] not in [list(s) for s in slices]:
+        slices.append([])            # gap checks compare each slice with the overall value
     ev = evaluate(
-        labels=preds["label"].to_numpy(), probabilities=probs, metadata=metadata, slices=spec.slices,
+        labels=preds["label"].to_numpy(), probabilities=probs, metadata=metadata, slices=slices,
         metrics=spec.metrics, example_stats=example_stats(preds, expl), class_names=card.class_names,
         replicates=spec.bootstrap_replicates, seed=config.seed, level=spec.confidence_level,
         min_slice_size=spec.min_slice_size,
@@ -148,6 +151,24 @@ def artifact_hashes(run_dir: str | Path, names: Sequence[str] = ARTIFACTS) -> di
             for name in names if (run_dir / name).is_file()}
 
 
+RUN_FOLDERS = ("inputs", "parts")
+REPORTS = ("report.html", "report.pdf", "review.html", "review.pdf")
+
+
+def file_hashes(run_dir: str | Path, folders: Sequence[str] = RUN_FOLDERS) -> dict[str, dict[str, Any]]:
+    """Return {relative path: {sha256, bytes}} for every file under the run's `folders` (input shards and
+    per-shard parts), sorted; temporary files of an interrupted write are left out."""
+    run_dir = Path(run_dir)
+    out = {}
+    for folder in folders:
+        base = run_dir / folder
+        if base.is_dir():
+            for f in sorted(base.rglob("*")):
+                if f.is_file() and not f.name.endswith(".tmp"):
+                    out[f.relative_to(run_dir).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    return out
+
+
 def build_manifest(run_id: str, started: datetime, config: AuditConfig, card: ModelCard, data: dict[str, Any],
                    flow_run_id: str | None, device: str, run_dir: str | Path, verdict: str) -> dict[str, Any]:
     """Return the run manifest: identity of model, data, code and environment, and every artifact's hash."""
@@ -167,6 +188,7 @@ def build_manifest(run_id: str, started: datetime, config: AuditConfig, card: Mo
         "device": device,
         "libraries": library_versions(),
         "artifacts": artifact_hashes(run_dir),
+        "files": file_hashes(run_dir),
     }
 
 
@@ -214,19 +236,84 @@ def run_summary(run_dir: str | Path, run_id: str, kind: str = "audit") -> tuple[
     return "\n".join(lines), rows, rd / ("report.html" if kind == "audit" else "review.html")
 
 
+def _embedded_files(pdf: Path) -> dict[str, bytes]:
+    """Return the files embedded in a PDF (name -> bytes); empty when it cannot be read."""
+    from pypdf import PdfReader
+    try:
+        return {name: data[0] for name, data in PdfReader(str(pdf)).attachments.items() if data}
+    except Exception:  # a damaged PDF is reported by its hash; here it just anchors nothing
+        return {}
+
+
 def verify_run(run_dir: str | Path) -> list[str]:
-    """Return the problems found re-hashing a run's artifacts against its manifest (empty when intact)."""
+    """Return the problems found checking a run (or review) directory against its manifest (empty when intact).
+
+    Checked: every artifact and every file under inputs/ and parts/ against its sha256 (and files there that
+    the manifest does not list); the manifest's own config hash and its verdict against validation.json;
+    and the manifest itself against the copy embedded in the PDF report (the manifest as it was before
+    the reports, plus their hashes), together with the PDF's embedded tables. A review also checks both of
+    its audits (their manifests by the hashes the review manifest records, then each audit in full).
+    Without signatures this cannot stop someone who rewrites every file consistently (the PDF included);
+    it does catch any edit of one file, the manifest's verdict among them."""
     run_dir = Path(run_dir)
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file():
         raise XAuditError(f"verify: {str(run_dir)!r} must be a run directory with a manifest.json")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"manifest.json: not valid JSON ({exc})"]
+    if not isinstance(manifest, dict):
+        return ["manifest.json: not a JSON object"]
     problems = []
-    for name, info in manifest.get("artifacts", {}).items():
+    listed = {**manifest.get("artifacts", {}), **manifest.get("files", {})}
+    for name, info in listed.items():
         path = run_dir / name
         if not path.is_file():
             problems.append(f"{name}: missing")
-        elif sha256_file(path) != info["sha256"]:
+        elif sha256_file(path) != info.get("sha256"):
             problems.append(f"{name}: sha256 differs from the manifest (modified after the run)")
+    if "files" in manifest:
+        for name in file_hashes(run_dir):
+            if name not in manifest["files"]:
+                problems.append(f"{name}: not in the manifest (added after the run)")
+    if "config" in manifest and manifest.get("config_sha256") != sha256_json(manifest["config"]):
+        problems.append("manifest.json: 'config' does not match its 'config_sha256' (edited after the run)")
+    validation = run_dir / "validation.json"
+    if validation.is_file():
+        try:
+            recorded = json.loads(validation.read_text()).get("verdict")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = None
+        if recorded != manifest.get("verdict"):
+            problems.append(f"manifest.json: verdict {manifest.get('verdict')!r} differs from validation.json's "
+                            f"{recorded!r}")
+    pdfs = [run_dir / n for n in ("report.pdf", "review.pdf") if (run_dir / n).is_file()]
+    for pdf in pdfs:
+        embedded = _embedded_files(pdf)
+        if "manifest.json" not in embedded:
+            problems.append(f"{pdf.name}: carries no manifest.json to check the manifest against")
+            continue
+        try:
+            inside = json.loads(embedded["manifest.json"])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            problems.append(f"{pdf.name}: its embedded manifest.json is not valid JSON")
+            continue
+        expected = {**manifest, "artifacts": {k: v for k, v in manifest.get("artifacts", {}).items()
+                                              if k not in REPORTS}}
+        if inside != expected:
+            diff = sorted(k for k in set(inside) | set(expected) if inside.get(k) != expected.get(k))
+            problems.append(f"manifest.json: differs from the manifest embedded in {pdf.name} in {diff} "
+                            f"(edited after the report was made)")
+        for name, data in embedded.items():
+            if name != "manifest.json" and (run_dir / name).is_file() and (run_dir / name).read_bytes() != data:
+                problems.append(f"{name}: differs from the copy embedded in {pdf.name}")
+    for role, info in (manifest.get("audits") or {}).items():
+        sub = run_dir / role
+        if not (sub / "manifest.json").is_file():
+            problems.append(f"{role}/manifest.json: missing")
+            continue
+        if sha256_file(sub / "manifest.json") != info.get("manifest_sha256"):
+            problems.append(f"{role}/manifest.json: sha256 differs from the review manifest")
+        problems += [f"{role}/{p}" for p in verify_run(sub)]
     return problems
-

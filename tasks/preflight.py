@@ -160,8 +160,8 @@ def _roi_hint(known: dict[str, bool], metric: str, has_roi: bool) -> str:
 def check_model(spec: ModelSpec, device: torch.device, role: str = "model",
                 load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> ModelCard:
     """Return the card once the model builds, its weights load and a probe forward fits the card."""
-    card = resolve_card(spec)
     try:
+        card = resolve_card(spec)
         model = load(card, device)
         probe_model(model, card, device)
     except XAuditError as exc:
@@ -169,6 +169,37 @@ def check_model(spec: ModelSpec, device: torch.device, role: str = "model",
             raise
         raise XAuditError(f"{role}: {exc}") from None
     return card
+
+
+# parameters that set a method's number of model passes: a dry run needs only a couple
+_PASS_COUNTS = ("n_steps", "n_samples")
+
+
+def check_attribution(spec: ModelSpec | None, card: ModelCard, model: nn.Module, device: torch.device,
+                      methods: Sequence[str], params: dict[str, dict], seed: int = 0) -> None:
+    """Dry-run every configured method on one probe image (with its pass counts cut to 2, occlusion skipped:
+    it only runs forwards), so a method that cannot explain this model (no CAM layer, a layer whose output is
+    not (N, C, h, w), frozen weights...) stops the audit now, not after ingest."""
+    from .attribution import attribute
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, card.channels, *card.input_size, generator=g)
+    x = ((x - torch.tensor(card.mean).view(1, -1, 1, 1)) / torch.tensor(card.std).view(1, -1, 1, 1)).to(device)
+    for m in methods:
+        if m == "occlusion":
+            continue
+        p = dict(params.get(m) or {})
+        for k in _PASS_COUNTS:
+            if k in METHODS[m].defaults:
+                p[k] = min(2, int(p.get(k, METHODS[m].defaults[k])))
+        try:
+            attribute(model, x, [m], params={m: p}, target_layer=card.target_layer, seed=seed)
+        except XAuditError as exc:
+            raise XAuditError(f"preflight: attribution method {m!r} cannot explain this model: {exc}") from None
+        except Exception as exc:  # the model's own code, or a method meeting an architecture it cannot handle
+            text = str(exc).strip().splitlines()
+            raise XAuditError(f"preflight: attribution method {m!r} failed on a probe image of this model: "
+                              f"{type(exc).__name__}: {text[0][:300] if text else ''}; leave it out of "
+                              f"'attribution.methods' or set the model's 'target_layer'") from None
 
 
 def check_data(spec: DataSpec) -> SourceInfo:
@@ -189,6 +220,7 @@ def preflight_audit(config: AuditConfig,
     source = check_data(config.data)
     slice_keys = check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS])
     card = check_model(config.model, device, load=load)
+    check_attribution(config.model, card, load(card, device), device, a.methods, a.params, config.seed)
     chosen = m.metrics if m.metrics is not None else sorted(METRICS)
     known = {n: METRICS[n].higher_is_better for n in chosen}
     known.update(_stat_names(a.methods, q.checks, bool(config.data.roi_column)))
@@ -210,6 +242,12 @@ def preflight_review(config: ReviewConfig,
     source = check_data(config.data)
     slice_keys = [*check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS]), "overall"]
     cards = {role: check_model(getattr(config, role), device, role, load) for role in ("baseline", "candidate")}
+    for role, card in cards.items():
+        try:
+            check_attribution(getattr(config, role), card, load(card, device), device, a.methods, a.params,
+                              config.seed)
+        except XAuditError as exc:
+            raise XAuditError(f"{role}: {exc}") from None
     if cards["baseline"].class_names != cards["candidate"].class_names:
         raise XAuditError(f"preflight: 'candidate' has classes {list(cards['candidate'].class_names)} but "
                           f"'baseline' has {list(cards['baseline'].class_names)}; a review compares the same classes")

@@ -79,7 +79,8 @@ def test_audit_flow_end_to_end_and_resume(prefect_harness, small_data, tmp_path)
 
     # tampering is detected
     (run_dir / "metrics.parquet").write_bytes(b"tampered")
-    assert verify_run(run_dir) == ["metrics.parquet: sha256 differs from the manifest (modified after the run)"]
+    assert verify_run(run_dir) == ["metrics.parquet: sha256 differs from the manifest (modified after the run)",
+                                   "metrics.parquet: differs from the copy embedded in report.pdf"]
 
 
 def _duckdb_reads_the_tables_as_pandas_does(run_dir):

@@ -35,15 +35,22 @@ def find_layer(model: nn.Module, name: str | None) -> nn.Module:
 
 @contextmanager
 def capture_layer(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the layer's output (and keep it in the graph) for the duration; the hook is always removed."""
+    """Record the layer's output (in the graph, for a gradient at it) for the duration; the hook is always
+    removed."""
     store: dict[str, torch.Tensor] = {}
 
     def hook(_module, _inputs, output):
         if not isinstance(output, torch.Tensor):
             raise XAuditError(f"attribute: the CAM layer must output a tensor; it gave {type(output).__name__}")
-        if output.requires_grad:
-            output.retain_grad()
+        if output.ndim != 4:
+            raise XAuditError(f"attribute: CAM methods need a layer whose output is (N, C, h, w); the CAM layer "
+                              f"({type(layer).__name__}) outputs shape {tuple(output.shape)}: set 'target_layer' "
+                              f"to a convolutional layer")
         store["activations"] = output
+        # the network may modify this output in place next (VGG's and AlexNet's ReLU(inplace=True) after the
+        # last conv, DenseNet's norm5, a residual `+=`): hand it a copy, so the recorded activations (and the
+        # gradient taken at them) are the layer's own; the copy is one (N, C, h, w) tensor
+        return output.clone()
     handle = layer.register_forward_hook(hook)
     try:
         yield store
@@ -179,6 +186,9 @@ def _gradient_pass(model: nn.Module, x: torch.Tensor, target: Callable[[torch.Te
     """One forward with autograd (its logits are the clean forward) and one backward of the chosen logits.
     `target` maps the logits to the (N,) classes to explain. Without `input_grad` the backward stops at the
     CAM layer (what CAM methods alone need). Returns (logits, target, pass)."""
+    # CAM alone stops the backward at the layer; with every parameter frozen, nothing before it would need a
+    # gradient and the layer's output would not be in the graph: then the input has to ask for one
+    input_grad = input_grad or not any(p.requires_grad for p in model.parameters())
     with torch.enable_grad():
         xg = x.detach().clone().requires_grad_(input_grad)
         if layer is None:

@@ -251,6 +251,17 @@ def evaluate(
     if probabilities.ndim != 2 or len(labels) != n or len(metadata) != n:
         raise XAuditError(f"evaluate: 'labels' (n,), 'probabilities' (n, K) and 'metadata' (n rows) must agree; "
                           f"got {labels.shape}, {probabilities.shape}, {len(metadata)} rows")
+    if n and not np.isfinite(probabilities).all():
+        bad = int(np.flatnonzero(~np.isfinite(probabilities).all(1))[0])
+        raise XAuditError(f"evaluate: 'probabilities' must be finite; row {bad} holds {probabilities[bad].tolist()[:6]}")
+    if n and (probabilities.min() < -1e-6 or probabilities.max() > 1 + 1e-6
+              or np.abs(probabilities.sum(1) - 1).max() > 1e-4 * max(1, k)):
+        bad = int(np.flatnonzero((probabilities < -1e-6).any(1) | (probabilities > 1 + 1e-6).any(1)
+                                 | (np.abs(probabilities.sum(1) - 1) > 1e-4 * max(1, k)))[0])
+        raise XAuditError(f"evaluate: 'probabilities' must lie in [0, 1] and sum to 1 per row; row {bad} holds "
+                          f"{np.round(probabilities[bad], 6).tolist()[:6]} (sum {probabilities[bad].sum():.6g})")
+    if n and ((labels < 0) | (labels >= k)).any():
+        raise XAuditError(f"evaluate: 'labels' must be class indices in 0..{k - 1}; got {labels[(labels < 0) | (labels >= k)][:5].tolist()}")
     names = list(class_names) if class_names is not None else [str(i) for i in range(k)]
     chosen = [get_metric(m) for m in (metrics if metrics is not None else sorted(METRICS))]
     stats = example_stats or {}
@@ -304,8 +315,8 @@ def evaluate(
         results: list[tuple[str, str, np.ndarray]] = []
         for m in chosen:
             v = m.finish(sums[:, spans[m.columns]], d) if m.columns is not None else m.fn(d, Wn.T)
-            if m.per_class:
-                results += [(m.name, names[c], v[:, c]) for c in np.unique(d.labels)]
+            if m.per_class:        # every class that occurs as a label or a prediction (scikit-learn's classes)
+                results += [(m.name, names[c], v[:, c]) for c in d.classes_present()]
             else:
                 results.append((m.name, "", v))
         for name in stats:

@@ -78,6 +78,28 @@ def benjamini_hochberg(p_values: np.ndarray, q: float) -> np.ndarray:
     return reject
 
 
+def violation_p_value(dist: np.ndarray | None, value: float, bound: float, violates) -> float:
+    """Return the p-value for "no violation" of `bound` given the replicate distribution `dist`.
+
+    The bootstrap p-value (1 + #replicates not violating) / (1 + #replicates) cannot go below 1 / (R + 1),
+    so over many slices Benjamini-Hochberg could never reject even a clear violation (at q = 0.05 and 50
+    slices it needs p <= 0.001 for the first rejection, i.e. R >= 1000 replicates all violating). When every
+    replicate violates, the p-value comes from the normal approximation instead: Phi(-|value - bound| / sd),
+    with the replicates' standard deviation sd (never above the bootstrap floor's value of 1 / (R + 1))."""
+    from scipy.stats import norm
+    finite = dist[np.isfinite(dist)] if dist is not None else np.zeros(0)
+    if finite.size == 0:
+        return 1.0
+    floor = 1.0 / (1 + finite.size)
+    p = (1 + np.sum(~violates(finite))) / (1 + finite.size)
+    if p > floor or not violates(value):
+        return float(p)
+    sd = float(np.std(finite, ddof=1)) if finite.size > 1 else 0.0
+    if sd == 0:
+        return 0.0
+    return float(min(floor, norm.sf(abs(value - bound) / sd)))
+
+
 def _outcome(gate_on: str, value: float, lo: float | None, hi: float | None, violates) -> str:
     if gate_on == "estimate":
         return "fail" if violates(value) else "pass"
@@ -94,8 +116,8 @@ def validate(evaluation: Evaluation, thresholds: Sequence[Threshold]) -> Validat
     """Return every check (passed ones too) and the verdict: FAIL if a fail-severity check fails, WARN if any
     check fails with warn severity or is inconclusive, else PASS.
 
-    With `multiple_testing='bh'` (and gate_on='interval'), each slice's bootstrap p-value for "no violation",
-    (1 + #replicates not violating) / (1 + #replicates), goes through Benjamini-Hochberg at q = 1 - level
+    With `multiple_testing='bh'` (and gate_on='interval'), each slice's p-value for "no violation"
+    (`violation_p_value`: the bootstrap p-value, or below its floor the normal approximation) goes through Benjamini-Hochberg at q = 1 - level
     over all slices the threshold tests; rejected slices fail, the others pass unless their estimate
     violates the bound (then inconclusive).
     """
@@ -115,6 +137,19 @@ def validate(evaluation: Evaluation, thresholds: Sequence[Threshold]) -> Validat
         rows = t[(t.metric == th.metric) & (t.sub_key == sub_key)]
         rows = rows[[_matches(th.slice, k, v) for k, v in zip(rows.slice_key, rows.slice_value)]]
         status_of = {"pass": "PASS", "inconclusive": "WARN", "missing": "WARN"}
+        if th.sub_key:
+            every = t[(t.metric == th.metric)]
+            every = every[[_matches(th.slice, k, v) for k, v in zip(every.slice_key, every.slice_value)]]
+            have = set(zip(rows.slice_key, rows.slice_value))
+            for k, v, n_rows in every[["slice_key", "slice_value", "n"]].drop_duplicates(["slice_key", "slice_value"]).itertuples(index=False):
+                if (k, v) not in have:
+                    where = "overall" if (k, v) == OVERALL else f"{k}={v}"
+                    checks.append(Check(k, v, th.metric, sub_key, "lower" if th.lower is not None else "upper",
+                                        None, None, None, float(th.lower if th.lower is not None else
+                                                                th.upper if th.upper is not None else th.max_gap),
+                                        th.gate_on, th.severity, "missing", "WARN",
+                                        f"{th.metric} [{sub_key}] on {where} (n={n_rows}) is undefined: the class "
+                                        f"neither occurs nor is predicted there; nothing to check"))
         if rows.empty:
             checks.append(Check("", th.slice or "*", th.metric, sub_key, "lower", None, None, None, float("nan"),
                                 th.gate_on, th.severity, "missing", "FAIL" if th.severity == "fail" else "WARN",
@@ -136,6 +171,12 @@ def validate(evaluation: Evaluation, thresholds: Sequence[Threshold]) -> Validat
                                                 f"nothing to check"))
                     continue
                 s = evaluation.samples.get((r.slice_key, r.slice_value, th.metric, r.sub_key))
+                if kind == "max_gap" and (overall.empty or pd.isna(overall.value.iloc[0])):
+                    checks.append(Check(kind=kind, value=None, ci_low=None, ci_high=None, bound=bound,
+                                        outcome="missing", status="FAIL" if th.severity == "fail" else "WARN",
+                                        **base, message=f"{th.metric} on {where}: the gap needs the overall value, "
+                                                        f"which was not computed (add [] to metrics.slices)"))
+                    continue
                 if kind == "max_gap":
                     ov = float(overall.value.iloc[0]) if not overall.empty else np.nan
                     sign = 1.0 if higher else -1.0          # gap > 0 means the slice is worse than overall
@@ -155,10 +196,8 @@ def validate(evaluation: Evaluation, thresholds: Sequence[Threshold]) -> Validat
                               ci_high=None if np.isnan(hi) else hi, bound=float(bound), **base)
                 pending.append((fields, dist, violates, label, where, r.n, "<=" if bad_if_above else ">="))
         if th.multiple_testing == "bh" and pending:
-            p_values = []
-            for fields, dist, violates, *_ in pending:
-                finite = dist[np.isfinite(dist)] if dist is not None else np.zeros(0)
-                p_values.append((1 + np.sum(~violates(finite))) / (1 + len(finite)))
+            p_values = [violation_p_value(dist, f["value"], f["bound"], violates)
+                        for f, dist, violates, *_ in pending]
             rejected = benjamini_hochberg(np.array(p_values), 1 - evaluation.level)
             outcomes = ["fail" if rej else "inconclusive" if violates(f["value"]) else "pass"
                         for rej, (f, _, violates, *_) in zip(rejected, pending)]

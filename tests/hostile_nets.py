@@ -1,0 +1,68 @@
+"""Models as users bring them, for the hostile-input tests: the demo CNN's layers (so the demo weights load)
+behind forwards that return tuples, dicts, Hugging Face style objects, NaN, or nothing usable.
+
+Not under a trusted prefix: the tests trust it the way an operator would (--trust-factory hostile_nets).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tasks.nets import DemoCNN
+
+
+class TupleNet(DemoCNN):
+    def forward(self, x):
+        return super().forward(x), x.mean()
+
+
+class DictNet(DemoCNN):
+    def forward(self, x):
+        return {"logits": super().forward(x), "features": x}
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+
+
+class ObjectNet(DemoCNN):
+    def forward(self, x):
+        return Output(super().forward(x))
+
+
+class NoLogitsNet(DemoCNN):
+    def forward(self, x):
+        return {"scores": super().forward(x)}
+
+
+class CubeNet(DemoCNN):
+    def forward(self, x):
+        return super().forward(x)[:, None, :]
+
+
+class NaNNet(DemoCNN):
+    def forward(self, x):
+        return super().forward(x) * float("nan")
+
+
+class SomeNaNNet(DemoCNN):
+    """NaN logits for images whose top-left 2x2 block is bright (the tests plant such rows; no demo image
+    has one)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        bright = (x[:, 0, :2, :2].amin((1, 2)) > 2.0)[:, None]
+        return torch.where(bright, torch.full_like(out, float("nan")), out)
+
+
+def tuple_net(**kw):
+    return TupleNet(**kw)
+
+
+def payload(**kw):
+    """What a hostile factory would do if it were ever called: leave a mark."""
+    import pathlib
+    pathlib.Path(kw["path"]).write_text("ran")
+    return DemoCNN()
