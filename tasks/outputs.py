@@ -187,7 +187,8 @@ def build_manifest(run_id: str, started: datetime, config: AuditConfig, card: Mo
         "prefect_flow_run_id": flow_run_id,
         "device": device,
         "libraries": library_versions(),
-        "artifacts": artifact_hashes(run_dir),
+        # the reports come after this manifest (the PDF embeds it); seal_manifest adds their hashes
+        "artifacts": {k: v for k, v in artifact_hashes(run_dir).items() if k not in REPORTS},
         "files": file_hashes(run_dir),
     }
 
@@ -207,7 +208,7 @@ def build_review_manifest(review_dir: str | Path, run_id: str, config: ReviewCon
         "audits": {role: {"run_id": m["run_id"], "manifest_sha256": sha256_file(rd / role / "manifest.json")}
                    for role, m in audits.items()},
         "libraries": library_versions(),
-        "artifacts": artifact_hashes(rd, REVIEW_ARTIFACTS),
+        "artifacts": {k: v for k, v in artifact_hashes(rd, REVIEW_ARTIFACTS).items() if k not in REPORTS},
     }
 
 

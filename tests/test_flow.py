@@ -104,7 +104,7 @@ def test_cli_bad_input_exit_code_and_message(prefect_harness, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {card: nowhere.json}\ndata: {path: nowhere.parquet}\n")
     assert cli(["run", str(bad), "--output-dir", str(tmp_path / "runs")]) == 2
-    assert "'model.card' must be an existing JSON model card" in capsys.readouterr().err
+    assert "'data.path' must be a Parquet file or an ImageFolder directory" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()          # nothing half-made is left behind
 
 
@@ -130,7 +130,7 @@ def test_input_errors_are_not_retried(prefect_harness, small_data, tmp_path):
         async with get_client() as client:
             return await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(), sort=TaskRunSort.EXPECTED_START_TIME_DESC, limit=1,
-                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="ingest-data")))
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="preflight")))
     (last,) = asyncio.run(ingest_runs())
     assert last.state.is_failed() and last.run_count == 1      # failed once, not retried
 

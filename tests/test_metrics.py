@@ -291,3 +291,84 @@ def test_slice_terms_filters_buckets_and_crosses():
     ev = evaluate(y, p, md, slices=[["site=Z"]], metrics=["accuracy"], replicates=10)
     row = ev.table[ev.table.metric == "accuracy"].iloc[0]
     assert row.n == 0 and row.suppressed and pd.isna(row.value)     # an empty slice keeps its row
+
+
+# --- slicing and gating conventions (README, "Notes on correctness") -----------------------------------------
+
+def _bounds(label: str) -> tuple[float, float, bool]:
+    lo, hi = label[1:-1].split(", ")
+    return float(lo), float(hi), label.endswith("]")
+
+
+def test_values_outside_fixed_bins_get_their_own_slices_not_the_end_buckets():
+    from tasks.metrics import slice_groups
+    md = pd.DataFrame({"x": [-5.0, 0.0, 0.25, 0.5, 1.0, 7.0, np.nan, "text"]})
+    g = {v: list(idx) for _, v, idx in slice_groups(md, [["x:bins(0,0.5,1)"]])}
+    assert g == {"< 0": [0], "[0, 0.5)": [1, 2], "[0.5, 1]": [3, 4], "> 1": [5], "null": [6, 7]}
+
+
+def test_quantile_buckets_never_share_a_label_and_each_label_holds_its_rows():
+    """Confidences bunched near 1 (the README's confidence:q10 on the demo baseline once printed five
+    slices, one '[1, 1)' holding 432 of 720 rows)."""
+    from tasks.metrics import slice_groups
+    rng = np.random.default_rng(3)
+    conf = np.concatenate([np.ones(432), 1 - rng.exponential(1e-5, 200), rng.uniform(0.3, 1, 88)])
+    md = pd.DataFrame({"confidence": conf})
+    groups = slice_groups(md, [["confidence:q10"]])
+    labels = [v for _, v, _ in groups]
+    assert len(labels) == len(set(labels))
+    edges = np.unique(np.quantile(conf, np.linspace(0, 1, 11)))
+    assert len(groups) == len(edges) - 1
+    for _, label, idx in groups:
+        lo, hi, closed = _bounds(label)
+        vals = conf[idx]
+        # the labels print the edges to the digits that tell them apart; membership holds to that precision
+        assert (vals >= lo - 1e-4 * abs(lo)).all() and (vals <= hi + 1e-4 * abs(hi)).all(), label
+    assert sum(len(i) for _, _, i in groups) == len(conf)
+
+
+def test_max_gap_without_an_overall_slice_is_never_a_silent_pass():
+    y, p, md = random_data(300)
+    ev = evaluate(y, p, md, slices=[["site"]], metrics=["accuracy"], replicates=50)
+    res = validate(ev, [Threshold(metric="accuracy", max_gap=0.01)])
+    assert {c.outcome for c in res.checks} == {"missing"} and res.verdict == "FAIL"
+    assert all("overall" in c.message for c in res.checks)
+
+
+def test_per_class_metrics_cover_predicted_classes_and_thresholds_see_absent_ones():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    p = np.array([[0.9, 0.05, 0.05]] * 2 + [[0.1, 0.8, 0.1]] * 2 + [[0.1, 0.1, 0.8], [0.1, 0.8, 0.1]])
+    md = pd.DataFrame({"g": ["a", "a", "a", "b", "b", "b"]})
+    ev = evaluate(y, p, md, slices=[[], ["g"]], metrics=["precision"], class_names=["c0", "c1", "c2"], replicates=0)
+    t = ev.table[ev.table.metric == "precision"]
+    row = t[(t.slice_value == "b") & (t.sub_key == "c2")]       # predicted once in b, never a label there
+    assert len(row) == 1 and row.value.iloc[0] == skm.precision_score(y[3:], p[3:].argmax(1), labels=[2],
+                                                                       average=None, zero_division=0)[0]
+    res = validate(ev, [Threshold(metric="precision", sub_key="c2", lower=0.5)])
+    by_slice = {c.slice_value: c for c in res.checks}
+    assert by_slice["a"].outcome == "missing" and "neither occurs nor is predicted" in by_slice["a"].message
+    assert by_slice["b"].outcome == "fail"
+
+
+def test_bh_can_fail_a_lone_clear_violation_among_many_slices():
+    """With 60 slices and 1,000 replicates the bootstrap p-value's floor 1/1001 is above BH's first
+    threshold 0.05/60: only the normal approximation below the floor lets a clear violation fail."""
+    rng = np.random.default_rng(5)
+    n = 6000
+    md = pd.DataFrame({"g": rng.integers(0, 60, n).astype(str)})
+    y = rng.integers(0, 2, n)
+    correct = rng.random(n) < np.where(md.g == "13", 0.3, 0.97)
+    p = np.where((correct == (y == 1))[:, None], [[0.2, 0.8]], [[0.8, 0.2]])
+    ev = evaluate(y, p, md, slices=[["g"]], metrics=["accuracy"], replicates=1000, seed=2)
+    res = validate(ev, [Threshold(metric="accuracy", lower=0.8, gate_on="interval", multiple_testing="bh")])
+    assert {c.slice_value for c in res.checks if c.outcome == "fail"} == {"13"}
+    from tasks.metrics.thresholds import violation_p_value
+    dist = np.full(1000, 0.3) + rng.normal(0, 0.02, 1000)
+    assert violation_p_value(dist, 0.3, 0.8, lambda v: v < 0.8) < 1e-6
+    assert violation_p_value(dist, 0.3, 0.2, lambda v: v < 0.2) == 1.0
+
+
+@pytest.mark.parametrize("bad", [np.array([[0.5, 0.6]]), np.array([[1.2, -0.2]]), np.array([[np.nan, 1.0]])])
+def test_probabilities_outside_the_simplex_are_refused(bad):
+    with pytest.raises(XAuditError, match="'probabilities'"):
+        evaluate(np.array([0]), bad, pd.DataFrame(index=[0]), metrics=["accuracy"], replicates=0)
