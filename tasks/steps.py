@@ -25,7 +25,7 @@ from .io import sha256_file, sha256_json, write_json
 from .models import ModelCard, cached_model, pick_device
 from .scoring import score_shard
 
-CODE_VERSION = "xaudit-scoring/4"   # bump when scoring output changes, so cached shards are recomputed
+CODE_VERSION = "xaudit-scoring/5"   # bump when scoring output changes, so cached shards are recomputed
 def _retry_unless_input_error(task, task_run, state) -> bool:
     """Retry a failed task (an I/O error may pass), but never an input error: it would fail the same way."""
     try:

@@ -361,3 +361,81 @@ def test_out_of_memory_halves_the_chunk_and_retries():
     torch.testing.assert_close(res.attributions["integrated_gradients"], ref.attributions["integrated_gradients"])
     assert any(n > 3 for n in fussy.sizes)           # it did run out of memory...
     assert fussy.sizes[-1] <= 3                        # ...and finished with halved chunks
+
+
+# --- architectures the demo CNN does not have (issue: Grad-CAM after in-place ops, ragged occlusion, frozen
+# weights, non-spatial CAM layers) ----------------------------------------------------------------------------
+
+class InPlaceNet(nn.Module):
+    """VGG's and AlexNet's pattern: the CAM layer (last conv) is followed by ReLU(inplace=True), and a
+    BatchNorm output is then modified by a residual `+=`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.relu(self.conv1(x))
+        out = self.bn(self.conv2(h))
+        out += h                                   # modifies the BatchNorm output in place
+        out = self.relu(out)
+        return self.head(out.mean((2, 3)))
+
+
+@pytest.mark.parametrize("layer", ["conv2", "bn"])
+def test_gradcam_is_right_when_the_network_modifies_the_cam_layer_output_in_place(layer):
+    torch.manual_seed(0)
+    model = InPlaceNet().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2)
+    x, t = torch.randn(3, 3, 16, 16), distinct_targets(3)
+    res = attribute(model, x, ["gradcam"], target=t, target_layer=layer)
+    ref = captum_attr.LayerGradCam(model, model.get_submodule(layer)).attribute(x, target=t, relu_attributions=True)
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(res.attributions["gradcam"], ref, rtol=1e-4, atol=1e-6)
+
+
+def test_gradcam_on_torchvision_vgg_features_with_in_place_relu():
+    model = torchvision.models.vgg11(num_classes=10).eval()
+    layer = "features.18"                          # the last Conv2d, then ReLU(inplace=True)
+    assert isinstance(model.get_submodule("features.19"), nn.ReLU) and model.features[19].inplace
+    x, t = inputs_for((3, 32, 32), 2), distinct_targets(2)
+    res = attribute(model, x, ["gradcam"], target=t, target_layer=layer)
+    ref = captum_attr.LayerGradCam(model, model.get_submodule(layer)).attribute(x, target=t, relu_attributions=True)
+    torch.testing.assert_close(res.attributions["gradcam"], ref, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, window, stride", [(30, 8, 4), (29, 8, 4), (23, 5, 3)])
+def test_occlusion_equals_captum_when_windows_do_not_tile_the_image(size, window, stride):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 10)).eval()
+    torch.manual_seed(2)
+    x, t = torch.randn(2, 3, size, size), distinct_targets(2)
+    res = attribute(model, x, ["occlusion"], target=t, params={"occlusion": {"window": window, "stride": stride}})
+    ref = captum_attr.Occlusion(model).attribute(x, target=t, sliding_window_shapes=(3, window, window),
+                                                 strides=(3, stride, stride), baselines=0.0)
+    assert (ref[..., -1] != 0).any()               # the border is covered
+    torch.testing.assert_close(res.attributions["occlusion"], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcam_alone_works_on_a_model_with_frozen_weights():
+    model = demo_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x, t = inputs_for((3, 32, 32), 2), distinct_targets(2)
+    alone = attribute(model, x, ["gradcam"], target=t, target_layer="features.6").attributions["gradcam"]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    trainable = attribute(model, x, ["gradcam"], target=t, target_layer="features.6").attributions["gradcam"]
+    torch.testing.assert_close(alone, trainable)
+
+
+def test_a_cam_layer_that_is_not_spatial_is_refused_clearly():
+    model = demo_model()
+    with pytest.raises(XAuditError, match=r"\(N, C, h, w\).*target_layer"):
+        attribute(model, inputs_for((3, 32, 32), 2), ["gradcam"], target_layer="classifier.2")

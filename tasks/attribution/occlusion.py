@@ -12,14 +12,17 @@ from ._registry import MethodOutput, register
 @register("occlusion", paper="https://arxiv.org/abs/1311.2901", window=8, stride=4, baseline=0.0)
 def occlusion(ctx, window: int, stride: int, baseline: float) -> MethodOutput:
     """Return the occlusion attributions (N, C, H, W); every window of every image is batched together.
-    Pixels no window covers get 0."""
+    Windows start every `stride` pixels; the last one on each side is cut at the border. Pixels no window
+    covers (stride > window) get 0."""
     x = ctx.inputs
     n, c, h, w = x.shape
     if not (1 <= window <= min(h, w)) or stride < 1:
         raise XAuditError(f"occlusion: 'window' must be in 1..{min(h, w)} and 'stride' >= 1; "
                           f"got window={window}, stride={stride}")
-    ys = range(0, h - window + 1, stride)
-    xs = range(0, w - window + 1, stride)
+    # as Captum: ceil((H - window) / stride) + 1 windows per side, so when the windows do not tile the image
+    # (e.g. 299 px with the defaults) the last one is cut at the border instead of left out
+    ys = [k * stride for k in range(-(-(h - window) // stride) + 1)]
+    xs = [k * stride for k in range(-(-(w - window) // stride) + 1)]
     masks = torch.zeros(len(ys) * len(xs), 1, h, w, device=x.device, dtype=x.dtype)
     for i, (y0, x0) in enumerate((y0, x0) for y0 in ys for x0 in xs):
         masks[i, :, y0:y0 + window, x0:x0 + window] = 1
