@@ -28,6 +28,14 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
 
 
+def _finite_bounds(model: BaseModel, names: tuple[str, ...]) -> None:
+    """A NaN bound compares false with everything, so a check against it would always pass: refuse it."""
+    for name in names:
+        v = getattr(model, name)
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"'{name}' must be a finite number; got {v}")
+
+
 def _finite(values: list[float] | None, name: str) -> list[float] | None:
     if values is not None and not all(math.isfinite(v) for v in values):
         raise ValueError(f"{name} must be finite numbers; got {values}")
@@ -116,7 +124,7 @@ class PermutationSpec(_Strict):
 
     enabled: bool = False
     grid: int = Field(4, ge=1, le=16, description="regions per side")
-    repeats: int = Field(3, ge=1)
+    repeats: int = Field(3, ge=1, le=100)
     max_images: int = Field(512, ge=2, description="images per slice at most (the first ones)")
 
 
@@ -139,6 +147,7 @@ class Threshold(_Strict):
     def _one_bound(self) -> "Threshold":
         if self.lower is None and self.upper is None and self.max_gap is None:
             raise ValueError(f"threshold on {self.metric!r} needs 'lower', 'upper' or 'max_gap'")
+        _finite_bounds(self, ("lower", "upper", "max_gap"))
         return self
 
 
@@ -148,7 +157,7 @@ class MetricsSpec(_Strict):
         description="each entry a list of terms to cross; [] is overall. Terms: 'col', 'col=value', "
                     "'col:q10' (quantile buckets), 'col:bins(0,0.5,1)'")
     metrics: list[str] | None = Field(None, description="default: every registered metric")
-    bootstrap_replicates: int = Field(1000, ge=0)
+    bootstrap_replicates: int = Field(1000, ge=0, le=100_000)
     confidence_level: float = Field(0.95, gt=0, lt=1)
     min_slice_size: int = Field(10, ge=1)
     thresholds: list[Threshold] = Field(default_factory=list)
@@ -218,6 +227,26 @@ def check_device_name(v: str) -> str:
     return v
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 100_000
+
+
+def check_size(obj: Any, where: str, limit: int = MAX_CONFIG_NODES) -> None:
+    """Raise when `obj` expands to more than `limit` values: YAML aliases can make a few lines stand for
+    billions of values (a 'billion laughs' config), which would hang whatever serialises it."""
+    count, stack = 0, [obj]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            raise XAuditError(f"{where} expands to more than {limit:,} values (YAML aliases?); refused")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
 def _resolve(base: Path, value: Any) -> Any:
     if value is None:
         return None
@@ -231,10 +260,14 @@ def _read_config_file(path: str | Path, where: str, model_keys: tuple[str, ...])
     path = Path(path)
     if not path.is_file():
         raise XAuditError(f"{where}: 'path' must be an existing YAML or JSON file; got {str(path)!r}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise XAuditError(f"{where}: {path} is {path.stat().st_size:,} bytes; a config is at most "
+                          f"{MAX_CONFIG_BYTES:,}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise XAuditError(f"{where}: {path} is not valid YAML/JSON: {exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise XAuditError(f"{where}: {path} is not valid YAML/JSON: {str(exc)[:300]}") from None
+    check_size(raw, f"{where}: {path}")
     if not isinstance(raw, dict):
         raise XAuditError(f"{where}: {path} must hold a mapping; got {type(raw).__name__}")
     base = path.resolve().parent
@@ -313,6 +346,7 @@ class ChangeThreshold(_Strict):
     def _one_bound(self) -> "ChangeThreshold":
         if self.absolute is None and self.relative is None:
             raise ValueError(f"change threshold on {self.metric!r} needs 'absolute' or 'relative'")
+        _finite_bounds(self, ("absolute", "relative"))
         return self
 
 

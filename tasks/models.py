@@ -19,7 +19,7 @@ from pydantic import ValidationError
 import torch
 from torch import nn
 
-from .config import ModelSpec
+from .config import MAX_CONFIG_BYTES, ModelSpec
 from .errors import XAuditError
 from .io import sha256_file
 
@@ -62,10 +62,13 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
         card_path = Path(spec.card)
         if not card_path.is_file():
             raise XAuditError(f"{where}: 'model.card' must be an existing JSON model card; got {str(card_path)!r}")
+        if card_path.stat().st_size > MAX_CONFIG_BYTES:
+            raise XAuditError(f"{where}: model card {card_path} is {card_path.stat().st_size:,} bytes; a card is "
+                              f"at most {MAX_CONFIG_BYTES:,}")
         try:
             values = json.loads(card_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise XAuditError(f"{where}: model card {card_path} is not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise XAuditError(f"{where}: model card {card_path} is not valid JSON: {str(exc)[:300]}") from None
         if not isinstance(values, dict):
             raise XAuditError(f"{where}: model card {card_path} must hold a JSON object; got {type(values).__name__}")
         base = card_path.resolve().parent

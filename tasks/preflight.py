@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .attribution import METHODS, get_method
-from .attribution._registry import resolve_params
+from .attribution._registry import check_param, resolve_params
 from .config import AuditConfig, DataSpec, ModelSpec, ReviewConfig, Threshold
 from .data import SourceInfo, inspect_source
 from .errors import XAuditError
@@ -99,6 +99,8 @@ def check_methods(methods: Sequence[str], params: dict[str, dict], checks: Seque
         if bad:
             raise XAuditError(f"preflight: 'quality.params.{c}' has unknown parameters {bad}; "
                               f"{c!r} takes {sorted(CHECKS[c].defaults)}")
+        for key, value in (p or {}).items():
+            check_param(f"preflight: 'quality.params.{c}'", key, value, CHECKS[c].defaults[key])
 
 
 def check_slices(slices: Sequence[Sequence[str]], columns: Sequence[str], where: str = "metrics.slices") -> list[str]:

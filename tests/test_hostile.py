@@ -655,3 +655,99 @@ def _edit_json(path: Path, **changes) -> None:
     data = json.loads(path.read_text())
     data.update(changes)
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The models users bring: one output rule for tuples, dicts and Hugging Face style objects.
+
+@pytest.mark.parametrize("net", ["TupleNet", "DictNet", "ObjectNet"])
+def test_models_returning_tuples_dicts_or_objects_are_audited_through_one_rule(tmp_path, clean_rows, monkeypatch,
+                                                                              net):
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
+    from tasks.attribution import attribute
+    from tasks.config import ModelSpec, parse_config
+    from tasks.models import build_model, resolve_card
+    from tasks.preflight import preflight_audit
+    model = {"card": str(CARD), "factory": f"hostile_nets:{net}"}
+    preflight_audit(parse_config(base_config(clean_rows, tmp_path / "runs", model=model)))
+    assert not (tmp_path / "runs").exists()
+    ours = build_model(resolve_card(ModelSpec(**model)))
+    plain = build_model(resolve_card(ModelSpec(card=CARD)))
+    x = torch.randn(3, 1, 32, 32)
+    torch.testing.assert_close(ours(x), plain(x))
+    a = attribute(ours, x, ["saliency", "gradcam", "integrated_gradients"], target_layer="features.6")
+    b = attribute(plain, x, ["saliency", "gradcam", "integrated_gradients"], target_layer="features.6")
+    for m in a.attributions:
+        torch.testing.assert_close(a.attributions[m], b.attributions[m])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3./7. Paths that cross to workers, and what listens on the network.
+
+def test_relative_output_dir_is_made_absolute_before_workers_see_it(tmp_path, clean_rows, monkeypatch):
+    from flows.cli import _settled
+    from tasks.config import new_run_id, parse_config
+    monkeypatch.chdir(tmp_path)
+    config = _settled(parse_config(base_config(clean_rows, Path("runs"))), new_run_id)
+    assert config.output_dir == tmp_path / "runs" and config.output_dir.is_absolute()
+    assert config.run_id and not (tmp_path / "runs").exists()
+
+
+def test_the_local_dask_cluster_listens_on_loopback_only():
+    pytest.importorskip("prefect_dask")
+    from distributed import LocalCluster
+    from flows.cli import dask_runner
+    kwargs = dict(dask_runner(None).cluster_kwargs)
+    import socket
+    with LocalCluster(**kwargs) as cluster:
+        port = int(cluster.dashboard_link.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()       # the dashboard is there...
+        from distributed.utils import get_ip
+        outside = [a for a in {get_ip(), *(i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None,
+                                                                               socket.AF_INET))}
+                   if not a.startswith("127.")]
+        for address in outside:                                                # ...and only on loopback
+            with pytest.raises(OSError):
+                socket.create_connection((address, port), timeout=5).close()
+        assert cluster.scheduler_address.startswith("inproc://")     # in-process workers: no TCP at all
+
+
+# --------------------------------------------------------------------------------------------------------------
+# More config shapes that would pass silently or hang.
+
+def test_a_yaml_alias_bomb_is_refused_not_expanded(capsys, tmp_path, clean_rows):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    text = "\n".join(["bomb:", *("  " + line for line in levels),
+                      f"model: {{card: {CARD}, kwargs: {{x: *a8}}}}", f"data: {{path: {clean_rows}}}",
+                      f"output_dir: {tmp_path / 'runs'}"])
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    rc, _, err = run_cli(capsys, ["run", str(path)])
+    assert_input_error(rc, err, tmp_path / "runs", "expands to more than")
+
+
+@pytest.mark.parametrize("threshold, needle", [
+    ({"metric": "accuracy", "lower": float("nan")}, "finite"),
+    ({"metric": "accuracy", "upper": float("inf")}, "finite"),
+])
+def test_thresholds_that_could_never_fail_are_refused(capsys, tmp_path, clean_rows, threshold, needle):
+    expect_refused(capsys, tmp_path, clean_rows, "'metrics.thresholds.0'", needle, metrics={"thresholds": [threshold]})
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"attribution": {"methods": ["integrated_gradients"], "params": {"integrated_gradients": {"n_steps": 10 ** 9}}}},
+     "'n_steps' must be a whole number"),
+    ({"attribution": {"methods": ["integrated_gradients"], "params": {"integrated_gradients": {"n_steps": "many"}}}},
+     "'n_steps'"),
+    ({"attribution": {"methods": ["integrated_gradients"], "params": {"integrated_gradients": {"n_steps": 0}}}},
+     "'n_steps'"),
+    ({"attribution": {"methods": ["smoothgrad"], "params": {"smoothgrad": {"noise_level": float("nan")}}}},
+     "'noise_level' must be a finite number"),
+    ({"attribution": {"methods": ["occlusion"], "params": {"occlusion": {"window": True}}}}, "'window'"),
+    ({"quality": {"checks": ["stability"], "params": {"stability": {"samples": -1}}}}, "'samples'"),
+    ({"metrics": {"bootstrap_replicates": 10 ** 9}}, "'metrics.bootstrap_replicates'"),
+])
+def test_parameter_values_of_the_wrong_kind(capsys, tmp_path, clean_rows, extra, needle):
+    expect_refused(capsys, tmp_path, clean_rows, needle, **extra)

@@ -51,12 +51,40 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+MAX_COUNT = 100_000
+
+
+def check_param(owner: str, key: str, value: Any, default: Any) -> None:
+    """Raise unless `value` has the kind of the parameter's default: whole-number parameters (passes,
+    samples, segments, window sizes) are counts 1..100,000; number parameters are finite numbers; text
+    parameters are text; a parameter whose default is None takes None or a finite number."""
+    def bad(expected: str) -> XAuditError:
+        return XAuditError(f"{owner}: parameter {key!r} must be {expected}; got {value!r}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_COUNT:
+            raise bad(f"a whole number from 1 to {MAX_COUNT:,}")
+    elif isinstance(default, float) or default is None:
+        if default is None and value is None:
+            return
+        if not is_number or value != value or value in (float("inf"), float("-inf")):
+            raise bad("a finite number")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise bad("text")
+
+
 def resolve_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
-    """Return the method's defaults updated with `params`; unknown parameter names are an error."""
+    """Return the method's defaults updated with `params`; unknown parameter names, and values not of the
+    default's kind (`check_param`), are an error."""
     method = get_method(name)
     params = dict(params or {})
     unknown = sorted(set(params) - set(method.defaults))
     if unknown:
         raise XAuditError(f"attribute: parameters {unknown} are not known to method {name!r}; "
                           f"it takes {sorted(method.defaults)}")
+    for key, value in params.items():
+        check_param(f"attribute: method {name!r}", key, value, method.defaults[key])
     return {**method.defaults, **params}

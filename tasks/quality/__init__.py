@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..attribution._registry import check_param
 from ..errors import XAuditError
 from ._registry import CHECKS, Check, QualityContext, register  # noqa: F401
 from .sanity import randomisation_check  # noqa: F401
@@ -31,6 +32,8 @@ def run_checks(ctx: QualityContext, names: list[str], params: dict[str, dict[str
         if unknown:
             raise XAuditError(f"quality: parameters {unknown} are not known to check {name!r}; "
                               f"it takes {sorted(check.defaults)}")
+        for key, value in params.get(name, {}).items():
+            check_param(f"quality: check {name!r}", key, value, check.defaults[key])
         kw = {**check.defaults, **params.get(name, {})}
         if check.per_method:
             for method in ctx.maps:
