@@ -9,7 +9,9 @@ os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+# The embedded server lives and dies with this process and holds nothing the audit needs; its own errors
+# (an event it retries flushing to its temporary SQLite as the process ends) are not the user's to read.
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING" if os.environ.get("PREFECT_API_URL") else "CRITICAL")
 
 
 from contextlib import contextmanager  # noqa: E402

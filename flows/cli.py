@@ -96,8 +96,8 @@ def _flow_call(fn, config):
         kept = f"; the run directory is kept: {run_dir}" if run_dir.exists() else ""
         raise XAuditError(f"{exc}{kept}") from None
     except Exception as exc:
-        if not run_dir.exists():
-            raise
+        if not run_dir.exists():     # e.g. Prefect's embedded server did not start
+            raise RunStopped(f"the run could not start: {type(exc).__name__}: {str(exc).strip()[:500]}") from None
         raise RunStopped(f"the run stopped part-way: {type(exc).__name__}: {str(exc).strip()[:500]}; its run "
                          f"directory is kept: {run_dir} (rerun with --run-id {config.run_id} to resume)") from None
 

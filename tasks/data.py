@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from .config import MAX_PIXELS, DataSpec
 from .errors import XAuditError
@@ -457,6 +457,10 @@ def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
 
 def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedShard:
     """Return the shard's good rows as normalised tensors, and a reject (with its reason) for every bad row."""
+    # WeasyPrint sets Pillow's process-wide LOAD_TRUNCATED_IMAGES on import (for its own leniency), which
+    # would make a truncated image decode as grey padding once a report has been rendered in this process
+    # (the second config of `xaudit run A B`): a truncated image is a bad row here, always.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     table = pq.read_table(path)
     ids, images, labels, masks, keep, rejects = [], [], [], [], [], []
     id_col = table[spec.id_column].to_pylist()

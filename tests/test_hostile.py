@@ -751,3 +751,20 @@ def test_thresholds_that_could_never_fail_are_refused(capsys, tmp_path, clean_ro
 ])
 def test_parameter_values_of_the_wrong_kind(capsys, tmp_path, clean_rows, extra, needle):
     expect_refused(capsys, tmp_path, clean_rows, needle, **extra)
+
+
+def test_a_truncated_image_is_a_reject_even_after_weasyprint_made_pillow_lenient(tmp_path, clean_rows,
+                                                                                 monkeypatch):
+    from PIL import ImageFile
+    # what importing WeasyPrint does (weasyprint/images.py); by now some earlier test may have imported it
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    from tasks.config import DataSpec
+    from tasks.data import decode_shard
+    from tasks.models import resolve_card
+    from tasks.config import ModelSpec
+    rows = pq.read_table(clean_rows).slice(0, 2).to_pylist()
+    rows[1]["image_png"] = rows[1]["image_png"][: len(rows[1]["image_png"]) // 2]
+    shard = tmp_path / "shard.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), shard)
+    out = decode_shard(shard, resolve_card(ModelSpec(card=CARD)), DataSpec(path=clean_rows, roi_column="roi_png"))
+    assert len(out.example_ids) == 1 and out.rejects[0]["reason"].startswith("corrupt image: OSError")
