@@ -155,6 +155,32 @@ RUN_FOLDERS = ("inputs", "parts")
 REPORTS = ("report.html", "report.pdf", "review.html", "review.pdf")
 
 
+def clear_previous_outputs(run_dir: str | Path) -> list[str]:
+    """Remove what an earlier run in this directory wrote at its top level (tables, manifest, reports): a rerun
+    recomputes all of it from the shard parts, and a config that no longer makes, say, sanity.parquet must not
+    inherit an old one (it would be hashed into the manifest and shown in the report). inputs/ is rewritten
+    by ingest; parts/ is the resume cache. Returns the names removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for name in (*ARTIFACTS, *REVIEW_ARTIFACTS, "manifest.json"):
+        path = run_dir / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
+def prune_parts(run_dir: str | Path, shards: Sequence[str]) -> None:
+    """Remove input shards and shard parts that belong to no shard of this run (an earlier run of the same
+    run id over more rows): the manifest lists and hashes only what this run used."""
+    run_dir = Path(run_dir)
+    names = {Path(s).stem for s in shards}
+    for folder in RUN_FOLDERS:
+        for f in sorted((run_dir / folder).glob("shard-*")):
+            if f.is_file() and f.name.split(".", 1)[0] not in names:
+                f.unlink()
+
+
 def file_hashes(run_dir: str | Path, folders: Sequence[str] = RUN_FOLDERS) -> dict[str, dict[str, Any]]:
     """Return {relative path: {sha256, bytes}} for every file under the run's `folders` (input shards and
     per-shard parts), sorted; temporary files of an interrupted write are left out."""

@@ -46,6 +46,7 @@ def prepare_run(config: AuditConfig) -> dict[str, str]:
     run_dir = Path(config.output_dir) / run_id
     (run_dir / "inputs").mkdir(parents=True, exist_ok=True)
     (run_dir / "parts").mkdir(exist_ok=True)
+    outputs.clear_previous_outputs(run_dir)
     return {"run_id": run_id, "run_dir": str(run_dir), "started": started.isoformat(),
             "flow_run_id": str(flow_run.get_id()) if flow_run.get_id() else None}
 
@@ -127,6 +128,7 @@ def permutation(shards: list[str], card: dict[str, Any], config: AuditConfig, ru
 def merge_outputs(run_dir: str, shard_outputs: list[dict[str, Any]], n_rows: int, max_reject_fraction: float) -> dict[str, int]:
     """Merge the shard parts into predictions/explanations/rejects.parquet; fail past the reject budget."""
     rd = Path(run_dir)
+    outputs.prune_parts(rd, [Path(s["predictions"]).name.split(".", 1)[0] for s in shard_outputs])
     n_pred = outputs.merge_parquet([s["predictions"] for s in shard_outputs], rd / "predictions.parquet")
     outputs.merge_parquet([s["explanations"] for s in shard_outputs], rd / "explanations.parquet")
     n_rej = outputs.merge_parquet([rd / "inputs" / "ingest-rejects.parquet", *[s["rejects"] for s in shard_outputs]],

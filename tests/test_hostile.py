@@ -768,3 +768,23 @@ def test_a_truncated_image_is_a_reject_even_after_weasyprint_made_pillow_lenient
     pq.write_table(pa.Table.from_pylist(rows), shard)
     out = decode_shard(shard, resolve_card(ModelSpec(card=CARD)), DataSpec(path=clean_rows, roi_column="roi_png"))
     assert len(out.example_ids) == 1 and out.rejects[0]["reason"].startswith("corrupt image: OSError")
+
+
+def test_a_rerun_under_the_same_run_id_with_another_config_inherits_nothing(prefect_harness, capsys, tmp_path,
+                                                                             clean_rows):
+    out = tmp_path / "runs"
+    first = base_config(clean_rows, out, run_id="reused", shard_size=8, quality={"sanity_images": 2},
+                        permutation={"enabled": True, "grid": 2, "repeats": 1})
+    assert cli(["run", str(write_config(tmp_path, first, "first.yaml"))]) == 0
+    rd = out / "reused"
+    assert (rd / "sanity.parquet").is_file() and (rd / "parts" / "shard-00002.key.json").is_file()
+    second = base_config(clean_rows, out, run_id="reused", shard_size=8, data={"limit": 10})
+    assert cli(["run", str(write_config(tmp_path, second, "second.yaml"))]) == 0
+    capsys.readouterr()
+    assert not (rd / "sanity.parquet").exists() and not (rd / "permutation.parquet").exists()
+    assert not list(rd.glob("inputs/shard-00002*")) and not list(rd.glob("parts/shard-00002*"))
+    manifest = json.loads((rd / "manifest.json").read_text())
+    assert "sanity.parquet" not in manifest["artifacts"] and manifest["data"]["n_rows"] == 10
+    assert pq.read_table(rd / "predictions.parquet").num_rows == 10
+    rc, out_text, _ = run_cli(capsys, ["verify", str(rd)])
+    assert rc == 0, out_text
