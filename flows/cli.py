@@ -207,7 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "render":
             from tasks.report import render_report, render_review
             render = render_review if (Path(args.run_dir) / "review_metrics.parquet").is_file() else render_report
-            for fmt, path in render(args.run_dir, tuple(args.formats or ("html", "pdf"))).items():
+            try:
+                written = render(args.run_dir, tuple(args.formats or ("html", "pdf")))
+            except (KeyError, TypeError, AttributeError, IndexError, ValueError, OSError) as exc:
+                if isinstance(exc, XAuditError):
+                    raise
+                # the directory's files are input here: say what does not fit, not where the code met it
+                raise XAuditError(f"render: {args.run_dir!r} does not hold a run as xaudit writes it "
+                                  f"({type(exc).__name__}: {str(exc)[:200]}); check it with 'xaudit verify'") from None
+            for fmt, path in written.items():
                 print(f"{fmt}: {path}")
             return EXIT_OK
         if args.command == "verify":

@@ -293,18 +293,29 @@ def verify_run(run_dir: str | Path) -> list[str]:
     if not isinstance(manifest, dict):
         return ["manifest.json: not a JSON object"]
     problems = []
-    listed = {**manifest.get("artifacts", {}), **manifest.get("files", {})}
+    listed: dict[str, Any] = {}
+    for section in ("artifacts", "files"):
+        entries = manifest.get(section, {})
+        if not isinstance(entries, dict) or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                                                    for v in entries.values()):
+            problems.append(f"manifest.json: '{section}' must map file names to {{sha256, bytes}}")
+            continue
+        listed.update(entries)
+    root = run_dir.resolve()
     for name, info in listed.items():
         path = run_dir / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(root):
+            problems.append(f"manifest.json: lists {name!r}, which is outside the run directory")
+            continue
         if not path.is_file():
             problems.append(f"{name}: missing")
         elif sha256_file(path) != info.get("sha256"):
             problems.append(f"{name}: sha256 differs from the manifest (modified after the run)")
-    if "files" in manifest:
+    if isinstance(manifest.get("files"), dict):
         for name in file_hashes(run_dir):
             if name not in manifest["files"]:
                 problems.append(f"{name}: not in the manifest (added after the run)")
-    if "config" in manifest and manifest.get("config_sha256") != sha256_json(manifest["config"]):
+    if manifest.get("config_sha256") != sha256_json(manifest.get("config")):
         problems.append("manifest.json: 'config' does not match its 'config_sha256' (edited after the run)")
     validation = run_dir / "validation.json"
     if validation.is_file():
@@ -326,8 +337,8 @@ def verify_run(run_dir: str | Path) -> list[str]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             problems.append(f"{pdf.name}: its embedded manifest.json is not valid JSON")
             continue
-        expected = {**manifest, "artifacts": {k: v for k, v in manifest.get("artifacts", {}).items()
-                                              if k not in REPORTS}}
+        artifacts = manifest.get("artifacts") if isinstance(manifest.get("artifacts"), dict) else {}
+        expected = {**manifest, "artifacts": {k: v for k, v in artifacts.items() if k not in REPORTS}}
         if inside != expected:
             diff = sorted(k for k in set(inside) | set(expected) if inside.get(k) != expected.get(k))
             problems.append(f"manifest.json: differs from the manifest embedded in {pdf.name} in {diff} "
@@ -335,7 +346,11 @@ def verify_run(run_dir: str | Path) -> list[str]:
         for name, data in embedded.items():
             if name != "manifest.json" and (run_dir / name).is_file() and (run_dir / name).read_bytes() != data:
                 problems.append(f"{name}: differs from the copy embedded in {pdf.name}")
-    for role, info in (manifest.get("audits") or {}).items():
+    audits = manifest.get("audits") or {}
+    for role, info in (audits.items() if isinstance(audits, dict) else []):
+        if role not in ("baseline", "candidate") or not isinstance(info, dict):
+            problems.append(f"manifest.json: 'audits' holds {str(role)[:60]!r}; a review has baseline and candidate")
+            continue
         sub = run_dir / role
         if not (sub / "manifest.json").is_file():
             problems.append(f"{role}/manifest.json: missing")

@@ -788,3 +788,29 @@ def test_a_rerun_under_the_same_run_id_with_another_config_inherits_nothing(pref
     assert pq.read_table(rd / "predictions.parquet").num_rows == 10
     rc, out_text, _ = run_cli(capsys, ["verify", str(rd)])
     assert rc == 0, out_text
+
+
+@pytest.mark.parametrize("manifest, needle", [
+    ("[1, 2]", "not a JSON object"),
+    ("{not json", "not valid JSON"),
+    ('{"artifacts": "x"}', "'artifacts' must map file names"),
+    ('{"artifacts": {"../../etc/passwd": {"sha256": "0"}}}', "outside the run directory"),
+    ('{"artifacts": {"/etc/passwd": {"sha256": "0"}}}', "outside the run directory"),
+    ('{"audits": {"../..": {"manifest_sha256": "0"}}}', "a review has baseline and candidate"),
+])
+def test_verify_on_a_hostile_manifest_reports_problems_without_a_traceback(capsys, tmp_path, manifest, needle):
+    (tmp_path / "manifest.json").write_text(manifest)
+    rc, out, err = run_cli(capsys, ["verify", str(tmp_path)])
+    assert rc == 1 and needle in out and "Traceback" not in err
+
+
+def test_verify_and_render_on_what_is_not_a_run(capsys, tmp_path, run_copy):
+    for path in (tmp_path / "nowhere", run_copy / "manifest.json"):
+        rc, _, err = run_cli(capsys, ["verify", str(path)])
+        assert rc == 2 and "must be a run directory" in err
+        rc, _, err = run_cli(capsys, ["render", str(path), "--format", "html"])
+        assert rc == 2 and "xaudit: error: render:" in err
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    (run_copy / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "model"}))
+    rc, _, err = run_cli(capsys, ["render", str(run_copy), "--format", "html"])
+    assert rc == 2 and "does not hold a run as xaudit writes it" in err and "Traceback" not in err
