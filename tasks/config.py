@@ -57,6 +57,15 @@ class ModelSpec(_Strict):
     std: list[float] | None = None
     class_names: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
     target_layer: str | None = Field(None, description="module path of the CAM layer; default: the last Conv2d")
+    resize: Literal["stretch", "shorter_side"] | None = Field(
+        None, description="'stretch': resize to input_size (aspect not kept); 'shorter_side': resize the shorter "
+                          "side to resize_size keeping the aspect, then centre-crop to input_size (torchvision's "
+                          "Resize + CenterCrop). Default: the factory's convention (shorter_side for "
+                          "torchvision.models and timm, else stretch)")
+    resize_size: Side | None = Field(None, description="shorter side before the crop; default input_size / 0.875 "
+                                                       "(224 -> 256)")
+    interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box"] | None = Field(
+        None, description="image resampling (masks always nearest); default bilinear (bicubic for timm)")
 
     @field_validator("input_size")
     @classmethod

@@ -427,32 +427,47 @@ def _high_depth_array(im: Image.Image) -> np.ndarray:
     return np.clip(np.nan_to_num(arr / scale), 0.0, 1.0).astype(np.float32)
 
 
-def _decode_image(data: bytes, card: ModelCard) -> np.ndarray:
-    """Return the image as (C, H, W) float32 in [0, 1] at the card's size (bilinear resize)."""
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+             "lanczos": Image.LANCZOS, "box": Image.BOX}
+
+
+def fit_to_input(im: Image.Image, card: ModelCard, mask: bool = False) -> Image.Image:
+    """Return `im` brought to the card's input size by its preprocessing policy (`card.preprocess`):
+    'stretch' resizes to input_size; 'shorter_side' resizes the shorter side to resize_size keeping the
+    aspect (the longer side truncated, as torchvision's Resize) and crops the centre (torchvision's
+    CenterCrop: offsets rounded, zero padding where the image is smaller). Masks use nearest resampling so
+    they stay aligned with their images."""
     h, w = card.input_size
+    p = card.preprocess
+    resample = Image.NEAREST if mask else _RESAMPLE[p.get("interpolation", "bilinear")]
+    if p.get("resize", "stretch") == "stretch":
+        return im if im.size == (w, h) else im.resize((w, h), resample)
+    iw, ih = im.size
+    short = int(p["resize_size"])
+    nw, nh = (short, int(short * ih / iw)) if iw <= ih else (int(short * iw / ih), short)
+    if (nw, nh) != (iw, ih):
+        im = im.resize((nw, nh), resample)
+    top, left = int(round((nh - h) / 2.0)), int(round((nw - w) / 2.0))
+    return im.crop((left, top, left + w, top + h))
+
+
+def _decode_image(data: bytes, card: ModelCard) -> np.ndarray:
+    """Return the image as (C, H, W) float32 in [0, 1] at the card's size (`fit_to_input`)."""
     with _open_checked(data, "image") as im:
         if im.mode in _HIGH_DEPTH:         # 16-bit PNG/TIFF: scale to [0, 1] instead of clipping to 8 bits
-            grey = Image.fromarray(_high_depth_array(im), mode="F")
-            if grey.size != (w, h):
-                grey = grey.resize((w, h), Image.BILINEAR)
+            grey = fit_to_input(Image.fromarray(_high_depth_array(im), mode="F"), card)
             arr = np.asarray(grey, dtype=np.float32)[None]
             return np.repeat(arr, card.channels, 0) if card.channels != 1 else arr
-        im = im.convert({1: "L", 3: "RGB", 4: "RGBA"}[card.channels])
-        if im.size != (w, h):
-            im = im.resize((w, h), Image.BILINEAR)
+        im = fit_to_input(im.convert({1: "L", 3: "RGB", 4: "RGBA"}[card.channels]), card)
         arr = np.asarray(im, dtype=np.float32) / 255.0
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def _decode_mask(data: bytes, size: tuple[int, int]) -> np.ndarray:
+def _decode_mask(data: bytes, card: ModelCard) -> np.ndarray:
     with _open_checked(data, "region-of-interest mask") as im:
         if im.mode in _HIGH_DEPTH:
             im = Image.fromarray((np.asarray(im) != 0).astype(np.uint8) * 255, mode="L")
-        im = im.convert("L")
-        h, w = size
-        if im.size != (w, h):
-            im = im.resize((w, h), Image.NEAREST)
-        return np.asarray(im) > 0
+        return np.asarray(fit_to_input(im.convert("L"), card, mask=True)) > 0
 
 
 def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedShard:
@@ -495,7 +510,7 @@ def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedSh
                     if not isinstance(roi_col[i], (bytes, bytearray)):
                         raise _Refused(f"region-of-interest mask must be encoded image bytes; got "
                                        f"{type(roi_col[i]).__name__}")
-                    mask = _decode_mask(roi_col[i], card.input_size)
+                    mask = _decode_mask(roi_col[i], card)
                 except _Refused as exc:
                     reject(str(exc))
                     continue

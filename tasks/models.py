@@ -42,6 +42,7 @@ class ModelCard:
     target_layer: str | None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] = field(default_factory=lambda: {"resize": "stretch", "interpolation": "bilinear"})
 
     @property
     def num_classes(self) -> int:
@@ -112,8 +113,34 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
         class_names=tuple(str(c) for c in values["class_names"]),
         target_layer=values.get("target_layer"),
         description=str(values.get("description") or ""),
-        extra={k: v for k, v in values.items() if k not in card_fields},
+        extra={k: v for k, v in values.items() if k not in card_fields and k not in PREPROCESS_FIELDS},
+        preprocess=preprocess_policy(values, tuple(int(s) for s in values["input_size"])),
     )
+
+
+PREPROCESS_FIELDS = ("resize", "resize_size", "interpolation")
+
+
+def preprocess_policy(values: dict[str, Any], input_size: tuple[int, int]) -> dict[str, Any]:
+    """Return how images are brought to `input_size`: the card's `resize`, `resize_size` and `interpolation`,
+    defaulting to the factory's own convention. torchvision's classification weights are evaluated with
+    Resize(256) + CenterCrop(224) (bilinear), timm's with crop_pct 0.875 (bicubic for most models); a factory
+    with no known convention (the demo's) keeps the plain resize to input_size."""
+    factory = str(values.get("factory") or "")
+    convention = "torchvision" if factory.startswith("torchvision.models") else \
+        "timm" if factory.split(":")[0].split(".")[0] == "timm" else None
+    resize = values.get("resize") or ("shorter_side" if convention else "stretch")
+    policy: dict[str, Any] = {"resize": resize,
+                              "interpolation": values.get("interpolation") or
+                              ("bicubic" if convention == "timm" else "bilinear")}
+    if resize == "shorter_side":
+        size = int(values.get("resize_size") or round(min(input_size) / 0.875))
+        if size < min(input_size):
+            raise XAuditError(f"load_model: 'resize_size' {size} must be at least the shorter side of "
+                              f"'input_size' {list(input_size)} (the crop is taken from the resized image)")
+        policy["resize_size"] = size
+        policy["crop"] = "center"
+    return policy
 
 
 # A model factory named in a config is code that xaudit calls: only these import prefixes are trusted, plus

@@ -1,6 +1,7 @@
 """Model loading (safe weights only) and data ingest (filters, fingerprints, rejects)."""
 from __future__ import annotations
 
+import io
 import json
 import pickle
 
@@ -8,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from conftest import DATA, png, write_rows
 from tasks.config import DataSpec, ModelSpec
@@ -185,3 +187,58 @@ def test_channels_last_scores_like_the_default_layout(tmp_path, demo_card):
         np.testing.assert_allclose(np.stack(p0.probabilities), np.stack(p1.probabilities), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(e0.attribution_sum, e1.attribution_sum, rtol=1e-4, atol=1e-6)
         assert np.abs(np.stack(e0.heatmap).astype(int) - np.stack(e1.heatmap).astype(int)).max() <= 1
+
+
+# --- preprocessing as the model expects ------------------------------------------------------------------------
+
+def _card(**fields):
+    from tasks.models import ModelCard, preprocess_policy
+    base = dict(name="m", version="1", factory="torchvision.models:resnet18", weights="", weights_sha256="",
+                kwargs={}, input_size=(224, 224), channels=3, mean=(0.0,) * 3, std=(1.0,) * 3,
+                class_names=tuple("ab"), target_layer=None)
+    policy_fields = {k: fields.pop(k) for k in ("resize", "resize_size", "interpolation") if k in fields}
+    base.update(fields)
+    return ModelCard(**base, preprocess=preprocess_policy({"factory": base["factory"], **policy_fields},
+                                                          base["input_size"]))
+
+
+@pytest.mark.parametrize("size", [(320, 240), (240, 320), (500, 333), (224, 224), (200, 150)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_shorter_side_and_centre_crop_equal_torchvision_transforms(size, interpolation):
+    """The torchvision convention (Resize(256) + CenterCrop(224)) gives what torchvision's own transforms give."""
+    import torchvision.transforms as T
+    from tasks.data import _decode_image
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    card = _card(interpolation=interpolation)
+    assert card.preprocess == {"resize": "shorter_side", "resize_size": 256, "crop": "center",
+                               "interpolation": interpolation}
+    mode = T.InterpolationMode.BILINEAR if interpolation == "bilinear" else T.InterpolationMode.BICUBIC
+    ref = T.Compose([T.Resize(256, interpolation=mode), T.CenterCrop(224), T.ToTensor()])(im).numpy()
+    ours = _decode_image(buf.getvalue(), card)
+    assert ours.shape == (3, 224, 224)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_masks_follow_their_images_through_resize_and_crop():
+    from tasks.data import _decode_image, _decode_mask
+    arr = np.zeros((300, 400), dtype=np.uint8)
+    arr[100:200, 250:350] = 255                       # a bright box off centre
+    card = _card(channels=1, mean=(0.0,), std=(1.0,))
+    img = _decode_image(png(arr), card)[0] > 0.5
+    mask = _decode_mask(png(arr), card)
+    assert mask.sum() > 1000 and (img == mask).mean() > 0.99
+
+
+def test_preprocessing_defaults_follow_the_factory_and_can_be_set():
+    assert _card().preprocess["resize"] == "shorter_side"
+    assert _card(factory="timm:create_model").preprocess == {"resize": "shorter_side", "resize_size": 256,
+                                                             "crop": "center", "interpolation": "bicubic"}
+    assert _card(factory="tasks.nets:demo_cnn").preprocess == {"resize": "stretch", "interpolation": "bilinear"}
+    assert _card(resize="stretch").preprocess["resize"] == "stretch"
+    assert _card(input_size=(299, 299)).preprocess["resize_size"] == 342
+    from tasks.errors import XAuditError
+    with pytest.raises(XAuditError, match="'resize_size' 100"):
+        _card(resize_size=100)
