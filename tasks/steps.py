@@ -85,8 +85,13 @@ def _card(card: dict[str, Any]) -> ModelCard:
 def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -> dict[str, Any]:
     """Predict and attribute one input shard; reuses the shard's parts when its cache key matches."""
     parts = Path(run_dir) / "parts"
+    # everything the shard's outputs depend on: a rerun with another card (classes, mean/std, input size,
+    # preprocessing) or other quality checks must not reuse them; the weights by hash, not by path
     key = sha256_json({"shard": sha256_file(shard), "weights": card["weights_sha256"], "code": CODE_VERSION,
-                       "attribution": config.attribution.model_dump(), "seed": config.seed,
+                       "card": {k: v for k, v in card.items() if k != "weights"},
+                       "attribution": config.attribution.model_dump(),
+                       "quality": config.quality.model_dump(exclude={"sanity_images"}),
+                       "seed": config.seed,
                        "data": config.data.model_dump(include={"roi_column", "id_column", "image_column",
                                                                "label_column"})})
     key_file = parts / f"{Path(shard).stem}.key.json"

@@ -76,6 +76,12 @@ def test_audit_flow_end_to_end_and_resume(prefect_harness, small_data, tmp_path)
     assert again["cached_shards"] == 3
     for name, table in before.items():
         assert pq.read_table(run_dir / name).equals(table), name
+    # ...but not after the quality checks or the model card changed: their outputs depend on them
+    other = audit(config.model_copy(update={"quality": config.quality.model_copy(update={"checks": ["localisation"]})}))
+    assert other["cached_shards"] == 0
+    card = config.model.model_copy(update={"std": [0.5]})
+    assert audit(config.model_copy(update={"model": card}))["cached_shards"] == 0
+    assert audit(config)["cached_shards"] == 0          # the parts now hold the last config's outputs
 
     # tampering is detected
     (run_dir / "metrics.parquet").write_bytes(b"tampered")
