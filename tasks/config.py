@@ -182,16 +182,9 @@ class ReportSpec(_Strict):
     limitations: list[str] = Field(default_factory=list)
 
 
-class AuditConfig(_Strict):
-    """Everything an audit needs; the flow's only parameter."""
+class RunSettings(_Strict):
+    """Where and how a run (an audit or a review) runs: the fields both configs share."""
 
-    model: ModelSpec
-    data: DataSpec
-    attribution: AttributionSpec = Field(default_factory=AttributionSpec)
-    quality: QualitySpec = Field(default_factory=QualitySpec)
-    permutation: PermutationSpec = Field(default_factory=PermutationSpec)
-    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
-    report: ReportSpec = Field(default_factory=ReportSpec)
     output_dir: Path = Path("runs")
     run_id: str | None = Field(None, description="fixed id: a rerun with the same id resumes")
     seed: int = 0
@@ -212,6 +205,18 @@ class AuditConfig(_Strict):
     @classmethod
     def _device_name(cls, v: str) -> str:
         return check_device_name(v)
+
+
+class AuditConfig(RunSettings):
+    """Everything an audit needs; the flow's only parameter."""
+
+    model: ModelSpec
+    data: DataSpec
+    attribution: AttributionSpec = Field(default_factory=AttributionSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
+    permutation: PermutationSpec = Field(default_factory=PermutationSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
 
 
 def new_run_id(prefix: str = "") -> str:
@@ -359,7 +364,7 @@ class ChangeThreshold(_Strict):
         return self
 
 
-class ReviewConfig(_Strict):
+class ReviewConfig(RunSettings):
     """A release review: candidate against baseline on the same examples."""
 
     baseline: ModelSpec
@@ -373,27 +378,6 @@ class ReviewConfig(_Strict):
         default_factory=list, description="on review statistics: flip_any, flip_to_wrong, flip_to_right, "
                                           "<method>.rank_corr, <method>.top10_overlap")
     report: ReportSpec = Field(default_factory=lambda: ReportSpec(title="Release review"))
-    output_dir: Path = Path("runs")
-    run_id: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    shard_size: int = Field(512, ge=1)
-    tasks_per_device: int = Field(1, ge=1)
-    max_reject_fraction: float = Field(0.05, ge=0, le=1)
-    flow_run_fails_on: Literal["never", "FAIL", "WARN"] = Field(
-        "never", description="end the Prefect flow run in the Failed state when the verdict is this or worse "
-                             "(after every output is written), so schedules and automations can alert")
-
-    @field_validator("run_id")
-    @classmethod
-    def _safe_run_id(cls, v: str | None) -> str | None:
-        return check_run_id(v)
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, v: str) -> str:
-        return check_device_name(v)
-
     def audit_config(self, role: Literal["baseline", "candidate"], review_dir: Path) -> "AuditConfig":
         """Return the audit of one side: same data, attribution, slices and seed; no thresholds of its own."""
         return AuditConfig(

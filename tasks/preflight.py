@@ -19,7 +19,7 @@ from torch import nn
 
 from .attribution import METHODS, get_method
 from .attribution._registry import check_param, resolve_params
-from .config import AuditConfig, DataSpec, ModelSpec, ReviewConfig, Threshold
+from .config import AuditConfig, ModelSpec, ReviewConfig, Threshold
 from .data import SourceInfo, inspect_source
 from .errors import XAuditError
 from .metrics import METRICS
@@ -153,7 +153,7 @@ def _stat_names(methods: Sequence[str], checks: Sequence[str], has_roi: bool) ->
             if has_roi or c not in LOCALISATION_COLUMNS}
 
 
-def _roi_hint(known: dict[str, bool], metric: str, has_roi: bool) -> str:
+def _roi_hint(metric: str, has_roi: bool) -> str:
     if not has_roi and metric.rpartition(".")[2] in LOCALISATION_COLUMNS:
         return "; localisation statistics need 'data.roi_column'"
     return ""
@@ -177,8 +177,8 @@ def check_model(spec: ModelSpec, device: torch.device, role: str = "model",
 _PASS_COUNTS = ("n_steps", "n_samples")
 
 
-def check_attribution(spec: ModelSpec | None, card: ModelCard, model: nn.Module, device: torch.device,
-                      methods: Sequence[str], params: dict[str, dict], seed: int = 0) -> None:
+def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, methods: Sequence[str],
+                      params: dict[str, dict], seed: int = 0) -> None:
     """Dry-run every configured method on one probe image (with its pass counts cut to 2, occlusion skipped:
     it only runs forwards), so a method that cannot explain this model (no CAM layer, a layer whose output is
     not (N, C, h, w), frozen weights...) stops the audit now, not after ingest."""
@@ -204,10 +204,6 @@ def check_attribution(spec: ModelSpec | None, card: ModelCard, model: nn.Module,
                               f"'attribution.methods' or set the model's 'target_layer'") from None
 
 
-def check_data(spec: DataSpec) -> SourceInfo:
-    return inspect_source(spec)
-
-
 def preflight_audit(config: AuditConfig,
                     load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> Preflight:
     """Check everything about an audit that can be known before it runs (see the module docstring)."""
@@ -219,17 +215,17 @@ def preflight_audit(config: AuditConfig,
         if name not in METRICS:
             raise XAuditError(f"preflight: 'metrics.metrics' must name registered metrics {sorted(METRICS)}; "
                               f"got {name!r}")
-    source = check_data(config.data)
+    source = inspect_source(config.data)
     slice_keys = check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS])
     card = check_model(config.model, device, load=load)
-    check_attribution(config.model, card, load(card, device), device, a.methods, a.params, config.seed)
+    check_attribution(card, load(card, device), device, a.methods, a.params, config.seed)
     chosen = m.metrics if m.metrics is not None else sorted(METRICS)
     known = {n: METRICS[n].higher_is_better for n in chosen}
     known.update(_stat_names(a.methods, q.checks, bool(config.data.roi_column)))
     per_class = {n for n in chosen if METRICS[n].per_class}
     for i, th in enumerate(m.thresholds):
         _check_threshold(th, i, "metrics.thresholds", known, per_class, card.class_names,
-                         [*slice_keys, "overall"], _roi_hint(known, th.metric, bool(config.data.roi_column)))
+                         [*slice_keys, "overall"], _roi_hint(th.metric, bool(config.data.roi_column)))
     return Preflight({"model": card}, str(device), source)
 
 
@@ -241,13 +237,12 @@ def preflight_review(config: ReviewConfig,
     device = pick_device(config.device)
     a, q, m = config.attribution, config.quality, config.metrics
     check_methods(a.methods, a.params, q.checks, q.params)
-    source = check_data(config.data)
+    source = inspect_source(config.data)
     slice_keys = [*check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS]), "overall"]
     cards = {role: check_model(getattr(config, role), device, role, load) for role in ("baseline", "candidate")}
     for role, card in cards.items():
         try:
-            check_attribution(getattr(config, role), card, load(card, device), device, a.methods, a.params,
-                              config.seed)
+            check_attribution(card, load(card, device), device, a.methods, a.params, config.seed)
         except XAuditError as exc:
             raise XAuditError(f"{role}: {exc}") from None
     if cards["baseline"].class_names != cards["candidate"].class_names:
@@ -260,7 +255,7 @@ def preflight_review(config: ReviewConfig,
     names = cards["baseline"].class_names
     for i, ch in enumerate(config.change_thresholds):
         _check_threshold(ch, i, "change_thresholds", known, per_class, names, slice_keys,
-                         _roi_hint(known, ch.metric, bool(config.data.roi_column)))
+                         _roi_hint(ch.metric, bool(config.data.roi_column)))
     review_known = {s: False for s in REVIEW_STATISTICS} | {f"{meth}.{d}": True for meth in a.methods
                                                              for d in DRIFT_STATISTICS}
     for i, th in enumerate(config.thresholds):
