@@ -439,3 +439,71 @@ def test_a_cam_layer_that_is_not_spatial_is_refused_clearly():
     model = demo_model()
     with pytest.raises(XAuditError, match=r"\(N, C, h, w\).*target_layer"):
         attribute(model, inputs_for((3, 32, 32), 2), ["gradcam"], target_layer="classifier.2")
+
+
+# --- vision transformers: CAM on patch tokens (pytorch-grad-cam's reshape_transform as the oracle) -------------
+
+def tiny_vit():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=10).eval()
+    nn.init.normal_(model.heads.head.weight, std=0.5)     # torchvision starts the head at zero: all logits 0
+    return model
+
+
+def tiny_swin():
+    torch.manual_seed(0)
+    from torchvision.models.swin_transformer import SwinTransformer
+    return SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=[2, 2],
+                           num_classes=10).eval()
+
+
+def _vit_tokens_to_grid(t):
+    return t[:, 1:].reshape(t.shape[0], 4, 4, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def _swin_to_grid(t):
+    return t.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("make, layer_name, reshape", [
+    (tiny_vit, "encoder.layers.encoder_layer_1.ln_1", _vit_tokens_to_grid),
+    (tiny_swin, "features.3.0.norm1", _swin_to_grid),
+])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam_plus_plus"])
+def test_cam_on_vision_transformers_equals_pytorch_grad_cam_with_its_reshape(make, layer_name, reshape, method):
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    model = make()
+    from tasks.attribution import find_layer
+    assert find_layer(model, None) is model.get_submodule(layer_name)     # the automatic target layer
+    x, t = inputs_for((3, 32, 32), 3, seed=4), distinct_targets(3)
+    res = attribute(model, x, [method], target=t)
+    assert res.attributions[method].shape[1] == 1
+    peer = pgc.GradCAM if method == "gradcam" else pgc.GradCAMPlusPlus
+    with peer(model=model, target_layers=[model.get_submodule(layer_name)], reshape_transform=reshape) as cam:
+        theirs = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t]))
+    ours = torch.nn.functional.interpolate(res.attributions[method], size=(32, 32), mode="bilinear",
+                                           align_corners=False)[:, 0]
+    lo, hi = ours.flatten(1).amin(1)[:, None, None], ours.flatten(1).amax(1)[:, None, None]
+    ours = (ours - lo) / (hi - lo + 1e-7)
+    checked = 0
+    for i in range(3):
+        if theirs[i].max() > 0:
+            corr = torch.corrcoef(torch.stack([ours[i].flatten(), theirs[i].flatten().float()]))[0, 1]
+            assert corr > 0.999, f"row {i}: correlation {corr:.5f}"
+            checked += 1
+    assert checked >= 2
+    heat = display_heatmap(res.attributions[method], (32, 32))
+    assert heat.shape == (3, 32, 32)                                      # maps at the image's resolution
+
+
+def test_token_grids_follow_the_image_aspect_and_extra_tokens():
+    from tasks.attribution.engine import to_grid
+    ln = nn.LayerNorm(8)
+    tokens = torch.arange(2 * (2 + 12) * 8, dtype=torch.float).reshape(2, 14, 8)    # 2 extra + 3x4 patches
+    grid = to_grid(tokens, ln, (30, 40))
+    assert grid.shape == (2, 8, 3, 4)
+    torch.testing.assert_close(grid[:, :, 0, 1], tokens[:, 3])
+    with pytest.raises(XAuditError, match="patch grid"):
+        to_grid(torch.zeros(1, 7 * 11 + 40, 8), ln, (32, 32))

@@ -18,19 +18,53 @@ from ..errors import XAuditError
 from ._registry import get_method, resolve_params
 
 
+# The first norm of a transformer block (torchvision ViT's `ln_1`; timm ViT/DeiT/Swin's and torchvision Swin's
+# `norm1`): where pytorch-grad-cam's documentation puts Grad-CAM for vision transformers.
+_BLOCK_NORMS = ("ln_1", "norm1")
+
+
 def find_layer(model: nn.Module, name: str | None) -> nn.Module:
-    """Return the module at dotted path `name`, or the last `Conv2d` when `name` is None."""
+    """Return the module at dotted path `name`; when `name` is None, the last transformer block's first
+    LayerNorm for a vision transformer (ViT, DeiT, Swin), else the last `Conv2d`."""
     if name:
         try:
             return model.get_submodule(name)
         except AttributeError:
             raise XAuditError(f"attribute: 'target_layer' {name!r} is not a submodule of "
                               f"{type(model).__name__}") from None
+    norms = [m for n, m in model.named_modules() if type(m) is nn.LayerNorm and n.rsplit(".", 1)[-1] in _BLOCK_NORMS]
+    if norms:
+        return norms[-1]
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise XAuditError(f"attribute: CAM methods need a convolutional layer; {type(model).__name__} has no "
                           f"Conv2d, so give 'target_layer' in the model card")
     return convs[-1]
+
+
+def to_grid(t: torch.Tensor, layer: nn.Module, image_size: tuple[int, int]) -> torch.Tensor:
+    """Return a CAM layer's output (or its gradient) as (N, C, h, w).
+
+    (N, C, h, w) stays as it is. A plain `nn.LayerNorm` normalises the last axis, so its 4-D output is
+    channels-last (N, h, w, C) (Swin) and is permuted. A 3-D output (N, tokens, C) of a vision transformer
+    loses its leading class/distillation/register tokens, the fewest that leave a patch grid with the image's
+    aspect ratio, and the patch tokens are laid out on that grid (pytorch-grad-cam's `reshape_transform`)."""
+    where = f"the CAM layer ({type(layer).__name__})"
+    if t.ndim == 4:
+        return t.permute(0, 3, 1, 2) if type(layer) is nn.LayerNorm else t
+    if t.ndim == 3:
+        n, tokens, c = t.shape
+        height, width = image_size
+        for extra in range(0, min(tokens, 17)):
+            cells = tokens - extra
+            gh = max(1, round((cells * height / width) ** 0.5))
+            if cells % gh == 0 and abs(gh / (cells // gh) - height / width) <= 0.05 * height / width:
+                return t[:, extra:].reshape(n, gh, cells // gh, c).permute(0, 3, 1, 2)
+        raise XAuditError(f"attribute: {where} outputs {tokens} tokens, which do not form a patch grid with the "
+                          f"image's aspect ratio (after up to 16 leading tokens); set 'target_layer'")
+    raise XAuditError(f"attribute: CAM methods need a layer whose output is (N, C, h, w), channels-last or "
+                      f"transformer tokens (N, T, C); {where} outputs shape {tuple(t.shape)}: set 'target_layer' "
+                      f"to a convolutional layer or a transformer block's norm")
 
 
 @contextmanager
@@ -42,10 +76,8 @@ def capture_layer(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     def hook(_module, _inputs, output):
         if not isinstance(output, torch.Tensor):
             raise XAuditError(f"attribute: the CAM layer must output a tensor; it gave {type(output).__name__}")
-        if output.ndim != 4:
-            raise XAuditError(f"attribute: CAM methods need a layer whose output is (N, C, h, w); the CAM layer "
-                              f"({type(layer).__name__}) outputs shape {tuple(output.shape)}: set 'target_layer' "
-                              f"to a convolutional layer")
+        if output.ndim not in (3, 4):
+            to_grid(output, layer, (1, 1))            # raises, naming the shape
         store["activations"] = output
         # the network may modify this output in place next (VGG's and AlexNet's ReLU(inplace=True) after the
         # last conv, DenseNet's norm5, a residual `+=`): hand it a copy, so the recorded activations (and the
@@ -203,7 +235,9 @@ def _gradient_pass(model: nn.Module, x: torch.Tensor, target: Callable[[torch.Te
         wrt = (xg, acts) if input_grad else (acts,)
         grads = torch.autograd.grad(logits.gather(1, tgt[:, None]).sum(), wrt)
     grad, layer_grad = grads if input_grad else (None, grads[0])
-    return logits.detach(), tgt, GradientPass(grad, acts.detach(), layer_grad)
+    size = tuple(x.shape[-2:])
+    return logits.detach(), tgt, GradientPass(grad, to_grid(acts.detach(), layer, size),
+                                              to_grid(layer_grad, layer, size))
 
 
 @dataclass(frozen=True)
