@@ -182,9 +182,31 @@ class ReportSpec(_Strict):
     limitations: list[str] = Field(default_factory=list)
 
 
-class RunSettings(_Strict):
-    """Where and how a run (an audit or a review) runs: the fields both configs share."""
+class _RunChecks(_Strict):
+    """The checks of the run settings that audits and reviews share (each declares the fields itself, so the
+    Prefect UI's form and pydantic's messages list the model and the data first)."""
 
+    @field_validator("run_id", check_fields=False)
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        return check_run_id(v)
+
+    @field_validator("device", check_fields=False)
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        return check_device_name(v)
+
+
+class AuditConfig(_RunChecks):
+    """Everything an audit needs; the flow's only parameter."""
+
+    model: ModelSpec
+    data: DataSpec
+    attribution: AttributionSpec = Field(default_factory=AttributionSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
+    permutation: PermutationSpec = Field(default_factory=PermutationSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
     output_dir: Path = Path("runs")
     run_id: str | None = Field(None, description="fixed id: a rerun with the same id resumes")
     seed: int = 0
@@ -195,28 +217,6 @@ class RunSettings(_Strict):
     flow_run_fails_on: Literal["never", "FAIL", "WARN"] = Field(
         "never", description="end the Prefect flow run in the Failed state when the verdict is this or worse "
                              "(after every output is written), so schedules and automations can alert")
-
-    @field_validator("run_id")
-    @classmethod
-    def _safe_run_id(cls, v: str | None) -> str | None:
-        return check_run_id(v)
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, v: str) -> str:
-        return check_device_name(v)
-
-
-class AuditConfig(RunSettings):
-    """Everything an audit needs; the flow's only parameter."""
-
-    model: ModelSpec
-    data: DataSpec
-    attribution: AttributionSpec = Field(default_factory=AttributionSpec)
-    quality: QualitySpec = Field(default_factory=QualitySpec)
-    permutation: PermutationSpec = Field(default_factory=PermutationSpec)
-    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
-    report: ReportSpec = Field(default_factory=ReportSpec)
 
 
 def new_run_id(prefix: str = "") -> str:
@@ -364,7 +364,7 @@ class ChangeThreshold(_Strict):
         return self
 
 
-class ReviewConfig(RunSettings):
+class ReviewConfig(_RunChecks):
     """A release review: candidate against baseline on the same examples."""
 
     baseline: ModelSpec
@@ -378,6 +378,17 @@ class ReviewConfig(RunSettings):
         default_factory=list, description="on review statistics: flip_any, flip_to_wrong, flip_to_right, "
                                           "<method>.rank_corr, <method>.top10_overlap")
     report: ReportSpec = Field(default_factory=lambda: ReportSpec(title="Release review"))
+    output_dir: Path = Path("runs")
+    run_id: str | None = Field(None, description="fixed id: a rerun reuses the audits' shards")
+    seed: int = 0
+    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'")
+    shard_size: int = Field(512, ge=1)
+    tasks_per_device: int = Field(1, ge=1, description="shard tasks running at once on each device")
+    max_reject_fraction: float = Field(0.05, ge=0, le=1)
+    flow_run_fails_on: Literal["never", "FAIL", "WARN"] = Field(
+        "never", description="end the Prefect flow run in the Failed state when the verdict is this or worse "
+                             "(after every output is written), so schedules and automations can alert")
+
     def audit_config(self, role: Literal["baseline", "candidate"], review_dir: Path) -> "AuditConfig":
         """Return the audit of one side: same data, attribution, slices and seed; no thresholds of its own."""
         return AuditConfig(
