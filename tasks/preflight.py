@@ -103,6 +103,14 @@ def check_methods(methods: Sequence[str], params: dict[str, dict], checks: Seque
             check_param(f"preflight: 'quality.params.{c}'", key, value, CHECKS[c].defaults[key])
 
 
+def check_metric_names(names: Sequence[str] | None) -> None:
+    """Raise unless every name in 'metrics.metrics' is a registered metric."""
+    for name in names or []:
+        if name not in METRICS:
+            raise XAuditError(f"preflight: 'metrics.metrics' must name registered metrics {sorted(METRICS)}; "
+                              f"got {name!r}")
+
+
 def check_slices(slices: Sequence[Sequence[str]], columns: Sequence[str], where: str = "metrics.slices") -> list[str]:
     """Raise unless every slice term parses and names a sliceable column; returns the slice keys."""
     keys = []
@@ -211,10 +219,7 @@ def preflight_audit(config: AuditConfig,
     device = pick_device(config.device)
     a, q, m = config.attribution, config.quality, config.metrics
     check_methods(a.methods, a.params, q.checks, q.params)
-    for name in m.metrics or []:
-        if name not in METRICS:
-            raise XAuditError(f"preflight: 'metrics.metrics' must name registered metrics {sorted(METRICS)}; "
-                              f"got {name!r}")
+    check_metric_names(m.metrics)
     source = inspect_source(config.data)
     slice_keys = check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS])
     card = check_model(config.model, device, load=load)
@@ -237,6 +242,7 @@ def preflight_review(config: ReviewConfig,
     device = pick_device(config.device)
     a, q, m = config.attribution, config.quality, config.metrics
     check_methods(a.methods, a.params, q.checks, q.params)
+    check_metric_names(m.metrics)
     source = inspect_source(config.data)
     slice_keys = [*check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS]), "overall"]
     cards = {role: check_model(getattr(config, role), device, role, load) for role in ("baseline", "candidate")}

@@ -408,6 +408,10 @@ def test_review_config_errors(capsys, tmp_path, clean_rows):
     cfg["change_thresholds"] = [{"metric": "acc", "absolute": 0.1}]
     rc, _, err = run_cli(capsys, ["review", str(write_config(tmp_path, cfg, "review.yaml"))])
     assert_input_error(rc, err, out, "'change_thresholds[0].metric'")
+    cfg["change_thresholds"] = []
+    cfg["metrics"] = {"metrics": ["accuracy", "acc"]}
+    rc, _, err = run_cli(capsys, ["review", str(write_config(tmp_path, cfg, "review.yaml"))])
+    assert_input_error(rc, err, out, "'metrics.metrics'", "'acc'")
 
 
 # --------------------------------------------------------------------------------------------------------------
