@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from .attribution import METHODS, get_method
-from .attribution._registry import check_param, resolve_params
+from .attribution._registry import resolve_params
 from .config import AuditConfig, ModelSpec, ReviewConfig, Threshold
 from .data import SourceInfo, inspect_source
 from .errors import XAuditError
 from .metrics import METRICS
 from .metrics.evaluate import parse_term
 from .models import ModelCard, build_model, pick_device, probe_model, resolve_card
-from .quality import CHECKS, quality_columns
+from .quality import CHECKS, quality_columns, resolve_check_params
 
 # Columns of predictions.parquet that slices may use besides the metadata columns.
 DERIVED_SLICE_COLUMNS = ("label_name", "confidence")
@@ -68,6 +68,13 @@ def check_output_location(output_dir: str | Path, run_id: str | None) -> None:
                               f"choose another 'run_id'")
 
 
+def _only_for_listed(params: dict[str, dict], listed: Sequence[str], field: str, list_field: str) -> None:
+    stray = sorted(set(params) - set(listed))
+    if stray:
+        raise XAuditError(f"preflight: '{field}' gives parameters for {stray}, which are not among "
+                          f"'{list_field}' {list(listed)}")
+
+
 def check_methods(methods: Sequence[str], params: dict[str, dict], checks: Sequence[str],
                   check_params: dict[str, dict]) -> None:
     """Raise unless every attribution method and quality check exists and every parameter is known."""
@@ -79,28 +86,15 @@ def check_methods(methods: Sequence[str], params: dict[str, dict], checks: Seque
     dup = sorted({m for m in methods if list(methods).count(m) > 1})
     if dup:
         raise XAuditError(f"preflight: 'attribution.methods' names {dup} more than once")
-    stray = sorted(set(params) - set(methods))
-    if stray:
-        raise XAuditError(f"preflight: 'attribution.params' gives parameters for {stray}, which are not among "
-                          f"'attribution.methods' {list(methods)}")
+    _only_for_listed(params, methods, "attribution.params", "attribution.methods")
     for m, p in params.items():
-        if not isinstance(p, dict):
-            raise XAuditError(f"preflight: 'attribution.params.{m}' must be a mapping of parameters; got {p!r}")
         resolve_params(m, p)
     unknown = [c for c in checks if c not in CHECKS]
     if unknown:
         raise XAuditError(f"preflight: 'quality.checks' must name registered checks {sorted(CHECKS)}; got {unknown}")
-    stray = sorted(set(check_params) - set(checks))
-    if stray:
-        raise XAuditError(f"preflight: 'quality.params' gives parameters for {stray}, which are not among "
-                          f"'quality.checks' {list(checks)}")
+    _only_for_listed(check_params, checks, "quality.params", "quality.checks")
     for c, p in check_params.items():
-        bad = sorted(set(p or {}) - set(CHECKS[c].defaults))
-        if bad:
-            raise XAuditError(f"preflight: 'quality.params.{c}' has unknown parameters {bad}; "
-                              f"{c!r} takes {sorted(CHECKS[c].defaults)}")
-        for key, value in (p or {}).items():
-            check_param(f"preflight: 'quality.params.{c}'", key, value, CHECKS[c].defaults[key])
+        resolve_check_params(c, p)
 
 
 def check_metric_names(names: Sequence[str] | None) -> None:

@@ -76,15 +76,19 @@ def check_param(owner: str, key: str, value: Any, default: Any) -> None:
         raise bad("text")
 
 
-def resolve_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
-    """Return the method's defaults updated with `params`; unknown parameter names, and values not of the
-    default's kind (`check_param`), are an error."""
-    method = get_method(name)
+def resolve_against(owner: str, defaults: dict[str, Any], params: dict[str, Any] | None) -> dict[str, Any]:
+    """Return `defaults` updated with `params`; unknown parameter names, and values not of the default's kind
+    (`check_param`), are an error naming `owner` (e.g. "attribute: method 'lime'")."""
     params = dict(params or {})
-    unknown = sorted(set(params) - set(method.defaults))
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
-        raise XAuditError(f"attribute: parameters {unknown} are not known to method {name!r}; "
-                          f"it takes {sorted(method.defaults)}")
+        where, _, who = owner.partition(": ")
+        raise XAuditError(f"{where}: parameters {unknown} are not known to {who}; it takes {sorted(defaults)}")
     for key, value in params.items():
-        check_param(f"attribute: method {name!r}", key, value, method.defaults[key])
-    return {**method.defaults, **params}
+        check_param(owner, key, value, defaults[key])
+    return {**defaults, **params}
+
+
+def resolve_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the method's defaults updated with `params` (`resolve_against`)."""
+    return resolve_against(f"attribute: method {name!r}", get_method(name).defaults, params)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..attribution._registry import check_param
+from ..attribution._registry import resolve_against
 from ..errors import XAuditError
 from ._registry import CHECKS, Check, QualityContext, register  # noqa: F401
 from .sanity import randomisation_check  # noqa: F401
@@ -17,6 +17,11 @@ from .sanity import randomisation_check  # noqa: F401
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_info.name}")
+
+
+def resolve_check_params(name: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the check's defaults updated with `params` (the checks' twin of `resolve_params`)."""
+    return resolve_against(f"quality: check {name!r}", CHECKS[name].defaults, params)
 
 
 def run_checks(ctx: QualityContext, names: list[str], params: dict[str, dict[str, Any]] | None = None
@@ -28,13 +33,7 @@ def run_checks(ctx: QualityContext, names: list[str], params: dict[str, dict[str
         if name not in CHECKS:
             raise XAuditError(f"quality: 'checks' must name registered checks {sorted(CHECKS)}; got {name!r}")
         check = CHECKS[name]
-        unknown = sorted(set(params.get(name, {})) - set(check.defaults))
-        if unknown:
-            raise XAuditError(f"quality: parameters {unknown} are not known to check {name!r}; "
-                              f"it takes {sorted(check.defaults)}")
-        for key, value in params.get(name, {}).items():
-            check_param(f"quality: check {name!r}", key, value, check.defaults[key])
-        kw = {**check.defaults, **params.get(name, {})}
+        kw = resolve_check_params(name, params.get(name))
         if check.per_method:
             for method in ctx.maps:
                 for col, values in check.fn(ctx, method=method, **kw).items():
