@@ -307,6 +307,18 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def describe_error(e: dict) -> str:
+    """Return one pydantic error as "'field.path': what it must be; got what came"."""
+    msg = e["msg"].removeprefix("Value error, ")
+    msg = msg[:1].lower() + msg[1:]
+    got = "" if e["type"] in ("missing", "extra_forbidden", "value_error") else f"; got {_shown(e.get('input'))}"
+    if e["type"] == "extra_forbidden":
+        msg = "is not a known field (check its spelling and indentation)"
+    elif e["type"] == "missing":
+        msg = "is required"
+    return f"'{_field(e['loc'])}': {msg}{got}"
+
+
 def _validate(model: type[BaseModel], raw: Any, where: str, source: str, kind: str):
     """Return `model` validated from `raw`; pydantic's errors become one `XAuditError` whose first line names
     the first bad field, what it must be and what it got (the others follow, one per line)."""
@@ -314,18 +326,8 @@ def _validate(model: type[BaseModel], raw: Any, where: str, source: str, kind: s
         return model.model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
-
-        def line(e: dict) -> str:
-            msg = e["msg"].removeprefix("Value error, ")
-            msg = msg[:1].lower() + msg[1:]
-            got = "" if e["type"] in ("missing", "extra_forbidden", "value_error") else f"; got {_shown(e.get('input'))}"
-            if e["type"] == "extra_forbidden":
-                msg = "is not a known field (check its spelling and indentation)"
-            elif e["type"] == "missing":
-                msg = "is required"
-            return f"'{_field(e['loc'])}': {msg}{got}"
-        rest = "".join(f"\n  also: {line(e)}" for e in errors[1:])
-        raise XAuditError(f"{where}: {line(errors[0])} (in the {kind} config {source}){rest}") from None
+        rest = "".join(f"\n  also: {describe_error(e)}" for e in errors[1:])
+        raise XAuditError(f"{where}: {describe_error(errors[0])} (in the {kind} config {source}){rest}") from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> AuditConfig:

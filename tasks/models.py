@@ -19,7 +19,7 @@ from pydantic import ValidationError
 import torch
 from torch import nn
 
-from .config import MAX_CONFIG_BYTES, ModelSpec
+from .config import MAX_CONFIG_BYTES, ModelSpec, describe_error
 from .errors import XAuditError
 from .io import sha256_file
 
@@ -51,6 +51,12 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelCard":
+        """Return the card `to_dict` (or its JSON) describes: lists back to tuples."""
+        return cls(**{**values, "input_size": tuple(values["input_size"]), "mean": tuple(values["mean"]),
+                      "std": tuple(values["std"]), "class_names": tuple(values["class_names"])})
+
 
 def resolve_card(spec: ModelSpec) -> ModelCard:
     """Return the `ModelCard` for `spec`: fields of the spec override those of its card file. The merged
@@ -79,10 +85,7 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
     try:
         checked = ModelSpec.model_validate({k: v for k, v in values.items() if k in known})
     except ValidationError as exc:
-        e = exc.errors()[0]
-        field_name = ".".join(str(p) for p in e["loc"])
-        raise XAuditError(f"{where}: '{field_name}' in {source}: {e['msg'].removeprefix('Value error, ')}; "
-                          f"got {str(e.get('input'))[:80]!r}") from None
+        raise XAuditError(f"{where}: {describe_error(exc.errors()[0])} (in {source})") from None
     values.update({k: v for k, v in checked.model_dump(exclude={"card"}).items() if k in values})
     missing = [k for k in ("factory", "weights", "input_size", "class_names") if not values.get(k)]
     if missing:
@@ -271,10 +274,7 @@ def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Modul
 
 @functools.lru_cache(maxsize=4)
 def _cached(card_json: str, device: str) -> nn.Module:
-    values = json.loads(card_json)
-    values.update(input_size=tuple(values["input_size"]), mean=tuple(values["mean"]), std=tuple(values["std"]),
-                  class_names=tuple(values["class_names"]))
-    return build_model(ModelCard(**values), device)
+    return build_model(ModelCard.from_dict(json.loads(card_json)), device)
 
 
 def cached_model(card: ModelCard, device: torch.device | str) -> nn.Module:
@@ -293,13 +293,18 @@ def _first_lines(exc: BaseException, n: int = 4) -> str:
     return " ".join(lines[:n])[:600] or type(exc).__name__
 
 
+def probe_inputs(card: ModelCard, n: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """Return `n` normalised synthetic images (N, C, H, W) of the card's size: uniform pixels in [0, 1) from
+    `seed`, through the card's mean and std, as real images reach the model."""
+    x = torch.rand(n, card.channels, *card.input_size, generator=torch.Generator().manual_seed(seed))
+    return ((x - torch.tensor(card.mean).view(1, -1, 1, 1)) / torch.tensor(card.std).view(1, -1, 1, 1)).to(device)
+
+
 def probe_model(model: nn.Module, card: ModelCard, device: torch.device) -> None:
     """Check with one forward of two synthetic images that `model` takes (2, C, H, W) inputs of the card's
     size and returns finite (2, num_classes) logits; raise `XAuditError` naming what does not fit."""
     c, (h, w) = card.channels, card.input_size
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, c, h, w, generator=g)
-    x = ((x - torch.tensor(card.mean).view(1, -1, 1, 1)) / torch.tensor(card.std).view(1, -1, 1, 1)).to(device)
+    x = probe_inputs(card, 2, 0, device)
     try:
         with torch.no_grad():
             out = model(x)

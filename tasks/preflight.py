@@ -19,12 +19,12 @@ from torch import nn
 
 from .attribution import METHODS, get_method
 from .attribution._registry import resolve_params
-from .config import AuditConfig, ModelSpec, ReviewConfig, Threshold
+from .config import AttributionSpec, AuditConfig, ModelSpec, ReviewConfig, Threshold
 from .data import SourceInfo, inspect_source
 from .errors import XAuditError
 from .metrics import METRICS
 from .metrics.evaluate import parse_term
-from .models import ModelCard, build_model, pick_device, probe_model, resolve_card
+from .models import ModelCard, build_model, pick_device, probe_inputs, probe_model, resolve_card
 from .quality import CHECKS, quality_columns, resolve_check_params
 
 # Columns of predictions.parquet that slices may use besides the metadata columns.
@@ -161,13 +161,15 @@ def _roi_hint(metric: str, has_roi: bool) -> str:
     return ""
 
 
-def check_model(spec: ModelSpec, device: torch.device, role: str = "model",
-                load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> ModelCard:
-    """Return the card once the model builds, its weights load and a probe forward fits the card."""
+def check_model(spec: ModelSpec, device: torch.device, attribution: AttributionSpec, seed: int = 0,
+                role: str = "model", load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> ModelCard:
+    """Return the card once the model builds, its weights load, a probe forward fits the card and every
+    configured method passes its dry run (`check_attribution`); a review's errors name the role."""
     try:
         card = resolve_card(spec)
         model = load(card, device)
         probe_model(model, card, device)
+        check_attribution(card, model, device, attribution.methods, attribution.params, seed)
     except XAuditError as exc:
         if role == "model":
             raise
@@ -185,9 +187,7 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
     it only runs forwards), so a method that cannot explain this model (no CAM layer, a layer whose output is
     not (N, C, h, w), frozen weights...) stops the audit now, not after ingest."""
     from .attribution import attribute
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(1, card.channels, *card.input_size, generator=g)
-    x = ((x - torch.tensor(card.mean).view(1, -1, 1, 1)) / torch.tensor(card.std).view(1, -1, 1, 1)).to(device)
+    x = probe_inputs(card, 1, 1, device)
     for m in methods:
         if m == "occlusion":
             continue
@@ -206,32 +206,9 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
                               f"'attribution.methods' or set the model's 'target_layer'") from None
 
 
-def preflight_audit(config: AuditConfig,
-                    load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> Preflight:
-    """Check everything about an audit that can be known before it runs (see the module docstring)."""
-    check_output_location(config.output_dir, config.run_id)
-    device = pick_device(config.device)
-    a, q, m = config.attribution, config.quality, config.metrics
-    check_methods(a.methods, a.params, q.checks, q.params)
-    check_metric_names(m.metrics)
-    source = inspect_source(config.data)
-    slice_keys = check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS])
-    card = check_model(config.model, device, load=load)
-    check_attribution(card, load(card, device), device, a.methods, a.params, config.seed)
-    chosen = m.metrics if m.metrics is not None else sorted(METRICS)
-    known = {n: METRICS[n].higher_is_better for n in chosen}
-    known.update(_stat_names(a.methods, q.checks, bool(config.data.roi_column)))
-    per_class = {n for n in chosen if METRICS[n].per_class}
-    for i, th in enumerate(m.thresholds):
-        _check_threshold(th, i, "metrics.thresholds", known, per_class, card.class_names,
-                         [*slice_keys, "overall"], _roi_hint(th.metric, bool(config.data.roi_column)))
-    return Preflight({"model": card}, str(device), source)
-
-
-def preflight_review(config: ReviewConfig,
-                     load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> Preflight:
-    """Check a review: both audits as an audit would be checked, the two models' classes agree, and every
-    change threshold and review threshold names a statistic the review computes."""
+def _run_basics(config: AuditConfig | ReviewConfig) -> tuple[torch.device, SourceInfo, list[str]]:
+    """The checks an audit and a review share before their models: output location, device, method, check
+    and metric names, the data source, and the slice keys `metrics.slices` makes (with 'overall')."""
     check_output_location(config.output_dir, config.run_id)
     device = pick_device(config.device)
     a, q, m = config.attribution, config.quality, config.metrics
@@ -239,24 +216,46 @@ def preflight_review(config: ReviewConfig,
     check_metric_names(m.metrics)
     source = inspect_source(config.data)
     slice_keys = [*check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS]), "overall"]
-    cards = {role: check_model(getattr(config, role), device, role, load) for role in ("baseline", "candidate")}
-    for role, card in cards.items():
-        try:
-            check_attribution(card, load(card, device), device, a.methods, a.params, config.seed)
-        except XAuditError as exc:
-            raise XAuditError(f"{role}: {exc}") from None
+    return device, source, slice_keys
+
+
+def _statistics(config: AuditConfig | ReviewConfig) -> tuple[dict[str, bool], set[str]]:
+    """Return {name: higher_is_better} of every metric and explanation statistic the config computes, and the
+    names of the per-class metrics."""
+    chosen = config.metrics.metrics if config.metrics.metrics is not None else sorted(METRICS)
+    known = {n: METRICS[n].higher_is_better for n in chosen}
+    known.update(_stat_names(config.attribution.methods, config.quality.checks, bool(config.data.roi_column)))
+    return known, {n for n in chosen if METRICS[n].per_class}
+
+
+def preflight_audit(config: AuditConfig,
+                    load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> Preflight:
+    """Check everything about an audit that can be known before it runs (see the module docstring)."""
+    device, source, slice_keys = _run_basics(config)
+    card = check_model(config.model, device, config.attribution, config.seed, load=load)
+    known, per_class = _statistics(config)
+    for i, th in enumerate(config.metrics.thresholds):
+        _check_threshold(th, i, "metrics.thresholds", known, per_class, card.class_names, slice_keys,
+                         _roi_hint(th.metric, bool(config.data.roi_column)))
+    return Preflight({"model": card}, str(device), source)
+
+
+def preflight_review(config: ReviewConfig,
+                     load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> Preflight:
+    """Check a review: both audits as an audit would be checked, the two models' classes agree, and every
+    change threshold and review threshold names a statistic the review computes."""
+    device, source, slice_keys = _run_basics(config)
+    cards = {role: check_model(getattr(config, role), device, config.attribution, config.seed, role, load)
+             for role in ("baseline", "candidate")}
     if cards["baseline"].class_names != cards["candidate"].class_names:
         raise XAuditError(f"preflight: 'candidate' has classes {list(cards['candidate'].class_names)} but "
                           f"'baseline' has {list(cards['baseline'].class_names)}; a review compares the same classes")
-    chosen = m.metrics if m.metrics is not None else sorted(METRICS)
-    stats = _stat_names(a.methods, q.checks, bool(config.data.roi_column))
-    known = {n: METRICS[n].higher_is_better for n in chosen if n in METRICS} | stats
-    per_class = {n for n in chosen if n in METRICS and METRICS[n].per_class}
+    known, per_class = _statistics(config)
     names = cards["baseline"].class_names
     for i, ch in enumerate(config.change_thresholds):
         _check_threshold(ch, i, "change_thresholds", known, per_class, names, slice_keys,
                          _roi_hint(ch.metric, bool(config.data.roi_column)))
-    review_known = {s: False for s in REVIEW_STATISTICS} | {f"{meth}.{d}": True for meth in a.methods
+    review_known = {s: False for s in REVIEW_STATISTICS} | {f"{meth}.{d}": True for meth in config.attribution.methods
                                                              for d in DRIFT_STATISTICS}
     for i, th in enumerate(config.thresholds):
         _check_threshold(th, i, "thresholds", review_known, set(), names, slice_keys, "")

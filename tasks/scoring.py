@@ -102,9 +102,8 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         if not rows:
             continue
         kept.extend(rows)
-        sl = rows
         probs_all.append(torch.softmax(res.logits.double(), 1).cpu())
-        roi = decoded.roi[sl].to(device) if decoded.roi is not None else None
+        roi = decoded.roi[rows].to(device) if decoded.roi is not None else None
         maps = {m: display_heatmap(raw, card.input_size) for m, raw in res.attributions.items()}
 
         def explain(method: str, xs: torch.Tensor, ts: torch.Tensor, keys: list[int] | None = None):
@@ -122,7 +121,7 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
             flat = raw.flatten(1).double()
             delta = res.extras[method].get("delta")
             expl_rows.append({
-                "example_id": np.array([decoded.example_ids[i] for i in sl], dtype=object),
+                "example_id": np.array([decoded.example_ids[i] for i in rows], dtype=object),
                 "method": [method] * len(full),
                 "target": res.target.cpu().numpy(),
                 "attribution_sum": flat.sum(1).cpu().numpy(),

@@ -73,12 +73,7 @@ def ingest_data(config: AuditConfig, run_dir: str) -> dict[str, Any]:
 
 def _loaded(card: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """Return the card's model on `device`, loaded once per process (weights read and hashed once)."""
-    return cached_model(_card(card), device)
-
-
-def _card(card: dict[str, Any]) -> ModelCard:
-    return ModelCard(**{**card, "input_size": tuple(card["input_size"]), "mean": tuple(card["mean"]),
-                        "std": tuple(card["std"]), "class_names": tuple(card["class_names"])})
+    return cached_model(ModelCard.from_dict(card), device)
 
 
 @task(name="score-shard", **IO_RETRIES)
@@ -99,7 +94,7 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -
         done = json.loads(key_file.read_text())
         if done.get("key") == key and all(Path(done[k]).is_file() for k in ("predictions", "explanations", "rejects")):
             return {**done, "cached": True, "seconds": 0.0}
-    c = _card(card)
+    c = ModelCard.from_dict(card)
     t0 = time.perf_counter()
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
         model = _loaded(card, device)
@@ -114,7 +109,7 @@ def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) 
     from .scoring import sanity_check
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
         # the cached model is safe here: the check randomises a deep copy, never the model itself
-        return str(sanity_check(shard, _card(card), config, _loaded(card, device), device,
+        return str(sanity_check(shard, ModelCard.from_dict(card), config, _loaded(card, device), device,
                                 Path(run_dir) / "sanity.parquet"))
 
 
@@ -122,7 +117,7 @@ def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) 
 def permutation(shards: list[str], card: dict[str, Any], config: AuditConfig, run_dir: str) -> str:
     """Region importance per slice by permutation; writes permutation.parquet."""
     from .scoring import slice_permutation
-    c = _card(card)
+    c = ModelCard.from_dict(card)
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
         model = _loaded(card, device)
         return str(slice_permutation(shards, c, config, model, device, Path(run_dir) / "permutation.parquet",
@@ -147,7 +142,7 @@ def merge_outputs(run_dir: str, shard_outputs: list[dict[str, Any]], n_rows: int
 @task(name="compute-metrics")
 def compute_metrics(run_dir: str, config: AuditConfig, card: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Per-slice metrics, intervals and checks; returns the verdict and counts."""
-    return asdict(outputs.compute_metrics(run_dir, config, _card(card), run_id))
+    return asdict(outputs.compute_metrics(run_dir, config, ModelCard.from_dict(card), run_id))
 
 
 @task(name="write-manifest", **IO_RETRIES)
@@ -158,7 +153,8 @@ def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any
     data_identity["format"] = data_identity.pop("source_format")
     if Path(data["source"]).is_file():
         data_identity["source_sha256"] = sha256_file(data["source"])
-    manifest = outputs.build_manifest(run["run_id"], datetime.fromisoformat(run["started"]), config, _card(card),
+    manifest = outputs.build_manifest(run["run_id"], datetime.fromisoformat(run["started"]), config,
+                                      ModelCard.from_dict(card),
                                       data_identity, run["flow_run_id"], str(pick_device(config.device)),
                                       run["run_dir"], verdict)
     return str(write_json(Path(run["run_dir"]) / "manifest.json", manifest))
