@@ -217,7 +217,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refusals, truncated zips, foreign formats: all mean "not a state dict"
-        first = _first_line(exc)
+        first = first_lines(exc)
         raise XAuditError(f"load_model: 'weights' must be a safetensors or state-dict file; {str(path)!r} "
                           f"holds something else (refused by weights_only loading: {first})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -258,7 +258,7 @@ def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Modul
         model = factory(**card.kwargs)
     except Exception as exc:  # the factory is the user's code: any failure is a bad model spec
         raise XAuditError(f"load_model: factory {card.factory!r} failed with kwargs {card.kwargs}: "
-                          f"{type(exc).__name__}: {_first_line(exc)}") from None
+                          f"{type(exc).__name__}: {first_lines(exc)}") from None
     if not isinstance(model, nn.Module):
         raise XAuditError(f"load_model: factory {card.factory!r} must return a torch.nn.Module; "
                           f"got {type(model).__name__}")
@@ -267,7 +267,7 @@ def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Modul
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise XAuditError(f"load_model: weights {card.weights!r} do not fit {card.factory!r}: "
-                          f"{_first_lines(exc)}") from None
+                          f"{first_lines(exc, 4, 600)}") from None
     model.register_forward_hook(_logits_hook)
     return model.eval().to(device)
 
@@ -283,14 +283,11 @@ def cached_model(card: ModelCard, device: torch.device | str) -> nn.Module:
     return _cached(json.dumps(card.to_dict(), sort_keys=True, default=list), str(device))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def _first_lines(exc: BaseException, n: int = 4) -> str:
+def first_lines(exc: BaseException, n: int = 1, limit: int = 300) -> str:
+    """Return the first `n` non-blank lines of an exception's message, joined, at most `limit` characters (its
+    type's name when it has none): enough to say what failed in a one-line error."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return " ".join(lines[:n])[:600] or type(exc).__name__
+    return " ".join(lines[:n])[:limit] or type(exc).__name__
 
 
 def probe_inputs(card: ModelCard, n: int, seed: int, device: torch.device | str) -> torch.Tensor:
@@ -312,7 +309,7 @@ def probe_model(model: nn.Module, card: ModelCard, device: torch.device) -> None
         raise
     except Exception as exc:  # the model's own code rejected the input
         raise XAuditError(f"load_model: a probe forward of a {tuple(x.shape)} input (the card's 'channels' "
-                          f"{c} and 'input_size' {[h, w]}) failed: {type(exc).__name__}: {_first_lines(exc, 2)}; "
+                          f"{c} and 'input_size' {[h, w]}) failed: {type(exc).__name__}: {first_lines(exc, 2, 600)}; "
                           f"check 'channels' and 'input_size' against what the model takes") from None
     if out.ndim != 2 or out.shape[0] != 2:
         raise XAuditError(f"load_model: the model must return logits of shape (N, num_classes); for a "

@@ -24,7 +24,7 @@ from .data import SourceInfo, inspect_source
 from .errors import XAuditError
 from .metrics import METRICS
 from .metrics.evaluate import parse_term
-from .models import ModelCard, build_model, pick_device, probe_inputs, probe_model, resolve_card
+from .models import ModelCard, build_model, first_lines, pick_device, probe_inputs, probe_model, resolve_card
 from .quality import CHECKS, quality_columns, resolve_check_params
 
 # Columns of predictions.parquet that slices may use besides the metadata columns.
@@ -200,9 +200,8 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
         except XAuditError as exc:
             raise XAuditError(f"preflight: attribution method {m!r} cannot explain this model: {exc}") from None
         except Exception as exc:  # the model's own code, or a method meeting an architecture it cannot handle
-            text = str(exc).strip().splitlines()
             raise XAuditError(f"preflight: attribution method {m!r} failed on a probe image of this model: "
-                              f"{type(exc).__name__}: {text[0][:300] if text else ''}; leave it out of "
+                              f"{type(exc).__name__}: {first_lines(exc)}; leave it out of "
                               f"'attribution.methods' or set the model's 'target_layer'") from None
 
 
