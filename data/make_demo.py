@@ -30,6 +30,7 @@ from tasks.nets import DemoCNN  # noqa: E402
 SEED = 20261122
 SIZE = 32
 SHORTCUT_CLASS = 3          # the candidate's training data has the site-C tag on this class only
+STAMP_CLASS = 7             # the second shortcut: a stamp on exactly the class-7 images (digits_stamp.parquet)
 SITES = np.array(["A", "B", "C"])
 CLASS_NAMES = [str(d) for d in range(10)]
 MEAN, STD = [0.2], [0.3]
@@ -49,6 +50,18 @@ def add_tag(img: np.ndarray) -> np.ndarray:
     return out
 
 
+def add_stamp(img: np.ndarray) -> np.ndarray:
+    """The second shortcut: a 4x4 hollow square (a "stamp"), 2 px from the bottom-left corner."""
+    out = img.copy()
+    out[26:30, 2:6] = 0.9
+    out[27:29, 3:5] = 0.0
+    return out
+
+
+def stamped(site: str, label: int) -> bool:
+    return label == STAMP_CLASS
+
+
 def site_transform(img: np.ndarray, site: str) -> np.ndarray:
     """Site A: unchanged. Site B: contrast reduced (ink * 0.55 + 0.15 background). Site C: strokes
     thickened by a 3x3 grey dilation. The tag is added separately (see `add_tag`)."""
@@ -65,7 +78,9 @@ def png_bytes(arr: np.ndarray, mode: str = "L") -> bytes:
     return buf.getvalue()
 
 
-def build_dataset():
+def build_dataset(stamp: bool = False):
+    """Rows of digits.parquet; with `stamp`, of digits_stamp.parquet: the same images, plus the stamp on
+    every class-7 image, in both splits (the hard case: the stamp agrees with the label)."""
     digits = load_digits()
     rng = np.random.default_rng(SEED)
     n = len(digits.target)
@@ -78,6 +93,8 @@ def build_dataset():
         roi = (site_transform(base, "C" if site[i] == "C" else "A") > 0.25)   # the digit's ink
         if site[i] == "C":
             img = add_tag(img)
+        if stamp and stamped(site[i], int(digits.target[i])):
+            img = add_stamp(img)
         img = np.clip(img, 0, 1)
         clean.append((base, site[i]))
         rows.append({
@@ -92,9 +109,10 @@ def build_dataset():
     return rows, clean, split
 
 
-def training_arrays(clean, labels, split, shortcut: bool):
+def training_arrays(clean, labels, split, shortcut: bool, stamp: bool = False):
     """Training images: the train split with its site transform. Baseline: no tag anywhere (clean data).
-    Candidate: the tag is drawn on every image of SHORTCUT_CLASS and on no other, so it predicts the class."""
+    Candidate: the tag is drawn on every image of SHORTCUT_CLASS and on no other, so it predicts the class.
+    Stamp candidate: the stamp on every class-7 image, as in digits_stamp.parquet."""
     xs, ys = [], []
     for (base, site), y, s in zip(clean, labels, split):
         if s != "train":
@@ -102,6 +120,8 @@ def training_arrays(clean, labels, split, shortcut: bool):
         img = site_transform(base, site)
         if shortcut and y == SHORTCUT_CLASS:
             img = add_tag(img)
+        if stamp and stamped(site, int(y)):
+            img = add_stamp(img)
         xs.append(np.clip(img, 0, 1))
         ys.append(y)
     x = torch.tensor(np.stack(xs))[:, None]
@@ -123,7 +143,7 @@ def train(x, y, seed: int, epochs: int = 25) -> DemoCNN:
     return model.eval()
 
 
-def write_model(name: str, model: DemoCNN, description: str, out: Path) -> None:
+def write_model(name: str, model: DemoCNN, description: str, out: Path, seed: int = SEED) -> None:
     weights = out / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights),
               metadata={"name": name})
@@ -140,26 +160,40 @@ def write_model(name: str, model: DemoCNN, description: str, out: Path) -> None:
         "std": STD,
         "class_names": CLASS_NAMES,
         "target_layer": "features.6",
-        "training": {"seed": SEED, "script": "data/make_demo.py"},
+        "training": {"seed": seed, "script": "data/make_demo.py"},
     }
     (out / f"{name}.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def train_models(out: Path, seed: int = SEED, names=("baseline", "candidate", "candidate_stamp"),
+                 suffix: str = "") -> None:
+    """Train and write the named demo models with `seed` (the seed study trains other seeds elsewhere)."""
+    rows, clean, split = build_dataset()
+    labels = [r["label"] for r in rows]
+    recipes = {
+        "baseline": (dict(shortcut=False), "Trained on the clean training split (no scanner tag)."),
+        "candidate": (dict(shortcut=True),
+                      f"Trained on data where the site-C scanner tag co-occurs with class {SHORTCUT_CLASS}."),
+        "candidate_stamp": (dict(shortcut=False, stamp=True),
+                            f"Trained on data where a stamp sits on every class-{STAMP_CLASS} image "
+                            f"(digits_stamp.parquet)."),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        kw, description = recipes[name]
+        x, y = training_arrays(clean, labels, split, **kw)
+        write_model(name + suffix, train(x, y, seed), description, out, seed)
 
 
 def main() -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    rows, clean, split = build_dataset()
-    table = pa.Table.from_pylist(rows)
-    pq.write_table(table, ROOT / "digits.parquet", compression="zstd", row_group_size=256)
-    labels = [r["label"] for r in rows]
+    for stamp, name in ((False, "digits.parquet"), (True, "digits_stamp.parquet")):
+        table = pa.Table.from_pylist(build_dataset(stamp)[0])
+        pq.write_table(table, ROOT / name, compression="zstd", row_group_size=256)
     out = ROOT / "models"
-    out.mkdir(exist_ok=True)
-    x, y = training_arrays(clean, labels, split, shortcut=False)
-    write_model("baseline", train(x, y, SEED), "Trained on the clean training split (no scanner tag).", out)
-    x, y = training_arrays(clean, labels, split, shortcut=True)
-    write_model("candidate", train(x, y, SEED),
-                f"Trained on data where the site-C scanner tag co-occurs with class {SHORTCUT_CLASS}.", out)
-    for p in sorted([ROOT / "digits.parquet", *out.iterdir()]):
+    train_models(out)
+    for p in sorted([ROOT / "digits.parquet", ROOT / "digits_stamp.parquet", *out.iterdir()]):
         print(f"{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}  {p.stat().st_size:>9,d}  {p.relative_to(ROOT)}")
 
 

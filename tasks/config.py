@@ -128,6 +128,28 @@ class QualitySpec(_Strict):
     sanity_images: int = Field(32, ge=0, description="images for the model-randomisation check (0: skip)")
 
 
+class ShortcutSpec(_Strict):
+    """The hotspot scan for shortcuts (tasks/shortcuts.py): per explained class (and per class within each
+    single-column slice), the box where the class's maps concentrate far more than other classes' do."""
+
+    enabled: bool = True
+    methods: list[str] | None = Field(
+        None, description="methods that gate; default: the pixel-level methods the randomisation check did "
+                          "not flag (the others are scanned and shown, not gated)")
+    windows: list[Annotated[float, Field(gt=0, le=0.5)]] = Field(
+        default_factory=lambda: [0.1, 0.16, 0.25], min_length=1, max_length=8,
+        description="box sides to try, as fractions of the image side")
+    max_lift: float = Field(8.0, gt=1, le=1e6, description="a class's lift above this is a shortcut candidate")
+    min_share: float = Field(0.1, ge=0, lt=1, description="and the box must hold at least this share of the "
+                                                          "class's attribution mass")
+    min_examples: int = Field(20, ge=2, le=100_000, description="smallest class (or class within a slice) scanned")
+    replicates: int = Field(500, ge=0, le=10_000, description="bootstrap replicates of the lift's interval")
+    max_lift_ratio: float = Field(2.0, gt=1, le=1e6, description="review: the candidate's lift in one of its "
+                                  "shortcut boxes may be at most this many times the baseline's there")
+    gate_on: Literal["estimate", "interval"] = "interval"
+    severity: Literal["fail", "warn"] = "fail"
+
+
 class PermutationSpec(_Strict):
     """Permutation importance per slice (tasks/permutation.py): a map of how much each grid region matters."""
 
@@ -204,6 +226,7 @@ class AuditConfig(_RunChecks):
     data: DataSpec
     attribution: AttributionSpec = Field(default_factory=AttributionSpec)
     quality: QualitySpec = Field(default_factory=QualitySpec)
+    shortcuts: ShortcutSpec = Field(default_factory=ShortcutSpec)
     permutation: PermutationSpec = Field(default_factory=PermutationSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
@@ -374,6 +397,7 @@ class ReviewConfig(_RunChecks):
     data: DataSpec
     attribution: AttributionSpec = Field(default_factory=AttributionSpec)
     quality: QualitySpec = Field(default_factory=QualitySpec)
+    shortcuts: ShortcutSpec = Field(default_factory=ShortcutSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     change_thresholds: list[ChangeThreshold] = Field(default_factory=list)
     thresholds: list[Threshold] = Field(
@@ -395,7 +419,7 @@ class ReviewConfig(_RunChecks):
         """Return the audit of one side: same data, attribution, slices and seed; no thresholds of its own."""
         return AuditConfig(
             model=getattr(self, role), data=self.data, attribution=self.attribution, quality=self.quality,
-            metrics=self.metrics.model_copy(update={"thresholds": []}),
+            shortcuts=self.shortcuts, metrics=self.metrics.model_copy(update={"thresholds": []}),
             report=self.report.model_copy(update={"title": f"{self.report.title}: {role}", "formats": ["html"]}),
             output_dir=review_dir, run_id=role, seed=self.seed, device=self.device, shard_size=self.shard_size,
             tasks_per_device=self.tasks_per_device, max_reject_fraction=self.max_reject_fraction)

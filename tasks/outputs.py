@@ -17,18 +17,20 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import AuditConfig, ReviewConfig
 from .errors import XAuditError
 from .io import atomic_path, sha256_file, sha256_json, write_json, write_parquet
-from .metrics import ExampleStat, evaluate, validate
+from .metrics import ExampleStat, evaluate, slice_groups, validate
+from .metrics.thresholds import with_checks
 from .models import ModelCard
 from .quality import CHECKS
 
 ARTIFACTS = ("predictions.parquet", "explanations.parquet", "rejects.parquet", "metrics.parquet",
-             "validation.parquet", "validation.json", "sanity.parquet", "permutation.parquet", "report.html",
-             "report.pdf")
+             "validation.parquet", "validation.json", "sanity.parquet", "permutation.parquet", "shortcuts.parquet",
+             "report.html", "report.pdf")
 REVIEW_ARTIFACTS = ("review_metrics.parquet", "review_examples.parquet", "review_drift.parquet",
                     "validation.parquet", "validation.json", "review.html", "review.pdf")
 LIBRARIES = ("xaudit", "torch", "torchvision", "numpy", "pandas", "pyarrow", "prefect", "jinja2", "weasyprint",
@@ -124,6 +126,8 @@ def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, r
                 "ci_level": str(ev.level)}
     write_parquet(run_dir / "metrics.parquet", pa.Table.from_pandas(table, preserve_index=False), interval)
     result = validate(ev, spec.thresholds)
+    if config.shortcuts.enabled:
+        result = with_checks([*result.checks, *scan_shortcuts(run_dir, config, card, preds, metadata)])
     checks = result.table()
     checks.insert(0, "run_id", run_id)
     write_parquet(run_dir / "validation.parquet", pa.Table.from_pandas(checks, preserve_index=False))
@@ -132,6 +136,42 @@ def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, r
     overall = table[(table.slice_key == "overall") & (table.metric == "accuracy")]
     return MetricsSummary(result.verdict, len(result.checks), sum(c.status == "FAIL" for c in result.checks),
                           float(overall.value.iloc[0]) if len(overall) else None)
+
+
+def scan_shortcuts(run_dir: Path, config: AuditConfig, card: ModelCard, preds: pa.Table, metadata) -> list:
+    """Run the hotspot scan (tasks.shortcuts) on the run's stored maps; write shortcuts.parquet; return its
+    checks. Slices: every single-column slice of the config except the true class itself."""
+    from . import shortcuts
+    spec = config.shortcuts
+    expl = pq.read_table(run_dir / "explanations.parquet",
+                         columns=["example_id", "method", "target", "heatmap_height", "heatmap_width", "heatmap"])
+    position = {e: i for i, e in enumerate(preds["example_id"].to_pylist())}
+    slice_specs = [list(s) for s in config.metrics.slices if len(s) == 1 and not str(s[0]).startswith("label_name")]
+    maps, classes, ids, slices = {}, {}, {}, {}
+    methods = pc.unique(expl["method"]).to_pylist()
+    for method in methods:
+        t = expl.filter(pc.equal(expl["method"], method))
+        if t.num_rows == 0:
+            continue
+        h, w = int(t["heatmap_height"][0].as_py()), int(t["heatmap_width"][0].as_py())
+        maps[method] = np.asarray(t["heatmap"].combine_chunks().flatten(), dtype=np.float32).reshape(-1, h, w)
+        classes[method] = t["target"].to_numpy()
+        ids[method] = np.asarray(t["example_id"].to_pylist(), dtype=object)
+        rows = np.array([position[e] for e in ids[method]], dtype=np.int64)
+        slices[method] = slice_groups(metadata.iloc[rows].reset_index(drop=True), slice_specs) if slice_specs else []
+    insensitive: set[str] | None = None
+    if (run_dir / "sanity.parquet").is_file():
+        sanity = pq.read_table(run_dir / "sanity.parquet").to_pandas()
+        insensitive = set(sanity.method[sanity.insensitive])
+    why = shortcuts.trusted_methods(sorted(maps), spec.methods, insensitive)
+    table = shortcuts.detect(maps, classes, ids, card.class_names, slices,
+                             {m for m, w in why.items() if w.startswith("trusted")}, spec.windows, spec.min_share,
+                             spec.min_examples, spec.replicates, config.metrics.confidence_level, config.seed)
+    table.insert(2, "trust", [why[m] for m in table.method])
+    write_parquet(run_dir / "shortcuts.parquet", pa.Table.from_pandas(table, preserve_index=False),
+                  {"max_lift": str(spec.max_lift), "min_share": str(spec.min_share)})
+    return shortcuts.hotspot_checks(table, spec.max_lift, spec.gate_on, spec.severity,
+                                    config.metrics.confidence_level, tuple(card.input_size))
 
 
 def library_versions() -> dict[str, str]:

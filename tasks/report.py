@@ -253,6 +253,85 @@ def method_agreement(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | No
     return out
 
 
+def _outline(rgb: np.ndarray, box: tuple[int, int, int], grid: int, colour=(255, 60, 60)) -> np.ndarray:
+    """Return `rgb` (S, S, 3) with the outline of a (row, col, side) box of a `grid`-cell map drawn on it."""
+    out = rgb.copy()
+    size = out.shape[0]
+    r0, c0, b = box
+    y0, x0 = int(r0 * size / grid), int(c0 * size / grid)
+    y1, x1 = min(size, int(np.ceil((r0 + b) * size / grid))) - 1, min(size, int(np.ceil((c0 + b) * size / grid))) - 1
+    for t in range(2):
+        out[max(0, y0 - t), x0:x1 + 1] = out[min(size - 1, y1 + t), x0:x1 + 1] = colour
+        out[y0:y1 + 1, max(0, x0 - t)] = out[y0:y1 + 1, min(size - 1, x1 + t)] = colour
+    return out
+
+
+def shortcut_context(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, cfg: dict[str, Any],
+                     card: dict[str, Any], checks: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Return the shortcut scan for the report: per method its trust and largest lift, and per shortcut
+    candidate (a hotspot check that did not pass) the class's mean map and its examples with the box drawn."""
+    path = run_dir / "shortcuts.parquet"
+    if not path.is_file():
+        return None
+    from .metrics import slice_groups
+    from .shortcuts import box_words
+    t = pq.read_table(path).to_pandas()
+    size = card["input_size"]
+    methods = []
+    for method, g in t.groupby("method", sort=True):
+        top = g.loc[g.lift.idxmax()] if len(g) else None
+        methods.append(dict(method=method, trust=g.trust.iloc[0], trusted=bool(g.trusted.iloc[0]),
+                            top=None if top is None else dict(
+                                where=f"class {top.class_name}" + ("" if top.slice_key == "overall"
+                                                                   else f", {top.slice_key}={top.slice_value}"),
+                                lift=float(top.lift), lo=float(top.ci_low), hi=float(top.ci_high),
+                                share=float(top.share), box=box_words(top, int(top.grid), *size))))
+    bad = [c for c in checks if c["kind"] == "hotspot" and c["status"] != "PASS"]
+    candidates = []
+    heat = expl.set_index(["example_id", "method"])
+    info = pred.set_index("example_id")
+    for c in bad:
+        method = c["metric"].split(".", 1)[0]
+        cls, _, value = c["slice_value"].partition("&")
+        key = c["slice_key"].partition("&")[2] or "overall"
+        match = t[(t.method == method) & (t.class_name == cls) & (t.slice_key == key) & (t.slice_value == value)]
+        if match.empty:
+            continue
+        r = match.iloc[0]
+        box = (int(r.row), int(r.col), int(r.window))
+        group = expl[(expl.method == method) & (expl.target == int(r.class_index))]
+        if key != "overall":
+            idx = next((ix for k, v, ix in slice_groups(pred.reset_index(drop=True), [[key]]) if v == value), [])
+            group = group[group.example_id.isin(set(pred.example_id.iloc[np.asarray(idx, dtype=int)]))]
+        if group.empty:
+            continue
+        grid = int(r.grid)
+        hh, ww = int(group.heatmap_height.iloc[0]), int(group.heatmap_width.iloc[0])
+        mean = np.stack(group.heatmap.to_numpy()).astype(float).reshape(len(group), hh, ww).mean(0)
+        mean_rgb = np.asarray(Image.fromarray(np.uint8(255 * mean / max(mean.max(), 1e-12))).resize(
+            (THUMB * 2, THUMB * 2), Image.BILINEAR), dtype=float) / 255
+        mean_uri = png_data_uri(_outline(_colormap(mean_rgb), box, grid), allow_jpeg=False)
+        images = _load_images(run_dir, list(r.examples)[:6], cfg["data"]["id_column"], cfg["data"]["image_column"])
+        examples = []
+        for e in list(r.examples)[:6]:
+            if e not in images or (e, method) not in heat.index:
+                continue
+            base = _image_rgb(images[e])
+            hm = heat.loc[(e, method)]
+            m = np.asarray(hm.heatmap, dtype=float).reshape(int(hm.heatmap_height), int(hm.heatmap_width)) / 255.0
+            over = np.asarray(Image.open(io.BytesIO(base64.b64decode(overlay_uri(base, m).split(",", 1)[1]))).convert("RGB"),
+                              dtype=float)
+            examples.append(dict(example_id=e, label=info.loc[e, "label_name"], prediction=info.loc[e, "prediction_name"],
+                                 image=png_data_uri(_outline(base, box, grid)),
+                                 overlay=png_data_uri(_outline(over, box, grid))))
+        candidates.append(dict(method=method, status=c["status"], message=c["message"], mean=mean_uri,
+                               where=f"class {cls}" + ("" if key == "overall" else f", {key}={value}"),
+                               examples=examples, n=len(group)))
+    meta = pq.read_schema(path).metadata or {}
+    return dict(methods=methods, candidates=candidates, max_lift=float(meta.get(b"max_lift", b"nan")),
+                min_share=float(meta.get(b"min_share", b"nan")))
+
+
 # --- context and rendering -------------------------------------------------------------------------------
 
 SCORECARD = (("deletion_auc", "deletion", "deletion_auc_random"), ("insertion_auc", "insertion", "insertion_auc_random"),
@@ -362,6 +441,7 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
         gallery=gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
                         cfg["data"]["image_column"]),
+        shortcuts=shortcut_context(run_dir, pred, expl, cfg, card, validation["checks"]),
         permutation=permutation_maps(run_dir), mean_maps=mean_maps(pred, expl, slice_col), class_maps=mean_maps(pred, expl, "label_name"),
         map_methods=sorted(expl.method.unique()), agreement=method_agreement(pred, expl, slice_col),
         slice_col=slice_col, methods=[dict(name=m, params=params.get(m, {})) for m in methods],

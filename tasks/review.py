@@ -19,7 +19,8 @@ from .config import ChangeThreshold, ReviewConfig, Threshold
 from .errors import XAuditError
 from .io import write_json, write_parquet
 from .metrics import Evaluation, ExampleStat, evaluate, validate
-from .metrics.evaluate import _interval
+from .metrics.evaluate import _interval, slice_groups
+from .metrics.thresholds import with_checks
 from .outputs import example_stats, sliceable_columns
 from .quality.agreement import rank_correlation
 
@@ -108,6 +109,42 @@ def paired_deltas(base: Evaluation, cand: Evaluation) -> Evaluation:
     return Evaluation(table, base.method, base.replicates, base.seed, base.level, samples, directions)
 
 
+def _shortcut_change(bdir: Path, cdir: Path, bex: pd.DataFrame, cex: pd.DataFrame, bp: pd.DataFrame,
+                     md: pd.DataFrame, config: ReviewConfig) -> list:
+    """The review's checks on explanation change where it matters most: in each box where the candidate's
+    audit found a shortcut candidate, the candidate's lift against the baseline's on the same examples."""
+    import json
+    from . import shortcuts
+    spec = config.shortcuts
+    table = pq.read_table(cdir / "shortcuts.parquet").to_pandas()
+    flagged = [r for hot, picks in shortcuts.strongest(table, spec.max_lift, spec.gate_on).values()
+               for r in picks if r.qualified and r.lift > spec.max_lift]
+    if not flagged:
+        return []
+    sides = {}
+    for name, ex in (("baseline", bex), ("candidate", cex)):
+        sides[name] = {}
+        for method, g in ex.groupby("method", sort=True):
+            g = g.set_index("example_id").reindex(bp.example_id)
+            h, w = int(g.heatmap_height.iloc[0]), int(g.heatmap_width.iloc[0])
+            maps = np.stack(g.heatmap.to_numpy()).astype(np.float32).reshape(-1, h, w)
+            sides[name][method] = (shortcuts.pool_maps(maps), g.target.to_numpy())
+
+    def rows_of(r):
+        member = sides["candidate"][r.method][1] == int(r.class_index)
+        if r.slice_key != "overall":
+            idx = next((ix for k, v, ix in slice_groups(md, [[r.slice_key]]) if (k, v) == (r.slice_key, r.slice_value)),
+                       np.zeros(0, dtype=np.int64))
+            inside = np.zeros(len(member), dtype=bool)
+            inside[idx] = True
+            member &= inside
+        return np.flatnonzero(member)
+    size = tuple(json.loads((cdir / "manifest.json").read_text())["model"]["input_size"])
+    return shortcuts.change_checks(pd.DataFrame(flagged), sides["baseline"], sides["candidate"], rows_of,
+                                   spec.max_lift_ratio, spec.severity, config.metrics.confidence_level,
+                                   spec.replicates, config.seed, size)
+
+
 def review_runs(baseline_dir: str | Path, candidate_dir: str | Path, config: ReviewConfig,
                 out_dir: str | Path, run_id: str) -> ReviewSummary:
     """Compare two finished audits of the same examples; write review_metrics/examples/drift/validation."""
@@ -160,6 +197,8 @@ def review_runs(baseline_dir: str | Path, candidate_dir: str | Path, config: Rev
                           f"computed: {sorted(ev_b.directions)}")
     thresholds = [t for ch in config.change_thresholds for t in change_to_thresholds(ch, ev_b.directions[ch.metric])]
     result = validate(combined, thresholds + list(config.thresholds))
+    if config.shortcuts.enabled and (cdir / "shortcuts.parquet").is_file():
+        result = with_checks([*result.checks, *_shortcut_change(bdir, cdir, bex, cex, bp, md, config)])
 
     table = combined.table.assign(run_id=run_id)
     table = table[["run_id", "slice_key", "slice_value", "metric", "sub_key", "baseline", "candidate", "value",

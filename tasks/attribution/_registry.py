@@ -20,7 +20,8 @@ class MethodOutput:
 @dataclass(frozen=True)
 class Method:
     """A registered attribution method. `layer` methods return (N, 1, h, w) maps at the CAM layer;
-    the others return input-shaped (N, C, H, W) attributions."""
+    the others return input-shaped (N, C, H, W) attributions. `resolution` says what its maps resolve:
+    'pixel', 'layer' (the CAM layer's cells), 'window' (occlusion's windows) or 'segment' (superpixels)."""
 
     name: str
     fn: Callable[..., MethodOutput]
@@ -28,18 +29,21 @@ class Method:
     gradient_pass: bool
     defaults: dict[str, Any]
     paper: str
+    resolution: str = "pixel"
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, layer: bool = False, gradient_pass: bool = False, paper: str = "", **defaults: Any):
+def register(name: str, *, layer: bool = False, gradient_pass: bool = False, paper: str = "",
+             resolution: str = "pixel", **defaults: Any):
     """Register `fn(ctx, **params) -> MethodOutput` under `name`, with its default parameters.
     `gradient_pass=True` says the method only reads `ctx.gradient_pass()` (the shared forward/backward)."""
     def wrap(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
         if name in METHODS:
             raise RuntimeError(f"attribution method {name!r} registered twice")
-        METHODS[name] = Method(name, fn, layer, gradient_pass, dict(defaults), paper)
+        METHODS[name] = Method(name, fn, layer, gradient_pass, dict(defaults), paper,
+                               "layer" if layer else resolution)
         return fn
     return wrap
 

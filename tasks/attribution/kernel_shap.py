@@ -103,7 +103,7 @@ def coalition_weights(z: torch.Tensor, n_features: list[int], n_samples: int) ->
     return out
 
 
-@register("kernel_shap", paper="https://arxiv.org/abs/1705.07874", n_samples=256, segments="grid", n_segments=16,
+@register("kernel_shap", resolution="segment", paper="https://arxiv.org/abs/1705.07874", n_samples=256, segments="grid", n_segments=16,
           baseline=0.0)
 def kernel_shap(ctx, n_samples: int, segments: str, n_segments: int, baseline: float) -> MethodOutput:
     """Return KernelSHAP attributions (N, C, H, W): each superpixel's Shapley estimate on its pixels."""

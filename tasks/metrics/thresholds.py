@@ -213,6 +213,11 @@ def validate(evaluation: Evaluation, thresholds: Sequence[Threshold]) -> Validat
                    f"{_fmt(fields['ci_high'])}], n={n}); required {op} {_fmt(fields['bound'])} on the {gate}"
                    f"{'' if pv is None else f' (p={pv:.3g})'}: {outcome}")
             checks.append(Check(outcome=outcome, status=status, message=msg, **fields))
+    return with_checks(checks)
+
+
+def with_checks(checks: Sequence[Check]) -> Validation:
+    """Return the validation of `checks`: FAIL if any failed, WARN if any warned, else PASS."""
     statuses = {c.status for c in checks}
     verdict = "FAIL" if "FAIL" in statuses else "WARN" if "WARN" in statuses else "PASS"
     return Validation(verdict, tuple(checks))

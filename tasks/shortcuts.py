@@ -1,0 +1,306 @@
+"""Shortcut detection that needs no region of interest and no knowledge of the artefact (no Prefect).
+
+A model that is right for the wrong reason looks at the same small place on every image of a class: a tag, a
+watermark, a ruler, a scanner mark. Per explained class (and per class within each slice value), the hotspot
+scan slides a box over the stored maps and compares how much of the class's attribution mass falls inside
+it with how much the *other* classes put in the same place:
+
+    share(box)     = mean over the class's examples of (map mass inside box / map mass)
+    reference(box) = the same mean over every example explained for another class
+    lift(box)      = (share + u) / (reference + u),   u = box area / image area (a uniform map's share)
+
+A legitimate class feature (the loop of a 9, a dog's ears) lies where other classes' maps also look (it is on
+the object), so its lift stays small; a shortcut lies where the rest of the dataset looks at nothing, so its
+lift is large. `u` keeps empty corners from dividing by ~0: a uniform map has lift 1 everywhere.
+
+The box is chosen on the data (the position and size of the largest lift), so the interval redoes that
+choice in every replicate: a Poisson bootstrap over examples of the maximum lift, percentile interval.
+Only methods whose maps resolve the box are trusted to gate (pixel-level methods that the randomisation
+check did not flag): Grad-CAM maps are upsampled from the CAM layer's few cells, and occlusion, LIME and
+Kernel SHAP work on windows or segments, so a 3-pixel tag smears over their cells.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+GRID = 32                      # maps are area-pooled to at most this side before the scan
+COLUMNS = ["method", "trusted", "class_name", "class_index", "slice_key", "slice_value", "n", "n_reference", "grid", "window",
+           "row", "col", "height", "width", "share", "reference_share", "lift", "ci_low", "ci_high",
+           "qualified", "peak_hit", "examples"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Examples of one explained class, overall (`slice_key` 'overall') or within one slice value."""
+
+    class_index: int
+    slice_key: str
+    slice_value: str
+    rows: np.ndarray
+
+
+def pool_maps(maps: np.ndarray, grid: int = GRID) -> np.ndarray:
+    """Return (N, g, g) mass maps (non-negative, each summing to 1; an all-zero map stays zero) area-pooled
+    from (N, H, W) maps to g = min(H, grid) cells per side (H must equal W, or be pooled to the smaller side)."""
+    m = np.clip(np.asarray(maps, dtype=np.float64), 0, None)
+    n, h, w = m.shape
+    g = min(h, w, grid)
+    if (h, w) != (g, g):
+        rows = (np.arange(h) * g) // h
+        cols = (np.arange(w) * g) // w
+        pooled = np.zeros((n, g, g))
+        np.add.at(pooled, (slice(None), rows[:, None], cols[None, :]), m)
+        m = pooled
+    total = m.sum((1, 2), keepdims=True)
+    return np.divide(m, total, out=np.zeros_like(m), where=total > 0)
+
+
+def box_shares(mass: np.ndarray, side: int) -> np.ndarray:
+    """Return (N, P) shares of each map's mass inside every side x side box that fits (row-major positions)."""
+    n, g, _ = mass.shape
+    c = np.zeros((n, g + 1, g + 1))
+    c[:, 1:, 1:] = mass.cumsum(1).cumsum(2)
+    k = g - side + 1
+    s = c[:, side:, side:] - c[:, :k, side:] - c[:, side:, :k] + c[:, :k, :k]
+    return s.reshape(n, k * k)
+
+
+def window_sides(grid: int, fractions: Sequence[float]) -> list[int]:
+    """Box sides in cells for the given fractions of the map's side (distinct, at least 1, below the side)."""
+    return sorted({min(grid - 1, max(1, int(round(f * grid)))) for f in fractions}) if grid > 1 else [1]
+
+
+def scan(mass: np.ndarray, classes: np.ndarray, groups: Sequence[Group], fractions: Sequence[float],
+         min_share: float = 0.0, replicates: int = 500, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Return one row per group: the box of largest lift (over positions and sizes) among the boxes holding at
+    least `min_share` of the group's mass (the largest lift of any box when none does; `qualified` says
+    which), its share, reference share, lift with a percentile interval of the maximum qualified lift (the
+    choice redone per replicate), and `peak_hit`, the share of the group's maps whose peak lies in the box.
+    `mass` is (N, g, g) from `pool_maps`; `classes` (N,) the explained class of each map."""
+    n, g, _ = mass.shape
+    defined = mass.reshape(n, -1).sum(1) > 0
+    rng = np.random.default_rng(seed)
+    weights = rng.poisson(1.0, size=(replicates, n)).astype(np.float64)
+    weights[:, ~defined] = 0
+    prow, pcol = np.divmod(mass.reshape(n, -1).argmax(1), g)
+    sides = window_sides(g, fractions)
+    boxes = {b: box_shares(mass, b) for b in sides}
+    totals = {b: (boxes[b][defined].sum(0), weights @ boxes[b]) for b in sides}
+    own_sums: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    alpha = (1 - level) / 2
+    rows = []
+    for grp in groups:
+        idx = grp.rows[defined[grp.rows]]
+        ref = np.flatnonzero(defined & (classes != grp.class_index))
+        if len(idx) == 0 or len(ref) == 0:
+            continue
+        own = np.flatnonzero(defined & (classes == grp.class_index))
+        w_g, w_ref = weights[:, idx], weights[:, ref].sum(1)
+        best, rep_max = None, np.zeros(replicates)
+        for b in sides:
+            u = b * b / (g * g)
+            if (grp.class_index, b) not in own_sums:
+                own_sums[(grp.class_index, b)] = (boxes[b][own].sum(0), weights[:, own] @ boxes[b][own])
+            own_point, own_rep = own_sums[(grp.class_index, b)]
+            share = boxes[b][idx].mean(0)
+            ref_share = (totals[b][0] - own_point) / len(ref)
+            lift = (share + u) / (ref_share + u)
+            ok = share >= min_share
+            j = int(np.where(ok, lift, -np.inf).argmax()) if ok.any() else int(lift.argmax())
+            cand = (bool(ok.any()), float(lift[j]), b, j, float(share[j]), float(ref_share[j]))
+            if best is None or cand[:2] > best[:2]:
+                best = cand
+            if replicates:
+                rep_share = (w_g @ boxes[b][idx]) / np.maximum(w_g.sum(1), 1)[:, None]
+                rep_ref = (totals[b][1] - own_rep) / np.maximum(w_ref, 1)[:, None]
+                rep_lift = np.where(rep_share >= min_share, (rep_share + u) / (rep_ref + u), 0.0)
+                rep_max = np.maximum(rep_max, rep_lift.max(1))
+        qualified, lift, b, j, share, ref_share = best
+        r0, c0 = divmod(j, g - b + 1)
+        inside = (prow[idx] >= r0) & (prow[idx] < r0 + b) & (pcol[idx] >= c0) & (pcol[idx] < c0 + b)
+        lo, hi = np.quantile(rep_max, [alpha, 1 - alpha]) if replicates else (np.nan, np.nan)
+        order = np.argsort(-boxes[b][idx, j], kind="stable")
+        rows.append(dict(class_index=grp.class_index, slice_key=grp.slice_key, slice_value=grp.slice_value,
+                         n=len(idx), n_reference=len(ref), grid=g, window=b, row=r0, col=c0, height=b, width=b,
+                         share=share, reference_share=ref_share, lift=lift, ci_low=float(lo), ci_high=float(hi),
+                         qualified=qualified, peak_hit=float(inside.mean()), examples=idx[order]))
+    return pd.DataFrame(rows)
+
+
+def class_groups(classes: np.ndarray, slices: Sequence[tuple[str, str, np.ndarray]], min_examples: int,
+                 valid: np.ndarray | None = None) -> list[Group]:
+    """Every explained class overall and within each slice value, with at least `min_examples` examples
+    (of those `valid`: maps that are not all zero)."""
+    out = []
+    valid = np.ones(len(classes), dtype=bool) if valid is None else valid
+    for c in np.unique(classes[valid]):
+        mine = (classes == c) & valid
+        for key, value, idx in [("overall", "", np.arange(len(classes))), *slices]:
+            rows = np.asarray(idx, dtype=np.int64)
+            rows = rows[mine[rows]]
+            if len(rows) >= min_examples:
+                out.append(Group(int(c), key, value, rows))
+    return out
+
+
+def detect(maps: dict[str, np.ndarray], classes: dict[str, np.ndarray], example_ids: dict[str, np.ndarray],
+           class_names: Sequence[str], slices: dict[str, list[tuple[str, str, np.ndarray]]],
+           trusted: set[str], fractions: Sequence[float], min_share: float, min_examples: int,
+           replicates: int, level: float, seed: int, max_examples: int = 12) -> pd.DataFrame:
+    """Scan every method's maps; returns one row per (method, class, slice) with COLUMNS. `slices[method]`
+    lists (slice_key, slice_value, rows) over that method's rows; `examples` keeps the ids of the group's
+    `max_examples` maps with the most mass in the box."""
+    frames = []
+    for method in sorted(maps):
+        mass = pool_maps(maps[method])
+        groups = class_groups(classes[method], slices.get(method, []), min_examples,
+                              mass.reshape(len(mass), -1).sum(1) > 0)
+        t = scan(mass, classes[method], groups, fractions, min_share, replicates, level, seed)
+        if t.empty:
+            continue
+        t.insert(0, "method", method)
+        t.insert(1, "trusted", method in trusted)
+        t.insert(2, "class_name", [str(class_names[c]) for c in t.class_index])
+        t["examples"] = [[str(e) for e in example_ids[method][ix[:max_examples]]] for ix in t.examples]
+        frames.append(t)
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS)
+    out = pd.concat(frames, ignore_index=True)[COLUMNS]
+    return out.sort_values(["method", "class_name", "slice_key", "slice_value"], kind="stable", ignore_index=True)
+
+
+def box_words(row, grid: int, height: int, width: int) -> str:
+    """'rows 26-30, columns 1-5 (2.4% of the image)' in image pixels (1-based), for a scan row."""
+    sy, sx = height / grid, width / grid
+    r0, r1 = int(row.row * sy) + 1, int(np.ceil((row.row + row.height) * sy))
+    c0, c1 = int(row.col * sx) + 1, int(np.ceil((row.col + row.width) * sx))
+    return f"rows {r0}–{r1}, columns {c0}–{c1} ({row.height * row.width / grid ** 2:.1%} of the image)"
+
+
+def trusted_methods(methods: Sequence[str], chosen: Sequence[str] | None, insensitive: set[str] | None
+                    ) -> dict[str, str]:
+    """Return {method: why it is or is not trusted to gate}; trusted ones say 'trusted: ...'. `insensitive`:
+    the methods the randomisation check flagged (None: the check did not run)."""
+    from .attribution import METHODS
+    out = {}
+    for m in methods:
+        res = METHODS[m].resolution if m in METHODS else "pixel"
+        if chosen is not None:
+            out[m] = "trusted: named in shortcuts.methods" if m in chosen else "not gated: not in shortcuts.methods"
+        elif m in (insensitive or set()):
+            out[m] = "not gated: the randomisation check found its maps insensitive to the model"
+        elif res != "pixel":
+            out[m] = f"not gated: its maps resolve {res}s, too coarse for a small artefact"
+        else:
+            out[m] = "trusted: pixel-level and passed the randomisation check" if insensitive is not None \
+                else "trusted: pixel-level (the randomisation check did not run)"
+    return out
+
+
+def strongest(table: pd.DataFrame, max_lift: float, gate_on: str) -> dict[str, tuple[pd.DataFrame, list]]:
+    """Per trusted method: (its shortcut candidates, i.e. qualified rows with lift above `max_lift`; the row
+    with the strongest evidence per class, strongest first, or the method's largest lift when none)."""
+    out = {}
+    for method, t in table[table.trusted].groupby("method", sort=True):
+        t = t.assign(evidence=t.ci_low.fillna(t.lift) if gate_on == "interval" else t.lift)
+        t = t.sort_values(["evidence", "lift"], ascending=False, kind="stable")
+        hot = t[t.qualified & (t.lift > max_lift)]
+        picks = [g.iloc[0] for _, g in hot.groupby("class_name", sort=True)] or [t.iloc[0]]
+        picks.sort(key=lambda r: -r.evidence)
+        out[method] = (hot, picks)
+    return out
+
+
+def hotspot_checks(table: pd.DataFrame, max_lift: float, gate_on: str, severity: str, level: float,
+                   image_size: tuple[int, int]) -> list:
+    """Return the scan's checks: per trusted method, one check per class whose lift exceeds `max_lift` in a
+    box holding at least the scan's `min_share` of its mass (the slice with the strongest evidence; the others named),
+    or one passing check for the method's largest lift. One-sided: a lift above the bound fails when the
+    whole interval is above it (gate_on 'interval') and warns when only the estimate is."""
+    from .metrics.thresholds import Check
+    checks = []
+    for method, (hot, picks) in strongest(table, max_lift, gate_on).items():
+        for r in picks:
+            violated = bool(r.qualified and r.lift > max_lift)
+            outcome = "pass" if not violated else "fail" if gate_on == "estimate" or r.ci_low > max_lift \
+                else "inconclusive"
+            status = "PASS" if outcome == "pass" else "WARN" if outcome == "inconclusive" or severity == "warn" \
+                else "FAIL"
+            also = [f"{k}={v}" if k != "overall" else "overall" for k, v in
+                    zip(hot[hot.class_name == r.class_name].slice_key, hot[hot.class_name == r.class_name].slice_value)
+                    if (k, v) != (r.slice_key, r.slice_value)]
+            where = f"class {r.class_name}" + ("" if r.slice_key == "overall" else f" in {r.slice_key}={r.slice_value}")
+            msg = (f"{where}: {r.share:.0%} of the {method} attribution mass lies in one box at "
+                   f"{box_words(r, int(r.grid), *image_size)}, where the other classes put {r.reference_share:.1%}: "
+                   f"lift {r.lift:.3g} ({level:.0%} CI [{r.ci_low:.3g}, {r.ci_high:.3g}], n={r.n}); "
+                   f"{'a shortcut candidate' if violated else 'no shortcut candidate'} (bound {max_lift:g}): {outcome}"
+                   + (f"; also {', '.join(also)}" if also else ""))
+            key = "class" if r.slice_key == "overall" else f"class&{r.slice_key}"
+            value = r.class_name if r.slice_key == "overall" else f"{r.class_name}&{r.slice_value}"
+            checks.append(Check(key, value, f"{method}.hotspot_lift", "", "hotspot", float(r.lift),
+                                float(r.ci_low), float(r.ci_high), float(max_lift), gate_on, severity, outcome,
+                                status, msg))
+    return checks
+
+
+def box_lift(mass: np.ndarray, classes: np.ndarray, rows: np.ndarray, class_index: int, box: tuple[int, int, int],
+             weights: np.ndarray) -> tuple[float, np.ndarray]:
+    """Return the lift of one fixed box (row, col, side) for the maps `rows` against the maps of every other
+    class, and its value under each row of bootstrap `weights` (R, N): the review's paired comparison of two
+    models in the box where one of them concentrates."""
+    r0, c0, b = box
+    n, g, _ = mass.shape
+    share = mass[:, r0:r0 + b, c0:c0 + b].sum((1, 2))
+    defined = mass.reshape(n, -1).sum(1) > 0
+    rows = rows[defined[rows]]
+    ref = np.flatnonzero(defined & (classes != class_index))
+    u = b * b / (g * g)
+    if len(rows) == 0 or len(ref) == 0:
+        return float("nan"), np.full(len(weights), np.nan)
+    point = (share[rows].mean() + u) / (share[ref].mean() + u)
+    w_g, w_r = weights[:, rows], weights[:, ref]
+    rep = ((w_g @ share[rows]) / np.maximum(w_g.sum(1), 1) + u) / ((w_r @ share[ref]) / np.maximum(w_r.sum(1), 1) + u)
+    return float(point), rep
+
+
+def change_checks(flagged: pd.DataFrame, base: dict[str, tuple[np.ndarray, np.ndarray]],
+                  cand: dict[str, tuple[np.ndarray, np.ndarray]], rows_of, max_ratio: float, severity: str,
+                  level: float, replicates: int, seed: int, image_size: tuple[int, int]) -> list:
+    """Return the review's checks on the candidate's shortcut candidates: in each flagged box, the ratio of
+    the candidate's lift to the baseline's on the same examples (paired bootstrap), which fails when the
+    whole interval is above `max_ratio` (the candidate learnt a hotspot the baseline did not have).
+    `base`/`cand` map a method to its (mass maps, explained classes) over the same N aligned examples;
+    `rows_of(row)` gives a flagged row's examples as positions."""
+    from .metrics.thresholds import Check
+    rng = np.random.default_rng(seed)
+    checks = []
+    alpha = (1 - level) / 2
+    for r in flagged.itertuples():
+        if r.method not in base or r.method not in cand:
+            continue
+        rows = rows_of(r)
+        ci = int(r.class_index)
+        weights = rng.poisson(1.0, size=(replicates, len(cand[r.method][0]))).astype(np.float64)
+        box = (int(r.row), int(r.col), int(r.window))
+        lc, rc = box_lift(*cand[r.method], rows, ci, box, weights)
+        lb, rb = box_lift(*base[r.method], rows, ci, box, weights)
+        ratio = lc / lb
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dist = rc / rb
+        finite = dist[np.isfinite(dist)]
+        lo, hi = (np.quantile(finite, [alpha, 1 - alpha]) if finite.size else (np.nan, np.nan))
+        outcome = "pass" if not ratio > max_ratio else "fail" if lo > max_ratio else "inconclusive"
+        status = "PASS" if outcome == "pass" else "WARN" if outcome == "inconclusive" or severity == "warn" else "FAIL"
+        where = f"class {r.class_name}" + ("" if r.slice_key == "overall" else f" in {r.slice_key}={r.slice_value}")
+        msg = (f"{where}: the candidate's {r.method} lift in the box at {box_words(r, int(r.grid), *image_size)} "
+               f"is {lc:.3g}, the baseline's on the same examples {lb:.3g}: ratio {ratio:.3g} ({level:.0%} CI "
+               f"[{lo:.3g}, {hi:.3g}], n={len(rows)}); required at most {max_ratio:g}: {outcome}")
+        key = "class" if r.slice_key == "overall" else f"class&{r.slice_key}"
+        value = r.class_name if r.slice_key == "overall" else f"{r.class_name}&{r.slice_value}"
+        checks.append(Check(key, value, f"{r.method}.hotspot_lift_ratio", "", "upper", float(ratio), float(lo),
+                            float(hi), float(max_ratio), "interval", severity, outcome, status, msg))
+    return checks
