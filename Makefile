@@ -16,7 +16,7 @@ setup-test: $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 
 demo: setup
-	$(BIN)/xaudit run data/demo_audit.yaml data/demo_audit_candidate.yaml
+	$(BIN)/xaudit run data/demo_audit.yaml data/demo_audit_candidate.yaml data/demo_audit_stamp.yaml
 
 test: setup-test
 	$(BIN)/python -m pytest

@@ -139,7 +139,7 @@ class ShortcutSpec(_Strict):
     windows: list[Annotated[float, Field(gt=0, le=0.5)]] = Field(
         default_factory=lambda: [0.1, 0.16, 0.25], min_length=1, max_length=8,
         description="box sides to try, as fractions of the image side")
-    max_lift: float = Field(8.0, gt=1, le=1e6, description="a class's lift above this is a shortcut candidate")
+    max_lift: float = Field(6.0, gt=1, le=1e6, description="a class's lift above this is a shortcut candidate")
     min_share: float = Field(0.1, ge=0, lt=1, description="and the box must hold at least this share of the "
                                                           "class's attribution mass")
     min_examples: int = Field(20, ge=2, le=100_000, description="smallest class (or class within a slice) scanned")

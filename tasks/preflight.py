@@ -213,6 +213,10 @@ def _run_basics(config: AuditConfig | ReviewConfig) -> tuple[torch.device, Sourc
     a, q, m = config.attribution, config.quality, config.metrics
     check_methods(a.methods, a.params, q.checks, q.params)
     check_metric_names(m.metrics)
+    unknown = sorted(set(config.shortcuts.methods or []) - set(a.methods))
+    if unknown:
+        raise XAuditError(f"config: 'shortcuts.methods' may only name methods in 'attribution.methods' "
+                          f"{list(a.methods)}; got {unknown}")
     source = inspect_source(config.data)
     slice_keys = [*check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS]), "overall"]
     return device, source, slice_keys

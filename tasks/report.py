@@ -161,16 +161,32 @@ def _load_images(run_dir: Path, ids: list[str], id_col: str, image_col: str) -> 
     return dict(zip(table[id_col].to_pylist(), table[image_col].to_pylist()))
 
 
+def flagged_method(failed: list[dict[str, Any]], methods: list[str], score: dict[str, float]) -> str | None:
+    """The method the pictures should follow: the one named by the first check that did not pass (an
+    explanation check, '<method>.<statistic>'), else the one with the lowest `score` (e.g. its mean ROI mass)."""
+    for c in failed:
+        m = c["metric"].split(".", 1)[0]
+        if m in methods and "." in c["metric"]:
+            return m
+    finite = {m: v for m, v in score.items() if m in methods and np.isfinite(v)}
+    return min(finite, key=lambda m: (finite[m], m)) if finite else (methods[0] if methods else None)
+
+
 def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None, per_slice: int,
-            id_col: str, image_col: str) -> list[dict[str, Any]]:
+            id_col: str, image_col: str, failed: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Return, per value of `slice_col` (or overall), examples with an overlay per method: the most
-    confident correct, the most confident misclassified, and the least aligned with the region of interest."""
+    confident correct, the most confident misclassified, and the least aligned with the region of interest
+    by the method the checks flag (else the least aligned method overall)."""
     if per_slice == 0:
         return []
     methods = sorted(expl.method.unique())
-    first = methods[0] if methods else None
-    roi = expl[expl.method == first].set_index("example_id").roi_mass if first and "roi_mass" in expl \
+    has_roi = "roi_mass" in expl and expl.roi_mass.notna().any()
+    score = expl.groupby("method").roi_mass.mean().to_dict() if has_roi else {}
+    first = flagged_method([c for c in failed or [] if c["metric"].endswith("roi_mass") or c["kind"] == "hotspot"],
+                           methods, score)
+    roi = expl[expl.method == first].set_index("example_id").roi_mass if first and has_roi \
         else pd.Series(dtype=float)
+    aligned = f"least aligned with ROI ({first})"
     groups = pred.groupby(slice_col, sort=True) if slice_col else [("all", pred)]
     chosen: list[tuple[str, list[tuple[str, str]]]] = []
     for value, g in groups:
@@ -179,9 +195,9 @@ def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: st
         wrong = g[~g.correct].sort_values("confidence", ascending=False)
         align = roi.reindex(g.example_id).dropna().sort_values()
         quota = {"most confident correct": max(1, per_slice // 4), "misclassified": max(1, per_slice // 2),
-                 "least aligned with ROI": max(1, per_slice // 4)}
+                 aligned: max(1, per_slice // 4)}
         for why, ids in (("most confident correct", right.example_id), ("misclassified", wrong.example_id),
-                         ("least aligned with ROI", align.index)):
+                         (aligned, align.index)):
             for e in list(ids):
                 if sum(1 for _, w in picks if w == why) >= quota[why] or len(picks) >= per_slice:
                     break
@@ -440,7 +456,7 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
         key_metrics=key_metrics, charts=charts, **quality_context(run_dir, scalar, flagged, cfg),
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
         gallery=gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
-                        cfg["data"]["image_column"]),
+                        cfg["data"]["image_column"], failed),
         shortcuts=shortcut_context(run_dir, pred, expl, cfg, card, validation["checks"]),
         permutation=permutation_maps(run_dir), mean_maps=mean_maps(pred, expl, slice_col), class_maps=mean_maps(pred, expl, "label_name"),
         map_methods=sorted(expl.method.unique()), agreement=method_agreement(pred, expl, slice_col),
@@ -533,18 +549,27 @@ def review_context(review_dir: str | Path, examples_shown: int = 6) -> dict[str,
                      if f"delta.{m}" in set(scalar.metric)]
     methods = sorted(drift.method.unique())
     drift_metrics = [f"{m}.{s}" for m in methods for s in ("rank_corr", "top10_overlap")]
-    # most changed examples: lowest rank correlation of the first method's maps, shown side by side
+    # most changed examples, side by side: by the method the failing checks name (else the one whose maps
+    # changed most); where a check names a class (a shortcut box), among that class's examples
     gallery_items = []
+    names = manifest["models"]["baseline"]["class_names"]
     if methods:
-        first = drift[drift.method == methods[0]].sort_values("rank_corr").head(examples_shown)
+        pick = flagged_method(failed, methods, drift.groupby("method").rank_corr.mean().to_dict())
+        pool = drift[drift.method == pick]
+        named = next((c for c in failed if c["metric"].startswith(f"{pick}.") and c["slice_key"].startswith("class")), None)
+        if named is not None:
+            cls = named["slice_value"].split("&")[0]
+            if cls in names:
+                members = set(examples.example_id[examples.candidate_prediction == names.index(cls)])
+                pool = pool[pool.example_id.isin(members)] if pool.example_id.isin(members).any() else pool
+        first = pool.sort_values("rank_corr").head(examples_shown)
         ids = first.example_id.tolist()
         images = _load_images(rd / "baseline", ids, cfg["data"]["id_column"], cfg["data"]["image_column"])
         heat = {}
         for role in ("baseline", "candidate"):
             ex = pq.read_table(rd / role / "explanations.parquet").to_pandas()
-            heat[role] = ex[ex.method == methods[0]].set_index("example_id")
+            heat[role] = ex[ex.method == pick].set_index("example_id")
         info = examples.set_index("example_id")
-        names = manifest["models"]["baseline"]["class_names"]
         for e, rho in zip(ids, first.rank_corr):
             if e not in images:
                 continue
@@ -557,7 +582,7 @@ def review_context(review_dir: str | Path, examples_shown: int = 6) -> dict[str,
                                      prediction=names[int(info.loc[e, f"{role}_prediction"])],
                                      correct=bool(info.loc[e, f"{role}_correct"])))
             gallery_items.append(dict(example_id=e, label=info.loc[e, "label_name"], rho=float(rho),
-                                      image=png_data_uri(base), overlays=overlays, method=methods[0]))
+                                      image=png_data_uri(base), overlays=overlays, method=pick))
     return dict(
         title=cfg["report"]["title"], manifest=manifest, cfg=cfg, validation=validation,
         verdict=validation["verdict"], failed=failed, checks=validation["checks"],

@@ -205,7 +205,9 @@ def strongest(table: pd.DataFrame, max_lift: float, gate_on: str) -> dict[str, t
     """Per trusted method: (its shortcut candidates, i.e. qualified rows with lift above `max_lift`; the row
     with the strongest evidence per class, strongest first, or the method's largest lift when none)."""
     out = {}
-    for method, t in table[table.trusted].groupby("method", sort=True):
+    if table.empty:
+        return out
+    for method, t in table[table.trusted.astype(bool)].groupby("method", sort=True):
         t = t.assign(evidence=t.ci_low.fillna(t.lift) if gate_on == "interval" else t.lift)
         t = t.sort_values(["evidence", "lift"], ascending=False, kind="stable")
         hot = t[t.qualified & (t.lift > max_lift)]

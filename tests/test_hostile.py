@@ -294,6 +294,14 @@ def test_models_whose_output_is_unusable(capsys, tmp_path, clean_rows, monkeypat
     ({"attribution": {"heatmap_size": 100000}}, ["'attribution.heatmap_size'"]),
     ({"report": {"formats": ["docx"]}}, ["'report.formats.0'"]),
     ({"bogus_field": 1}, ["'bogus_field'", "not a known field"]),
+    ({"shortcuts": {"methods": ["integrated_gradients"]}}, ["'shortcuts.methods'", "integrated_gradients"]),
+    ({"shortcuts": {"windows": [0]}}, ["'shortcuts.windows.0'"]),
+    ({"shortcuts": {"windows": []}}, ["'shortcuts.windows'"]),
+    ({"shortcuts": {"max_lift": float("nan")}}, ["'shortcuts.max_lift'"]),
+    ({"shortcuts": {"max_lift": 1}}, ["'shortcuts.max_lift'"]),
+    ({"shortcuts": {"replicates": 10 ** 9}}, ["'shortcuts.replicates'"]),
+    ({"shortcuts": {"min_share": 1.5}}, ["'shortcuts.min_share'"]),
+    ({"shortcuts": {"severity": "panic"}}, ["'shortcuts.severity'"]),
 ])
 def test_config_errors_name_the_field_first(capsys, tmp_path, clean_rows, extra, needles):
     expect_refused(capsys, tmp_path, clean_rows, *needles, **extra)

@@ -1,0 +1,184 @@
+"""The shortcut scan (tasks/shortcuts.py): its arithmetic against brute force, its power and false-alarm rate
+on synthetic maps with and without a planted hotspot, and the bundled shortcut candidates end to end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import shortcuts
+from tasks.shortcuts import Group, box_shares, class_groups, hotspot_checks, pool_maps, scan
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+G = 32
+
+
+def test_box_shares_equal_brute_force_and_uniform_maps_have_lift_one():
+    rng = np.random.default_rng(0)
+    mass = pool_maps(rng.random((5, G, G)))
+    assert np.allclose(mass.sum((1, 2)), 1)
+    for b in (1, 3, 5):
+        got = box_shares(mass, b)
+        want = np.array([[mass[i, r:r + b, c:c + b].sum() for r in range(G - b + 1) for c in range(G - b + 1)]
+                         for i in range(len(mass))])
+        assert np.allclose(got, want)
+    uniform = pool_maps(np.ones((40, G, G)))
+    classes = np.repeat([0, 1], 20)
+    t = scan(uniform, classes, class_groups(classes, [], 10), (0.1, 0.25), replicates=50)
+    assert np.allclose(t.lift, 1) and np.allclose(t.ci_low, 1) and np.allclose(t.ci_high, 1)
+
+
+def test_pool_maps_pools_mass_and_keeps_empty_maps_empty():
+    maps = np.zeros((2, 64, 64))
+    maps[0, 10:12, 40:42] = 1
+    pooled = pool_maps(maps)
+    assert pooled.shape == (2, 32, 32) and pooled[0, 5, 20] == pytest.approx(1) and pooled[1].sum() == 0
+
+
+def test_scan_does_not_depend_on_example_order():
+    rng = np.random.default_rng(1)
+    maps, classes, _ = synthetic(rng, planted=True)
+    perm = rng.permutation(len(maps))
+    a = scan(pool_maps(maps), classes, class_groups(classes, [], 20), (0.1, 0.16), replicates=0)
+    b = scan(pool_maps(maps[perm]), classes[perm], class_groups(classes[perm], [], 20), (0.1, 0.16), replicates=0)
+    cols = ["class_index", "window", "row", "col", "share", "reference_share", "lift", "peak_hit"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+
+
+def synthetic(rng, k: int = 6, per_class: int = 40, planted: bool = False, fraction: float = 0.6,
+              strength: float = 0.3):
+    """Maps of `k` classes: each class's evidence is three blobs at positions drawn from a shared 3x3 lattice
+    in the image centre (where the object is), with jitter, per-example intensity and background noise;
+    with `planted`, a 3x3 bright square at a random spot near the border carries `strength` of the mass of
+    `fraction` of one class's maps. Returns maps, classes and (class, row, col) of the plant (or None)."""
+    yy, xx = np.mgrid[0:G, 0:G]
+    lattice = [(r, c) for r in (10, 16, 22) for c in (10, 16, 22)]
+    maps, classes = [], []
+    spots = {c: [lattice[i] for i in rng.choice(9, 3, replace=False)] for c in range(k)}
+    plant = None
+    if planted:
+        side = int(rng.integers(0, 4))
+        pos = int(rng.integers(1, G - 4))
+        r, c = [(1, pos), (G - 4, pos), (pos, 1), (pos, G - 4)][side]
+        plant = (int(rng.integers(0, k)), r, c)
+    for cls in range(k):
+        for _ in range(per_class):
+            m = rng.random((G, G)) * 0.1
+            for (r, c) in spots[cls]:
+                r, c = r + rng.normal(0, 1.5), c + rng.normal(0, 1.5)
+                m += rng.uniform(0.5, 1.5) * np.exp(-((yy - r) ** 2 + (xx - c) ** 2) / (2 * 2.5 ** 2))
+            m /= m.sum()
+            if plant and cls == plant[0] and rng.random() < fraction:
+                tag = np.zeros((G, G))
+                tag[plant[1]:plant[1] + 3, plant[2]:plant[2] + 3] = 1 / 9
+                m = (1 - strength) * m + strength * tag
+            maps.append(m)
+            classes.append(cls)
+    return np.stack(maps), np.array(classes), plant
+
+
+def _flags(maps, classes, spec_min_share=0.1):
+    table = shortcuts.detect({"saliency": maps}, {"saliency": classes}, {"saliency": np.arange(len(maps))},
+                             [str(i) for i in range(classes.max() + 1)], {}, {"saliency"}, (0.1, 0.16, 0.25),
+                             spec_min_share, 20, 200, 0.95, 0)
+    checks = hotspot_checks(table, 6.0, "interval", "fail", 0.95, (G, G))
+    return table, [c for c in checks if c.status != "PASS"]
+
+
+def test_power_and_false_alarm_rate_over_many_draws():
+    """The figures the README states: over 60 draws each, how often a clean dataset raises any flag, and how
+    often a planted hotspot (a 3x3 square with 30% of the mass of 60% of one class's maps, somewhere near the
+    border) is flagged as FAIL on the right class in a box that overlaps it."""
+    rng = np.random.default_rng(20261201)
+    draws = 60
+    false_alarms = sum(bool(_flags(*synthetic(rng)[:2])[1]) for _ in range(draws))
+    hits = 0
+    for _ in range(draws):
+        maps, classes, (cls, r, c) = synthetic(rng, planted=True)
+        table, flags = _flags(maps, classes)
+        for f in flags:
+            row = table[(table.class_name == f.slice_value) & (table.slice_key == "overall")].iloc[0]
+            overlaps = row.row < r + 3 and r < row.row + row.window and row["col"] < c + 3 and c < row["col"] + row.window
+            if f.status == "FAIL" and f.slice_value == str(cls) and overlaps:
+                hits += 1
+                break
+    assert false_alarms / draws <= 0.05, f"false alarms {false_alarms}/{draws}"
+    assert hits / draws >= 0.9, f"power {hits}/{draws}"
+
+
+def test_weak_or_rare_plants_are_not_flagged_on_noise_alone():
+    """A plant too weak to matter (5% of the mass of 20% of a class's maps) must not FAIL: the bound is on an
+    effect size, not on significance alone."""
+    rng = np.random.default_rng(7)
+    maps, classes, plant = synthetic(rng, planted=True, fraction=0.2, strength=0.05)
+    _, flags = _flags(maps, classes)
+    assert not [f for f in flags if f.status == "FAIL"]
+
+
+def test_slices_find_a_hotspot_confined_to_one_site():
+    """A tag on one class at one site only: within that slice the class's lift is larger than over the whole
+    class, and the check names the slice."""
+    rng = np.random.default_rng(3)
+    maps, classes, _ = synthetic(rng)
+    site = np.where(rng.random(len(maps)) < 1 / 3, "C", "A")
+    tagged = (classes == 2) & (site == "C")
+    maps[tagged] *= 0.6
+    maps[tagged, 28:31, 2:5] += 0.4 / 9
+    slices = [("site", v, np.flatnonzero(site == v)) for v in ("A", "C")]
+    table = shortcuts.detect({"ig": maps}, {"ig": classes}, {"ig": np.arange(len(maps))}, [str(i) for i in range(6)],
+                             {"ig": slices}, {"ig"}, (0.1, 0.16), 0.1, 10, 200, 0.95, 0)
+    two = table[table.class_name == "2"].set_index(["slice_key", "slice_value"])
+    assert two.loc[("site", "C")].lift > two.loc[("overall", "")].lift > two.loc[("site", "A")].lift
+    checks = [c for c in hotspot_checks(table, 6.0, "interval", "fail", 0.95, (G, G)) if c.status == "FAIL"]
+    assert [(c.slice_key, c.slice_value) for c in checks] == [("class&site", "2&C")]
+    assert "rows 29–31, columns 3–5" in checks[0].message
+
+
+def test_untrusted_methods_are_scanned_but_never_gate():
+    rng = np.random.default_rng(5)
+    maps, classes, _ = synthetic(rng, planted=True, strength=0.5, fraction=1.0)
+    table = shortcuts.detect({"gradcam": maps}, {"gradcam": classes}, {"gradcam": np.arange(len(maps))},
+                             [str(i) for i in range(6)], {}, set(), (0.1,), 0.1, 20, 100, 0.95, 0)
+    assert (table.lift > 8).any() and hotspot_checks(table, 6.0, "interval", "fail", 0.95, (G, G)) == []
+    why = shortcuts.trusted_methods(["gradcam", "saliency", "occlusion", "lime"], None, {"saliency"})
+    assert all(not w.startswith("trusted") for w in why.values())
+    assert shortcuts.trusted_methods(["integrated_gradients"], None, set())["integrated_gradients"].startswith("trusted")
+
+
+# --- the bundled candidates, end to end ---------------------------------------------------------------------
+
+def test_stamp_review_fails_on_the_explanation_change_not_on_accuracy(prefect_harness, tmp_path):
+    """The hard case: the stamp sits on exactly the class-7 images, so accuracy is unchanged. The clean
+    baseline's audit passes the scan; the candidate's fails naming class 7 and a box on the stamp; the review
+    fails on the hotspot's lift against the baseline's, and not on accuracy."""
+    from flows.review import review
+    from tasks.config import load_review_config
+    config = load_review_config(DATA / "demo_review_stamp.yaml", {
+        "output_dir": str(tmp_path), "run_id": "stamp",
+        "report": {"title": "stamp review", "formats": ["html"]}})
+    result = review(config)
+    checks = {role: json.loads((tmp_path / "stamp" / role / "validation.json").read_text())["checks"]
+              for role in ("baseline", "candidate")}
+    base_hot = [c for c in checks["baseline"] if c["kind"] == "hotspot"]
+    cand_hot = [c for c in checks["candidate"] if c["kind"] == "hotspot" and c["status"] == "FAIL"]
+    assert base_hot and all(c["status"] == "PASS" for c in base_hot)
+    assert cand_hot and all(c["slice_value"].split("&")[0] == "7" for c in cand_hot)
+    table = pq.read_table(tmp_path / "stamp" / "candidate" / "shortcuts.parquet").to_pandas()
+    for c in cand_hot:
+        method = c["metric"].split(".")[0]
+        key, _, value = c["slice_key"].partition("&")[2] or "overall", None, c["slice_value"].partition("&")[2]
+        row = table[(table.method == method) & (table.class_name == "7") & (table.slice_key == key)
+                    & (table.slice_value == value)].iloc[0]
+        # the stamp occupies rows 26-29, columns 2-5 (0-based) of the 32x32 image
+        assert row.row < 30 and 26 < row.row + row.window and row["col"] < 6 and 2 < row["col"] + row.window
+    review_checks = json.loads((tmp_path / "stamp" / "validation.json").read_text())["checks"]
+    failed = [c for c in review_checks if c["status"] == "FAIL"]
+    assert result["verdict"] == "FAIL" and failed
+    assert all(c["metric"].endswith(".hotspot_lift_ratio") for c in failed)
+    assert not [c for c in review_checks if c["metric"] == "delta.accuracy" and c["status"] == "FAIL"]
+    html = (tmp_path / "stamp" / "candidate" / "report.html").read_text()
+    assert "shortcut candidate: class 7" in html
