@@ -68,7 +68,7 @@ def main() -> int:
     plan = [(seed, *row) for seed in args.seeds for row in configs(seed, out)]
     xaudit = Path(sys.executable).with_name("xaudit")
     subprocess.run([str(xaudit), "run", *[str(p) for *_, p, _ in plan]], check=False)
-    print(f"\n| seed | audit | verdict | expected | checks not passed |\n|---|---|---|---|---|")
+    print("\n| seed | audit | verdict | expected | checks not passed |\n|---|---|---|---|---|")
     wrong = 0
     for seed, name, path, expected in plan:
         run_id = yaml.safe_load(path.read_text())["run_id"]

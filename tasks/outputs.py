@@ -164,10 +164,8 @@ def scan_shortcuts(run_dir: Path, config: AuditConfig, card: ModelCard, preds: p
         sanity = pq.read_table(run_dir / "sanity.parquet").to_pandas()
         insensitive = set(sanity.method[sanity.insensitive])
     why = shortcuts.trusted_methods(sorted(maps), spec.methods, insensitive)
-    table = shortcuts.detect(maps, classes, ids, card.class_names, slices,
-                             {m for m, w in why.items() if w.startswith("trusted")}, spec.windows, spec.min_share,
+    table = shortcuts.detect(maps, classes, ids, card.class_names, slices, why, spec.windows, spec.min_share,
                              spec.min_examples, spec.replicates, config.metrics.confidence_level, config.seed)
-    table.insert(2, "trust", [why[m] for m in table.method])
     write_parquet(run_dir / "shortcuts.parquet", pa.Table.from_pandas(table, preserve_index=False),
                   {"max_lift": str(spec.max_lift), "min_share": str(spec.min_share)})
     return shortcuts.hotspot_checks(table, spec.max_lift, spec.gate_on, spec.severity,

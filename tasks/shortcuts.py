@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 GRID = 32                      # maps are area-pooled to at most this side before the scan
-COLUMNS = ["method", "trusted", "class_name", "class_index", "slice_key", "slice_value", "n", "n_reference", "grid", "window",
+COLUMNS = ["method", "trusted", "trust", "class_name", "class_index", "slice_key", "slice_value", "n", "n_reference", "grid", "window",
            "row", "col", "height", "width", "share", "reference_share", "lift", "ci_low", "ci_high",
            "qualified", "peak_hit", "examples"]
 
@@ -149,11 +149,15 @@ def class_groups(classes: np.ndarray, slices: Sequence[tuple[str, str, np.ndarra
 
 def detect(maps: dict[str, np.ndarray], classes: dict[str, np.ndarray], example_ids: dict[str, np.ndarray],
            class_names: Sequence[str], slices: dict[str, list[tuple[str, str, np.ndarray]]],
-           trusted: set[str], fractions: Sequence[float], min_share: float, min_examples: int,
+           trusted: set[str] | dict[str, str], fractions: Sequence[float], min_share: float, min_examples: int,
            replicates: int, level: float, seed: int, max_examples: int = 12) -> pd.DataFrame:
-    """Scan every method's maps; returns one row per (method, class, slice) with COLUMNS. `slices[method]`
+    """Scan every method's maps; returns one row per (method, class, slice) with COLUMNS. `trusted`: the
+    methods that gate, or {method: reason} from `trusted_methods` (reasons of trusted ones start 'trusted').
+    `slices[method]`
     lists (slice_key, slice_value, rows) over that method's rows; `examples` keeps the ids of the group's
     `max_examples` maps with the most mass in the box."""
+    why = trusted if isinstance(trusted, dict) else \
+        {m: "trusted" if m in trusted else "not gated" for m in maps}
     frames = []
     for method in sorted(maps):
         mass = pool_maps(maps[method])
@@ -163,8 +167,9 @@ def detect(maps: dict[str, np.ndarray], classes: dict[str, np.ndarray], example_
         if t.empty:
             continue
         t.insert(0, "method", method)
-        t.insert(1, "trusted", method in trusted)
-        t.insert(2, "class_name", [str(class_names[c]) for c in t.class_index])
+        t.insert(1, "trusted", why.get(method, "").startswith("trusted"))
+        t.insert(2, "trust", why.get(method, "not gated"))
+        t.insert(3, "class_name", [str(class_names[c]) for c in t.class_index])
         t["examples"] = [[str(e) for e in example_ids[method][ix[:max_examples]]] for ix in t.examples]
         frames.append(t)
     if not frames:
@@ -225,6 +230,14 @@ def hotspot_checks(table: pd.DataFrame, max_lift: float, gate_on: str, severity:
     whole interval is above it (gate_on 'interval') and warns when only the estimate is."""
     from .metrics.thresholds import Check
     checks = []
+    if not table.empty and not table.trusted.astype(bool).any():
+        # the scan ran but nothing may gate it: say so, rather than let a shortcut pass unseen
+        why = "; ".join(f"{m}: {w}" for m, w in table.groupby("method").trust.first().items())
+        return [Check("overall", "all", "hotspot_lift", "", "hotspot", None, None, None, float(max_lift), gate_on,
+                      severity, "missing", "WARN",
+                      f"the shortcut scan has no method fit to gate it ({why}); add a pixel-level method such as "
+                      f"saliency or integrated_gradients to 'attribution.methods', or name one in "
+                      f"'shortcuts.methods'")]
     for method, (hot, picks) in strongest(table, max_lift, gate_on).items():
         for r in picks:
             violated = bool(r.qualified and r.lift > max_lift)

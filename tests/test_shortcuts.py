@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks import shortcuts
-from tasks.shortcuts import Group, box_shares, class_groups, hotspot_checks, pool_maps, scan
+from tasks.shortcuts import box_shares, class_groups, hotspot_checks, pool_maps, scan
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 G = 32
@@ -143,7 +143,9 @@ def test_untrusted_methods_are_scanned_but_never_gate():
     maps, classes, _ = synthetic(rng, planted=True, strength=0.5, fraction=1.0)
     table = shortcuts.detect({"gradcam": maps}, {"gradcam": classes}, {"gradcam": np.arange(len(maps))},
                              [str(i) for i in range(6)], {}, set(), (0.1,), 0.1, 20, 100, 0.95, 0)
-    assert (table.lift > 8).any() and hotspot_checks(table, 6.0, "interval", "fail", 0.95, (G, G)) == []
+    assert (table.lift > 8).any()
+    [only] = hotspot_checks(table, 6.0, "interval", "fail", 0.95, (G, G))      # no method may gate: say so
+    assert only.status == "WARN" and only.outcome == "missing" and "no method fit to gate" in only.message
     why = shortcuts.trusted_methods(["gradcam", "saliency", "occlusion", "lime"], None, {"saliency"})
     assert all(not w.startswith("trusted") for w in why.values())
     assert shortcuts.trusted_methods(["integrated_gradients"], None, set())["integrated_gradients"].startswith("trusted")
