@@ -144,6 +144,9 @@ class ShortcutSpec(_Strict):
                                                           "class's attribution mass")
     min_examples: int = Field(20, ge=2, le=100_000, description="smallest class (or class within a slice) scanned")
     replicates: int = Field(500, ge=0, le=10_000, description="bootstrap replicates of the lift's interval")
+    max_roi_gap: float | None = Field(
+        0.1, ge=0, le=1, description="with ROI masks: a class's ROI mass may be at most this far below the other "
+                                     "classes' (per class and class within a slice); null: no such check")
     max_lift_ratio: float = Field(2.0, gt=1, le=1e6, description="review: the candidate's lift in one of its "
                                   "shortcut boxes may be at most this many times the baseline's there")
     gate_on: Literal["estimate", "interval"] = "interval"

@@ -143,11 +143,13 @@ def scan_shortcuts(run_dir: Path, config: AuditConfig, card: ModelCard, preds: p
     checks. Slices: every single-column slice of the config except the true class itself."""
     from . import shortcuts
     spec = config.shortcuts
+    names = pq.read_schema(run_dir / "explanations.parquet").names
     expl = pq.read_table(run_dir / "explanations.parquet",
-                         columns=["example_id", "method", "target", "heatmap_height", "heatmap_width", "heatmap"])
+                         columns=["example_id", "method", "target", "heatmap_height", "heatmap_width", "heatmap",
+                                  *(["roi_mass"] if "roi_mass" in names else [])])
     position = {e: i for i, e in enumerate(preds["example_id"].to_pylist())}
     slice_specs = [list(s) for s in config.metrics.slices if len(s) == 1 and not str(s[0]).startswith("label_name")]
-    maps, classes, ids, slices = {}, {}, {}, {}
+    maps, classes, ids, slices, roi = {}, {}, {}, {}, {}
     methods = pc.unique(expl["method"]).to_pylist()
     for method in methods:
         t = expl.filter(pc.equal(expl["method"], method))
@@ -159,6 +161,10 @@ def scan_shortcuts(run_dir: Path, config: AuditConfig, card: ModelCard, preds: p
         ids[method] = np.asarray(t["example_id"].to_pylist(), dtype=object)
         rows = np.array([position[e] for e in ids[method]], dtype=np.int64)
         slices[method] = slice_groups(metadata.iloc[rows].reset_index(drop=True), slice_specs) if slice_specs else []
+        if "roi_mass" in t.column_names:
+            values = t["roi_mass"].to_numpy(zero_copy_only=False).astype(np.float64)
+            if np.isfinite(values).any():
+                roi[method] = values
     insensitive: set[str] | None = None
     if (run_dir / "sanity.parquet").is_file():
         sanity = pq.read_table(run_dir / "sanity.parquet").to_pandas()
@@ -168,8 +174,13 @@ def scan_shortcuts(run_dir: Path, config: AuditConfig, card: ModelCard, preds: p
                              spec.min_examples, spec.replicates, config.metrics.confidence_level, config.seed)
     write_parquet(run_dir / "shortcuts.parquet", pa.Table.from_pandas(table, preserve_index=False),
                   {"max_lift": str(spec.max_lift), "min_share": str(spec.min_share)})
-    return shortcuts.hotspot_checks(table, spec.max_lift, spec.gate_on, spec.severity,
-                                    config.metrics.confidence_level, tuple(card.input_size))
+    checks = shortcuts.hotspot_checks(table, spec.max_lift, spec.gate_on, spec.severity,
+                                      config.metrics.confidence_level, tuple(card.input_size))
+    if roi and spec.max_roi_gap is not None:
+        checks += shortcuts.roi_gap_checks(roi, classes, card.class_names, slices, why, spec.max_roi_gap,
+                                           spec.min_examples, spec.replicates, config.metrics.confidence_level,
+                                           config.seed, spec.gate_on, spec.severity)
+    return checks
 
 
 def library_versions() -> dict[str, str]:

@@ -182,8 +182,8 @@ def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: st
     methods = sorted(expl.method.unique())
     has_roi = "roi_mass" in expl and expl.roi_mass.notna().any()
     score = expl.groupby("method").roi_mass.mean().to_dict() if has_roi else {}
-    first = flagged_method([c for c in failed or [] if c["metric"].endswith("roi_mass") or c["kind"] == "hotspot"],
-                           methods, score)
+    named = [c for c in failed or [] if c["metric"].endswith("roi_mass") or c["kind"] in ("hotspot", "roi_gap")]
+    first = flagged_method(named, methods, score)
     roi = expl[expl.method == first].set_index("example_id").roi_mass if first and has_roi \
         else pd.Series(dtype=float)
     aligned = f"least aligned with ROI ({first})"

@@ -319,3 +319,70 @@ def change_checks(flagged: pd.DataFrame, base: dict[str, tuple[np.ndarray, np.nd
         checks.append(Check(key, value, f"{r.method}.hotspot_lift_ratio", "", "upper", float(ratio), float(lo),
                             float(hi), float(max_ratio), "interval", severity, outcome, status, msg))
     return checks
+
+
+def roi_gap_checks(roi_mass: dict[str, np.ndarray], classes: dict[str, np.ndarray], class_names: Sequence[str],
+                   slices: dict[str, list[tuple[str, str, np.ndarray]]], trusted: dict[str, str], max_gap: float,
+                   min_examples: int, replicates: int, level: float, seed: int, gate_on: str, severity: str) -> list:
+    """Per-class localisation against the dataset's own other classes, where ROI masks exist: per gating
+    method and explained class (overall and within each slice value), `gap` = the other classes' mean ROI
+    mass minus the class's (within the same slice, so a slice that lowers every class's ROI mass cancels),
+    with a Poisson-bootstrap percentile interval. One check per class whose gap exceeds `max_gap` (the slice
+    with the strongest evidence), or one passing check with the method's largest gap. One-sided like the
+    hotspot checks: FAIL when the whole interval is above the bound, WARN when only the estimate is."""
+    from .metrics.thresholds import Check
+    rng = np.random.default_rng(seed)
+    alpha = (1 - level) / 2
+    checks = []
+    for method in sorted(roi_mass):
+        if not trusted.get(method, "").startswith("trusted"):
+            continue
+        values, cls = np.asarray(roi_mass[method], dtype=np.float64), classes[method]
+        ok = np.isfinite(values)
+        if ok.sum() < min_examples:
+            continue
+        weights = rng.poisson(1.0, size=(replicates, len(values))).astype(np.float64)
+        weights[:, ~ok] = 0
+        v = np.where(ok, values, 0.0)
+        rows = []
+        for key, value, idx in [("overall", "", np.arange(len(values))), *slices.get(method, [])]:
+            inside = np.zeros(len(values), dtype=bool)
+            inside[np.asarray(idx, dtype=np.int64)] = True
+            for c in np.unique(cls[inside & ok]):
+                mine, rest = inside & ok & (cls == c), inside & ok & (cls != c)
+                if mine.sum() < min_examples or rest.sum() < min_examples:
+                    continue
+                gap = v[rest].mean() - v[mine].mean()
+                if replicates:
+                    wm, wr = weights[:, mine], weights[:, rest]
+                    dist = (wr @ v[rest]) / np.maximum(wr.sum(1), 1) - (wm @ v[mine]) / np.maximum(wm.sum(1), 1)
+                    lo, hi = np.quantile(dist, [alpha, 1 - alpha])
+                else:
+                    lo = hi = np.nan
+                rows.append(dict(c=int(c), key=key, value=value, gap=float(gap), lo=float(lo), hi=float(hi),
+                                 own=float(v[mine].mean()), other=float(v[rest].mean()), n=int(mine.sum())))
+        if not rows:
+            continue
+        t = pd.DataFrame(rows)
+        t["evidence"] = t.lo.fillna(t.gap) if gate_on == "interval" else t.gap
+        t = t.sort_values(["evidence", "gap"], ascending=False, kind="stable")
+        hot = t[t.gap > max_gap]
+        picks = [g.iloc[0] for _, g in hot.groupby("c", sort=True)] or [t.iloc[0]]
+        picks.sort(key=lambda r: -r.evidence)
+        for r in picks:
+            violated = r.gap > max_gap
+            outcome = "pass" if not violated else "fail" if gate_on == "estimate" or r.lo > max_gap \
+                else "inconclusive"
+            status = "PASS" if outcome == "pass" else "WARN" if outcome == "inconclusive" or severity == "warn" \
+                else "FAIL"
+            name = str(class_names[r.c])
+            where = f"class {name}" + ("" if r.key == "overall" else f" in {r.key}={r.value}")
+            msg = (f"{where}: {r.own:.0%} of the {method} attribution mass lies inside the region of interest, "
+                   f"against {r.other:.0%} for the other classes{'' if r.key == 'overall' else ' there'}: gap "
+                   f"{r.gap:.3g} ({level:.0%} CI [{r.lo:.3g}, {r.hi:.3g}], n={r.n}); required at most "
+                   f"{max_gap:g}: {outcome}")
+            key = "class" if r.key == "overall" else f"class&{r.key}"
+            value = name if r.key == "overall" else f"{name}&{r.value}"
+            checks.append(Check(key, value, f"{method}.roi_mass_gap", "", "roi_gap", r.gap, r.lo, r.hi,
+                                float(max_gap), gate_on, severity, outcome, status, msg))
+    return checks

@@ -184,3 +184,30 @@ def test_stamp_review_fails_on_the_explanation_change_not_on_accuracy(prefect_ha
     assert not [c for c in review_checks if c["metric"] == "delta.accuracy" and c["status"] == "FAIL"]
     html = (tmp_path / "stamp" / "candidate" / "report.html").read_text()
     assert "shortcut candidate: class 7" in html
+    roi_gaps = [c for c in checks["candidate"] if c["kind"] == "roi_gap" and c["status"] == "FAIL"]
+    assert roi_gaps and all(c["slice_value"].split("&")[0] == "7" for c in roi_gaps)
+    assert all(c["status"] == "PASS" for c in checks["baseline"] if c["kind"] == "roi_gap")
+
+
+def test_roi_gap_is_relative_to_the_other_classes_and_cancels_slice_effects():
+    """Per-class localisation against the dataset's own other classes: a class whose maps leave the ROI
+    fails; a slice that lowers every class's ROI mass (a washed-out site) does not."""
+    rng = np.random.default_rng(11)
+    n = 600
+    classes = rng.integers(0, 5, n)
+    site = np.where(rng.random(n) < 0.5, "A", "B")
+    roi = np.clip(rng.normal(0.8, 0.05, n) - 0.3 * (site == "B"), 0, 1)      # site B: every class lower
+    slices = {"saliency": [("site", v, np.flatnonzero(site == v)) for v in ("A", "B")]}
+    names = [f"c{i}" for i in range(5)]
+    trust = {"saliency": "trusted"}
+    clean = shortcuts.roi_gap_checks({"saliency": roi}, {"saliency": classes}, names, slices, trust, 0.1, 20, 300,
+                                     0.95, 0, "interval", "fail")
+    assert [c.status for c in clean] == ["PASS"] and clean[0].value < 0.05
+    shifted = roi.copy()
+    shifted[classes == 3] -= 0.25                                           # class c3 looks elsewhere
+    bad = shortcuts.roi_gap_checks({"saliency": shifted}, {"saliency": classes}, names, slices, trust, 0.1, 20, 300,
+                                   0.95, 0, "interval", "fail")
+    assert [(c.status, c.slice_value.split("&")[0]) for c in bad] == [("FAIL", "c3")]
+    assert 0.2 < bad[0].ci_low < bad[0].value < bad[0].ci_high < 0.3
+    assert shortcuts.roi_gap_checks({"saliency": shifted}, {"saliency": classes}, names, slices,
+                                    {"saliency": "not gated"}, 0.1, 20, 300, 0.95, 0, "interval", "fail") == []
