@@ -1,0 +1,100 @@
+"""The architecture matrix (issue 14): every registered method on the torchvision families users bring,
+random init (biases drawn, as a trained net has them), eval mode, small inputs, two images with different
+targets. Every method runs on every family and keeps its contract: the shape Captum gives, finite values, and
+a batch equal to its rows explained one by one; Captum is the oracle for saliency, integrated gradients (and
+its convergence delta) and Grad-CAM at the automatic layer (token models: test_attribution.py compares with
+pytorch-grad-cam)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torchvision
+
+from tasks.attribution import METHODS, attribute
+from tasks.attribution.engine import find_layer
+
+K = 5
+# (factory, kwargs, input side): the smallest input each family accepts with its default strides
+ARCHS = {
+    "resnet50": (torchvision.models.resnet50, {}, 64),
+    "vgg16": (torchvision.models.vgg16, {}, 32),
+    "alexnet": (torchvision.models.alexnet, {}, 64),
+    "densenet121": (torchvision.models.densenet121, {}, 32),
+    "efficientnet_b0": (torchvision.models.efficientnet_b0, {}, 64),
+    "mobilenet_v3_large": (torchvision.models.mobilenet_v3_large, {}, 64),
+    "convnext_tiny": (torchvision.models.convnext_tiny, {}, 32),
+    "regnet_y_400mf": (torchvision.models.regnet_y_400mf, {}, 64),
+    "vit_b_16": (torchvision.models.vit_b_16, {"image_size": 32}, 32),
+    "swin_t": (torchvision.models.swin_t, {}, 64),
+}
+PARAMS = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4}, "gradient_shap": {"n_samples": 4},
+          "lime": {"n_samples": 32, "n_segments": 4}, "kernel_shap": {"n_samples": 32, "n_segments": 4},
+          "occlusion": {"window": 16, "stride": 16}}
+
+
+@functools.lru_cache(maxsize=1)
+def built(arch: str):
+    factory, kwargs, side = ARCHS[arch]
+    torch.manual_seed(0)
+    model = factory(weights=None, num_classes=K, **kwargs).eval()
+    with torch.no_grad():       # torchvision zero-initialises biases: trained nets are not scale-invariant
+        for name, p in model.named_parameters():       # (a ConvNeXt with zero biases gives f(a x) = f(x))
+            if name.endswith("bias"):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
+def run(model, x, method, target, keys):
+    return attribute(model, x, [method], target=target, params={method: PARAMS.get(method, {})}, seed=0,
+                     example_keys=keys, max_batch=64)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_method_keeps_its_contract_on_every_architecture(arch):
+    model, x = built(arch)
+    target = torch.tensor([1, 3])
+    keys = [11, 22]
+    for method in sorted(METHODS):
+        res = run(model, x, method, target, keys)      # every method runs on every family (no refusal left)
+        a = res.attributions[method]
+        if METHODS[method].layer:
+            assert a.ndim == 4 and a.shape[:2] == (2, 1), f"{arch}/{method}: {tuple(a.shape)}"
+        else:
+            assert a.shape == x.shape, f"{arch}/{method}: {tuple(a.shape)}"
+        assert torch.isfinite(a).all(), f"{arch}/{method}: non-finite attributions"
+        rows = torch.cat([run(model, x[i:i + 1], method, target[i:i + 1], keys[i:i + 1]).attributions[method]
+                          for i in range(2)])
+        # float32 noise: batch size changes the convolution algorithm; perturbation methods difference logits
+        tol = 1e-3 * float(a.abs().max()) + (1e-5 if METHODS[method].resolution in ("window", "segment") else 1e-9)
+        assert float((rows - a).abs().max()) <= tol, f"{arch}/{method}: batch differs from row by row"
+        if method == "integrated_gradients":
+            assert torch.isfinite(res.extras[method]["delta"]).all()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_saliency_ig_and_gradcam_equal_captum_on_every_architecture(arch):
+    from captum.attr import IntegratedGradients, LayerGradCam, Saliency
+    model, x = built(arch)
+    target = torch.tensor([1, 3])
+    ours = attribute(model, x, ["saliency"], target=target).attributions["saliency"]
+    theirs = Saliency(model).attribute(x.clone().requires_grad_(), target=target, abs=True)
+    assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6 * float(theirs.abs().max()))
+    res = attribute(model, x, ["integrated_gradients"], target=target,
+                    params={"integrated_gradients": {"n_steps": 8}})
+    ig, delta = IntegratedGradients(model).attribute(x, target=target, n_steps=8, method="gausslegendre",
+                                                     return_convergence_delta=True)
+    assert torch.allclose(res.attributions["integrated_gradients"], ig.float(), rtol=1e-3,
+                          atol=1e-5 * float(ig.abs().max())), f"{arch}: IG differs from Captum"
+    assert torch.allclose(res.extras["integrated_gradients"]["delta"].double(), delta.double(), rtol=1e-3,
+                          atol=1e-5), f"{arch}: completeness delta differs from Captum's convergence delta"
+    layer = find_layer(model, None)
+    res = attribute(model, x, ["gradcam"], target=target).attributions["gradcam"]
+    if arch in ("vit_b_16", "swin_t"):
+        return          # token layers: covered against pytorch-grad-cam in test_attribution.py
+    cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+    assert res.shape[-2:] == cam.shape[-2:]
+    assert torch.allclose(res, cam.to(res.dtype), rtol=1e-4, atol=1e-6 * float(cam.abs().max()) + 1e-12), \
+        f"{arch}: Grad-CAM differs from Captum's LayerGradCam at {type(layer).__name__}"
