@@ -86,13 +86,17 @@ def example_stats(predictions: pa.Table, explanations: pa.Table) -> dict[str, Ex
     position = {e: i for i, e in enumerate(ids)}
     known = {col: meta for check in CHECKS.values() for col, meta in check.columns.items()}
     present = {c: known[c] for c in explanations.column_names if c in known}
-    ex = explanations.select(["example_id", "method", *present]).to_pandas()
+    delta = ["completeness_delta"] if "completeness_delta" in explanations.column_names else []
+    ex = explanations.select(["example_id", "method", *present, *delta]).to_pandas()
     out: dict[str, ExampleStat] = {}
     for method, group in ex.groupby("method", sort=True):
         idx = np.array([position[e] for e in group["example_id"]], dtype=np.int64)
-        for stat, (higher, _) in present.items():
+        columns = {stat: (higher, group[stat]) for stat, (higher, _) in present.items()}
+        if delta:      # IG's completeness / DeepLIFT's summation-to-delta residual, gateable as |delta|
+            columns["abs_completeness_delta"] = (False, group["completeness_delta"].abs())
+        for stat, (higher, column) in columns.items():
             values = np.full(len(ids), np.nan)
-            values[idx] = group[stat].to_numpy(dtype=np.float64)
+            values[idx] = column.to_numpy(dtype=np.float64)
             if np.isfinite(values).any():
                 out[f"{method}.{stat}"] = ExampleStat(values, higher)
     return out
@@ -104,7 +108,8 @@ def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, r
     preds = pq.read_table(run_dir / "predictions.parquet")
     stat_columns = [c for c in pq.read_schema(run_dir / "explanations.parquet").names
                     if c in {col for check in CHECKS.values() for col in check.columns}]
-    expl = pq.read_table(run_dir / "explanations.parquet", columns=["example_id", "method", *stat_columns])
+    expl = pq.read_table(run_dir / "explanations.parquet",
+                         columns=["example_id", "method", *stat_columns, "completeness_delta"])
     if preds.num_rows == 0:
         raise XAuditError("compute_metrics: no example was scored (all were rejected); see rejects.parquet")
     probs = np.asarray(preds["probabilities"].combine_chunks().flatten(), dtype=np.float64).reshape(preds.num_rows, -1)

@@ -150,9 +150,12 @@ def _check_threshold(th: Threshold, i: int, where: str, known: dict[str, bool], 
 
 
 def _stat_names(methods: Sequence[str], checks: Sequence[str], has_roi: bool) -> dict[str, bool]:
+    from .attribution import METHODS
     cols = quality_columns(list(checks))
-    return {f"{m}.{c}": higher for m in methods for c, (higher, _) in cols.items()
-            if has_roi or c not in LOCALISATION_COLUMNS}
+    out = {f"{m}.{c}": higher for m in methods for c, (higher, _) in cols.items()
+           if has_roi or c not in LOCALISATION_COLUMNS}
+    out.update({f"{m}.abs_completeness_delta": False for m in methods if m in METHODS and METHODS[m].has_delta})
+    return out
 
 
 def _roi_hint(metric: str, has_roi: bool) -> str:

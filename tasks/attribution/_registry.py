@@ -30,20 +30,21 @@ class Method:
     defaults: dict[str, Any]
     paper: str
     resolution: str = "pixel"
+    has_delta: bool = False       # returns a per-example `delta` extra (completeness / summation to delta)
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, layer: bool = False, gradient_pass: bool = False, paper: str = "",
-             resolution: str = "pixel", **defaults: Any):
+             resolution: str = "pixel", has_delta: bool = False, **defaults: Any):
     """Register `fn(ctx, **params) -> MethodOutput` under `name`, with its default parameters.
     `gradient_pass=True` says the method only reads `ctx.gradient_pass()` (the shared forward/backward)."""
     def wrap(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
         if name in METHODS:
             raise RuntimeError(f"attribution method {name!r} registered twice")
         METHODS[name] = Method(name, fn, layer, gradient_pass, dict(defaults), paper,
-                               "layer" if layer else resolution)
+                               "layer" if layer else resolution, has_delta)
         return fn
     return wrap
 

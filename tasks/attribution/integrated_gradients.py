@@ -63,7 +63,7 @@ def make_baseline(ctx, kind: str, blur_sigma: float, salt: int) -> torch.Tensor:
     raise XAuditError(f"integrated_gradients: 'baseline' must be 'zeros', 'blur' or 'uniform'; got {kind!r}")
 
 
-@register("integrated_gradients", paper="https://arxiv.org/abs/1703.01365",
+@register("integrated_gradients", has_delta=True, paper="https://arxiv.org/abs/1703.01365",
           n_steps=32, method="gausslegendre", baseline="zeros", blur_sigma=2.0)
 def integrated_gradients(ctx, n_steps: int, method: str, baseline: str, blur_sigma: float) -> MethodOutput:
     """Return IG attributions (N, C, H, W) and the completeness `delta` (N,) per example.

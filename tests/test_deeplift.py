@@ -1,0 +1,124 @@
+"""DeepLIFT (rescale rule) and DeepSHAP: Captum where Captum is right, an independent oracle where it is
+not (its max-pool fallback, captum#1276), and summation to delta on nets Captum refuses (reused modules)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from tasks.attribution import attribute
+
+
+def _biased(model: nn.Module, seed: int = 0) -> nn.Module:
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_deeplift_equals_captum_without_max_pools(inplace):
+    from captum.attr import DeepLift
+    torch.manual_seed(0)
+    model = _biased(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=inplace),
+                                  nn.AvgPool2d(2), nn.Conv2d(6, 8, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                                  nn.Linear(8 * 8 * 8, 16), nn.Sigmoid(), nn.Linear(16, 5)))
+    x = torch.randn(3, 3, 16, 16)
+    t = torch.tensor([1, 4, 2])
+    res = attribute(model, x, ["deeplift"], target=t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs, delta = DeepLift(model).attribute(x, baselines=torch.zeros_like(x), target=t,
+                                                  return_convergence_delta=True)
+    theirs = theirs.detach()
+    assert torch.allclose(res.attributions["deeplift"], theirs, rtol=1e-4, atol=1e-6 * float(theirs.abs().max()))
+    assert torch.allclose(res.extras["deeplift"]["delta"], delta.float(), atol=1e-5)
+
+
+def _oracle(model: nn.Sequential, x: torch.Tensor, x0: torch.Tensor, target: int) -> torch.Tensor:
+    """DeepLIFT by hand for Conv/ReLU/MaxPool/Flatten/Linear stacks: forward both, then the multipliers layer
+    by layer from the output back (rescale at ReLU; at a max pool, the pooled change goes to the position of
+    the input's maximum (max(y, y0) - y0) and of the baseline's (y - max(y, y0)), the gradient where the
+    pool's input did not change)."""
+    eps = 1e-10
+    acts_x, acts_b, idx_x, idx_b = [x], [x0], {}, {}
+    for i, layer in enumerate(model):
+        for acts, idx in ((acts_x, idx_x), (acts_b, idx_b)):
+            if isinstance(layer, nn.MaxPool2d):
+                y, ix = nn.functional.max_pool2d(acts[-1], layer.kernel_size, layer.stride, return_indices=True)
+                idx[i] = ix
+            else:
+                y = layer(acts[-1])
+            acts.append(y.detach())
+    g = torch.zeros_like(acts_x[-1])
+    g[:, target] = 1
+    for i in reversed(range(len(model))):
+        layer, a_in, b_in, a_out, b_out = model[i], acts_x[i], acts_b[i], acts_x[i + 1], acts_b[i + 1]
+        dx = a_in - b_in
+        safe = torch.where(dx.abs() < eps, torch.ones_like(dx), dx)
+        if isinstance(layer, nn.ReLU):
+            g = g * torch.where(dx.abs() < eps, (a_in > 0).to(g.dtype), (a_out - b_out) / safe)
+        elif isinstance(layer, nn.MaxPool2d):
+            top = torch.maximum(a_out, b_out)
+            num = torch.zeros_like(a_in).flatten(2)
+            num.scatter_add_(2, idx_x[i].flatten(2), (g * (top - b_out)).flatten(2))
+            num.scatter_add_(2, idx_b[i].flatten(2), (g * (a_out - top)).flatten(2))
+            true = torch.zeros_like(a_in).flatten(2)
+            true.scatter_add_(2, idx_x[i].flatten(2), g.flatten(2))
+            g = torch.where(dx.abs() < eps, true.view_as(a_in), num.view_as(a_in) / safe)
+        else:     # linear pieces: the transpose of the layer
+            z = a_in.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(layer(z), z, g)
+    return (x - x0) * g
+
+
+def test_deeplift_through_max_pools_equals_the_oracle_and_sums_to_delta():
+    torch.manual_seed(1)
+    model = _biased(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                  nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                                  nn.Linear(6 * 4 * 4, 12), nn.ReLU(), nn.Linear(12, 5)))
+    x = torch.randn(4, 1, 16, 16)
+    t = torch.tensor([0, 3, 1, 4])
+    res = attribute(model, x, ["deeplift"], target=t)
+    ours = res.attributions["deeplift"]
+    oracle = torch.cat([_oracle(model, x[i:i + 1], torch.zeros_like(x[i:i + 1]), int(t[i])) for i in range(4)])
+    assert torch.allclose(ours, oracle, rtol=1e-4, atol=1e-6 * float(oracle.abs().max()))
+    assert res.extras["deeplift"]["delta"].abs().max() < 1e-5
+
+
+def test_deeplift_sums_to_delta_on_resnet_with_reused_relus_where_captum_refuses():
+    from captum.attr import DeepLift
+    model = _biased(torchvision.models.resnet18(num_classes=5))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([1, 3])
+    res = attribute(model, x, ["deeplift", "deep_shap"], target=t, params={"deep_shap": {"n_samples": 3}})
+    with torch.no_grad():
+        out = model(x).gather(1, t[:, None])[:, 0] - model(torch.zeros_like(x)).gather(1, t[:, None])[:, 0]
+    a = res.attributions["deeplift"]
+    assert torch.allclose(a.flatten(1).sum(1), out, rtol=1e-4, atol=1e-5)
+    assert res.extras["deeplift"]["delta"].abs().max() < 1e-4 * out.abs().max() + 1e-5
+    assert res.extras["deep_shap"]["delta"].abs().max() < 1e-4
+    with pytest.raises(RuntimeError, match="used more than once"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        DeepLift(model).attribute(x, baselines=torch.zeros_like(x), target=t)
+
+
+def test_deep_shap_is_deeplift_averaged_over_its_baselines():
+    torch.manual_seed(3)
+    model = _biased(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)))
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor([0, 2])
+    zeros = attribute(model, x, ["deeplift", "deep_shap"], target=t, params={"deep_shap": {"baseline": "zeros"}})
+    assert torch.allclose(zeros.attributions["deep_shap"], zeros.attributions["deeplift"], atol=1e-6)
+    res = attribute(model, x, ["deep_shap"], target=t, params={"deep_shap": {"n_samples": 6}})
+    a = res.attributions["deep_shap"]
+    assert torch.isfinite(a).all() and res.extras["deep_shap"]["delta"].abs().max() < 1e-5
+    single = torch.cat([attribute(model, x[i:i + 1], ["deep_shap"], target=t[i:i + 1],
+                                  params={"deep_shap": {"n_samples": 6}}, example_keys=[i]).attributions["deep_shap"]
+                        for i in range(2)])
+    assert torch.allclose(single, a, atol=1e-6)
