@@ -93,7 +93,7 @@ def example_stats(predictions: pa.Table, explanations: pa.Table) -> dict[str, Ex
         idx = np.array([position[e] for e in group["example_id"]], dtype=np.int64)
         columns = {stat: (higher, group[stat]) for stat, (higher, _) in present.items()}
         if delta:      # IG's completeness / DeepLIFT's summation-to-delta residual, gateable as |delta|
-            columns["abs_completeness_delta"] = (False, group["completeness_delta"].abs())
+            columns["abs_completeness_delta"] = (False, group["completeness_delta"].astype("float64").abs())
         for stat, (higher, column) in columns.items():
             values = np.full(len(ids), np.nan)
             values[idx] = column.to_numpy(dtype=np.float64)
