@@ -1,5 +1,5 @@
-"""DeepLIFT with the rescale rule (Shrikumar et al. 2017, https://arxiv.org/abs/1704.02685) and DeepSHAP,
-DeepLIFT averaged over a distribution of baselines (Lundberg & Lee 2017; Captum's `DeepLift`/`DeepLiftShap`).
+"""DeepLIFT with the rescale rule (Shrikumar et al. 2017, https://arxiv.org/abs/1704.02685; Captum's
+`DeepLift`). `deeplift_pairs` is shared with DeepSHAP (deep_shap.py).
 
 Attributions are (x - b) * m, where m is the gradient of the target logit with every nonlinearity's local
 derivative replaced by its rescale multiplier (f(x) - f(b)) / (x - b) (the derivative where x and b are
@@ -130,16 +130,3 @@ def deeplift(ctx, baseline: str, blur_sigma: float, eps: float) -> MethodOutput:
     b = make_baseline(ctx, baseline, blur_sigma, salt=41)
     attr, delta = deeplift_pairs(ctx, ctx.inputs, b, ctx.target, eps)
     return MethodOutput(attr, {"delta": delta})
-
-
-@register("deep_shap", has_delta=True, paper="https://arxiv.org/abs/1705.07874", n_samples=8, baseline="uniform", blur_sigma=2.0,
-          eps=1e-10)
-def deep_shap(ctx, n_samples: int, baseline: str, blur_sigma: float, eps: float) -> MethodOutput:
-    """Return DeepSHAP attributions: DeepLIFT averaged over `n_samples` baselines per example ('uniform':
-    seeded noise over the image's range, different per sample; 'zeros'/'blur': one baseline, repeated), and
-    the mean residual `delta` (sum(attributions) - (f(x) - mean f(b)))."""
-    x = ctx.inputs
-    bases = torch.stack([make_baseline(ctx, baseline, blur_sigma, salt=200 + i) for i in range(n_samples)])
-    xs = x[None].expand(n_samples, *x.shape).reshape(-1, *x.shape[1:])
-    attr, delta = deeplift_pairs(ctx, xs, bases.reshape(-1, *x.shape[1:]), ctx.target.repeat(n_samples), eps)
-    return MethodOutput(attr.view(n_samples, *x.shape).mean(0), {"delta": delta.view(n_samples, -1).mean(0)})
