@@ -70,12 +70,17 @@ def _image_rgb(data: bytes, size: int = THUMB) -> np.ndarray:
         return np.asarray(im.convert("RGB").resize((size, size), Image.NEAREST), dtype=np.float64)
 
 
-def overlay_uri(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55) -> str:
-    """Return a PNG data URI of `heatmap` (h, w in [0, 1]) blended over an RGB `image`."""
+def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Return `heatmap` (h, w in [0, 1]) blended over an RGB `image`, the input dimmed so the map stays visible."""
     size = image.shape[0]
     hm = np.asarray(Image.fromarray((heatmap * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)) / 255.0
     a = alpha * hm[..., None]
-    return png_data_uri(0.6 * image * (1 - a) + _colormap(hm) * a)   # input dimmed so the map stays visible
+    return 0.6 * image * (1 - a) + _colormap(hm) * a
+
+
+def overlay_uri(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55) -> str:
+    """Return a PNG data URI of `heatmap` (h, w in [0, 1]) blended over an RGB `image`."""
+    return png_data_uri(overlay_rgb(image, heatmap, alpha))
 
 
 def heatmap_uri(heatmap: np.ndarray, size: int = THUMB, smooth: bool = True) -> str:
@@ -335,11 +340,10 @@ def shortcut_context(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, cfg:
             base = _image_rgb(images[e])
             hm = heat.loc[(e, method)]
             m = np.asarray(hm.heatmap, dtype=float).reshape(int(hm.heatmap_height), int(hm.heatmap_width)) / 255.0
-            over = np.asarray(Image.open(io.BytesIO(base64.b64decode(overlay_uri(base, m).split(",", 1)[1]))).convert("RGB"),
-                              dtype=float)
-            examples.append(dict(example_id=e, label=info.loc[e, "label_name"], prediction=info.loc[e, "prediction_name"],
+            examples.append(dict(example_id=e, label=info.loc[e, "label_name"],
+                                 prediction=info.loc[e, "prediction_name"],
                                  image=png_data_uri(_outline(base, box, grid)),
-                                 overlay=png_data_uri(_outline(over, box, grid))))
+                                 overlay=png_data_uri(_outline(overlay_rgb(base, m), box, grid))))
         candidates.append(dict(method=method, status=c["status"], message=c["message"], mean=mean_uri,
                                where=f"class {cls}" + ("" if key == "overall" else f", {key}={value}"),
                                examples=examples, n=len(group)))

@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 GRID = 32                      # maps are area-pooled to at most this side before the scan
-COLUMNS = ["method", "trusted", "trust", "class_name", "class_index", "slice_key", "slice_value", "n", "n_reference", "grid", "window",
-           "row", "col", "height", "width", "share", "reference_share", "lift", "ci_low", "ci_high",
+COLUMNS = ["method", "trusted", "trust", "class_name", "class_index", "slice_key", "slice_value", "n", "n_reference",
+           "grid", "window", "row", "col", "height", "width", "share", "reference_share", "lift", "ci_low", "ci_high",
            "qualified", "peak_hit", "examples"]
 
 

@@ -18,6 +18,16 @@ from tasks.attribution.engine import find_layer
 from tasks.errors import XAuditError
 
 K = 5
+
+
+def _timm(name: str):
+    """A timm factory with torchvision's signature (timm is an optional extra: skip when it is missing)."""
+    def make(weights=None, num_classes: int = K, **kwargs):
+        timm = pytest.importorskip("timm")
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    return make
+
+
 # (factory, kwargs, input side): the smallest input each family accepts with its default strides
 ARCHS = {
     "resnet50": (torchvision.models.resnet50, {}, 64),
@@ -30,10 +40,16 @@ ARCHS = {
     "regnet_y_400mf": (torchvision.models.regnet_y_400mf, {}, 64),
     "vit_b_16": (torchvision.models.vit_b_16, {"image_size": 32}, 32),
     "swin_t": (torchvision.models.swin_t, {}, 64),
+    "timm:vit_tiny_patch16_224": (_timm("vit_tiny_patch16_224"), {"img_size": 32}, 32),
+    "timm:deit_tiny_patch16_224": (_timm("deit_tiny_patch16_224"), {"img_size": 32}, 32),
+    "timm:convnext_atto": (_timm("convnext_atto"), {}, 64),
+    "timm:efficientnet_b0": (_timm("efficientnet_b0"), {}, 64),
 }
+TOKEN_MODELS = {"vit_b_16", "swin_t", "timm:vit_tiny_patch16_224", "timm:deit_tiny_patch16_224"}
 # LayerNorm/attention, squeeze-excitation gates and smooth activations, DenseNet's concatenated BatchNorm
 LRP_REFUSED = {"convnext_tiny", "densenet121", "efficientnet_b0", "mobilenet_v3_large", "regnet_y_400mf",
-               "swin_t", "vit_b_16"}
+               "swin_t", "vit_b_16", "timm:vit_tiny_patch16_224", "timm:deit_tiny_patch16_224", "timm:convnext_atto",
+               "timm:efficientnet_b0"}
 PARAMS = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4}, "gradient_shap": {"n_samples": 4},
           "lime": {"n_samples": 32, "n_segments": 4}, "kernel_shap": {"n_samples": 32, "n_segments": 4},
           "occlusion": {"window": 16, "stride": 16}}
@@ -102,7 +118,7 @@ def test_saliency_ig_and_gradcam_equal_captum_on_every_architecture(arch):
                           atol=1e-5), f"{arch}: completeness delta differs from Captum's convergence delta"
     layer = find_layer(model, None)
     res = attribute(model, x, ["gradcam"], target=target).attributions["gradcam"]
-    if arch in ("vit_b_16", "swin_t"):
+    if arch in TOKEN_MODELS:
         return          # token layers: covered against pytorch-grad-cam in test_attribution.py
     cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
     assert res.shape[-2:] == cam.shape[-2:]

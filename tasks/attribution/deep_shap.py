@@ -10,8 +10,8 @@ from .deeplift import deeplift_pairs
 from .integrated_gradients import make_baseline
 
 
-@register("deep_shap", has_delta=True, paper="https://arxiv.org/abs/1705.07874", n_samples=8, baseline="uniform", blur_sigma=2.0,
-          eps=1e-10)
+@register("deep_shap", has_delta=True, paper="https://arxiv.org/abs/1705.07874", n_samples=8, baseline="uniform",
+          blur_sigma=2.0, eps=1e-10)
 def deep_shap(ctx, n_samples: int, baseline: str, blur_sigma: float, eps: float) -> MethodOutput:
     """Return DeepSHAP attributions: DeepLIFT averaged over `n_samples` baselines per example ('uniform':
     seeded noise over the image's range, different per sample; 'zeros'/'blur': one baseline, repeated), and

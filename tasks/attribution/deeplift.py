@@ -3,9 +3,10 @@
 
 Attributions are (x - b) * m, where m is the gradient of the target logit with every nonlinearity's local
 derivative replaced by its rescale multiplier (f(x) - f(b)) / (x - b) (the derivative where x and b are
-within `eps`), computed from one forward of the batch [x; b]. Max pools take Captum's rule (the change of
-the pooled maximum goes to the position the input's or the baseline's maximum came from), so summation to
-delta holds through them: sum(attributions) = f(x) - f(b), and the per-example `delta` extra is the residual.
+within `eps`, or within float rounding of each other: 1e-5 of their size), computed from one forward of the
+batch [x; b]. Max pools take Captum's rule (the change of the pooled maximum goes to the position the
+input's or the baseline's maximum came from), so summation to delta holds through them:
+sum(attributions) = f(x) - f(b), and the per-example `delta` extra is the residual.
 
 How it is wired: a forward hook on each elementwise activation and max pool replaces the module's output by
 `y.detach() + L(x - x.detach())`, a tensor with the same value whose gradient is the rule's multiplier. Unlike
@@ -30,6 +31,13 @@ from .integrated_gradients import make_baseline
 ELEMENTWISE = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.ReLU6, nn.GELU, nn.SiLU,
                nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.SELU, nn.CELU)
 POOLS = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
+RELATIVE = 1e-5     # a change below this share of the values is rounding in float32: use the derivative there
+
+
+def _unchanged(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """Where a - b is too small for (f(a) - f(b)) / (a - b) to mean anything: below `eps`, or below what float
+    rounding of a and b leaves (the secant is then the derivative, its limit)."""
+    return (a - b).abs() <= eps + RELATIVE * (a.abs() + b.abs())
 
 
 @contextmanager
@@ -53,7 +61,7 @@ def rescale_rules(model: nn.Module, eps: float):
         with torch.no_grad():
             dx = x[:n] - x[n:]
             dy = out[:n] - out[n:]
-            small = dx.abs() < eps
+            small = _unchanged(x[:n], x[n:], eps)
             if type(module) is nn.ReLU:       # its derivative, without another autograd pass
                 local = (x[:n] > 0).to(dx.dtype)
             else:
@@ -77,11 +85,14 @@ def rescale_rules(model: nn.Module, eps: float):
         ia, ib = idx[:n].flatten(2), idx[n:].flatten(2)
         ya, yb = out[:n].detach(), out[n:].detach()
         top = torch.maximum(ya, yb)
-        dx = (x[:n] - x[n:]).detach().flatten(2)
+        xs, xr = x[:n].detach().flatten(2), x[n:].detach().flatten(2)
+        dx = xs - xr
         dxa, dxb = dx.gather(2, ia).view_as(ya), dx.gather(2, ib).view_as(ya)
+        sa = _unchanged(xs.gather(2, ia), xr.gather(2, ia), eps).view_as(ya)
+        sb = _unchanged(xs.gather(2, ib), xr.gather(2, ib), eps).view_as(ya)
         one = torch.ones_like(ya)
-        ca = torch.where(dxa.abs() < eps, one, (top - yb) / torch.where(dxa.abs() < eps, one, dxa))
-        cb = torch.where(dxb.abs() < eps, 0 * one, (ya - top) / torch.where(dxb.abs() < eps, one, dxb))
+        ca = torch.where(sa, one, (top - yb) / torch.where(sa, one, dxa))
+        cb = torch.where(sb, 0 * one, (ya - top) / torch.where(sb, one, dxb))
         t = (x[:n] - x[:n].detach()).flatten(2)
         lin = ca * t.gather(2, ia).view_as(ya) + cb * t.gather(2, ib).view_as(ya)
         return out.detach() + torch.cat([lin, torch.zeros_like(lin)])
@@ -124,7 +135,8 @@ def deeplift_pairs(ctx, x: torch.Tensor, b: torch.Tensor, target: torch.Tensor, 
     return attr, delta
 
 
-@register("deeplift", has_delta=True, paper="https://arxiv.org/abs/1704.02685", baseline="zeros", blur_sigma=2.0, eps=1e-10)
+@register("deeplift", has_delta=True, paper="https://arxiv.org/abs/1704.02685", baseline="zeros", blur_sigma=2.0,
+          eps=1e-10)
 def deeplift(ctx, baseline: str, blur_sigma: float, eps: float) -> MethodOutput:
     """Return DeepLIFT (rescale rule) attributions (N, C, H, W) and the summation-to-delta residual `delta`."""
     b = make_baseline(ctx, baseline, blur_sigma, salt=41)
