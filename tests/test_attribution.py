@@ -227,7 +227,7 @@ def test_unknown_method_and_parameter_are_clear_errors():
     model = demo_model()
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(XAuditError, match="registered methods"):
-        attribute(model, x, ["lrp"])
+        attribute(model, x, ["no_such_method"])
     with pytest.raises(XAuditError, match="not known to method 'integrated_gradients'"):
         attribute(model, x, ["integrated_gradients"], params={"integrated_gradients": {"steps": 3}})
     with pytest.raises(XAuditError, match="target"):
