@@ -206,6 +206,35 @@ def trusted_methods(methods: Sequence[str], chosen: Sequence[str] | None, insens
     return out
 
 
+def _one_sided(violated: bool, lo: float, bound: float, gate_on: str, severity: str) -> tuple[str, str]:
+    """(outcome, status) of a check that flags a value above `bound`: fail when the whole interval is above
+    it (or, gate_on 'estimate', the estimate), inconclusive when only the estimate is; warn-severity checks
+    never FAIL."""
+    outcome = "pass" if not violated else "fail" if gate_on == "estimate" or lo > bound else "inconclusive"
+    status = "PASS" if outcome == "pass" else "WARN" if outcome == "inconclusive" or severity == "warn" else "FAIL"
+    return outcome, status
+
+
+def _class_slice(name: str, slice_key: str, slice_value: str) -> tuple[str, str, str]:
+    """(words, check slice_key, check slice_value) of a class overall or within one slice value."""
+    if slice_key == "overall":
+        return f"class {name}", "class", name
+    return f"class {name} in {slice_key}={slice_value}", f"class&{slice_key}", f"{name}&{slice_value}"
+
+
+def _strongest_per_class(t: pd.DataFrame, value: str, lo: str, cls: str, hot: pd.Series, gate_on: str
+                         ) -> tuple[pd.DataFrame, list]:
+    """(the rows flagged by `hot`, the one with the strongest evidence per class `cls`, strongest first, or the
+    row of largest evidence when none is flagged); evidence is the interval's lower end `lo` (else `value`)
+    under gate_on 'interval', the estimate `value` otherwise."""
+    t = t.assign(evidence=t[lo].fillna(t[value]) if gate_on == "interval" else t[value])
+    t = t.sort_values(["evidence", value], ascending=False, kind="stable")
+    flagged = t[hot.reindex(t.index)]
+    picks = [g.iloc[0] for _, g in flagged.groupby(cls, sort=True)] or [t.iloc[0]]
+    picks.sort(key=lambda r: -r.evidence)
+    return flagged, picks
+
+
 def strongest(table: pd.DataFrame, max_lift: float, gate_on: str) -> dict[str, tuple[pd.DataFrame, list]]:
     """Per trusted method: (its shortcut candidates, i.e. qualified rows with lift above `max_lift`; the row
     with the strongest evidence per class, strongest first, or the method's largest lift when none)."""
@@ -213,12 +242,8 @@ def strongest(table: pd.DataFrame, max_lift: float, gate_on: str) -> dict[str, t
     if table.empty:
         return out
     for method, t in table[table.trusted.astype(bool)].groupby("method", sort=True):
-        t = t.assign(evidence=t.ci_low.fillna(t.lift) if gate_on == "interval" else t.lift)
-        t = t.sort_values(["evidence", "lift"], ascending=False, kind="stable")
-        hot = t[t.qualified & (t.lift > max_lift)]
-        picks = [g.iloc[0] for _, g in hot.groupby("class_name", sort=True)] or [t.iloc[0]]
-        picks.sort(key=lambda r: -r.evidence)
-        out[method] = (hot, picks)
+        out[method] = _strongest_per_class(t, "lift", "ci_low", "class_name",
+                                           t.qualified.astype(bool) & (t.lift > max_lift), gate_on)
     return out
 
 
@@ -241,21 +266,16 @@ def hotspot_checks(table: pd.DataFrame, max_lift: float, gate_on: str, severity:
     for method, (hot, picks) in strongest(table, max_lift, gate_on).items():
         for r in picks:
             violated = bool(r.qualified and r.lift > max_lift)
-            outcome = "pass" if not violated else "fail" if gate_on == "estimate" or r.ci_low > max_lift \
-                else "inconclusive"
-            status = "PASS" if outcome == "pass" else "WARN" if outcome == "inconclusive" or severity == "warn" \
-                else "FAIL"
+            outcome, status = _one_sided(violated, r.ci_low, max_lift, gate_on, severity)
             also = [f"{k}={v}" if k != "overall" else "overall" for k, v in
                     zip(hot[hot.class_name == r.class_name].slice_key, hot[hot.class_name == r.class_name].slice_value)
                     if (k, v) != (r.slice_key, r.slice_value)]
-            where = f"class {r.class_name}" + ("" if r.slice_key == "overall" else f" in {r.slice_key}={r.slice_value}")
+            where, key, value = _class_slice(r.class_name, r.slice_key, r.slice_value)
             msg = (f"{where}: {r.share:.0%} of the {method} attribution mass lies in one box at "
                    f"{box_words(r, int(r.grid), *image_size)}, where the other classes put {r.reference_share:.1%}: "
                    f"lift {r.lift:.3g} ({level:.0%} CI [{r.ci_low:.3g}, {r.ci_high:.3g}], n={r.n}); "
                    f"{'a shortcut candidate' if violated else 'no shortcut candidate'} (bound {max_lift:g}): {outcome}"
                    + (f"; also {', '.join(also)}" if also else ""))
-            key = "class" if r.slice_key == "overall" else f"class&{r.slice_key}"
-            value = r.class_name if r.slice_key == "overall" else f"{r.class_name}&{r.slice_value}"
             checks.append(Check(key, value, f"{method}.hotspot_lift", "", "hotspot", float(r.lift),
                                 float(r.ci_low), float(r.ci_high), float(max_lift), gate_on, severity, outcome,
                                 status, msg))
@@ -308,14 +328,11 @@ def change_checks(flagged: pd.DataFrame, base: dict[str, tuple[np.ndarray, np.nd
             dist = rc / rb
         finite = dist[np.isfinite(dist)]
         lo, hi = (np.quantile(finite, [alpha, 1 - alpha]) if finite.size else (np.nan, np.nan))
-        outcome = "pass" if not ratio > max_ratio else "fail" if lo > max_ratio else "inconclusive"
-        status = "PASS" if outcome == "pass" else "WARN" if outcome == "inconclusive" or severity == "warn" else "FAIL"
-        where = f"class {r.class_name}" + ("" if r.slice_key == "overall" else f" in {r.slice_key}={r.slice_value}")
+        outcome, status = _one_sided(bool(ratio > max_ratio), lo, max_ratio, "interval", severity)
+        where, key, value = _class_slice(r.class_name, r.slice_key, r.slice_value)
         msg = (f"{where}: the candidate's {r.method} lift in the box at {box_words(r, int(r.grid), *image_size)} "
                f"is {lc:.3g}, the baseline's on the same examples {lb:.3g}: ratio {ratio:.3g} ({level:.0%} CI "
                f"[{lo:.3g}, {hi:.3g}], n={len(rows)}); required at most {max_ratio:g}: {outcome}")
-        key = "class" if r.slice_key == "overall" else f"class&{r.slice_key}"
-        value = r.class_name if r.slice_key == "overall" else f"{r.class_name}&{r.slice_value}"
         checks.append(Check(key, value, f"{r.method}.hotspot_lift_ratio", "", "upper", float(ratio), float(lo),
                             float(hi), float(max_ratio), "interval", severity, outcome, status, msg))
     return checks
@@ -364,25 +381,14 @@ def roi_gap_checks(roi_mass: dict[str, np.ndarray], classes: dict[str, np.ndarra
         if not rows:
             continue
         t = pd.DataFrame(rows)
-        t["evidence"] = t.lo.fillna(t.gap) if gate_on == "interval" else t.gap
-        t = t.sort_values(["evidence", "gap"], ascending=False, kind="stable")
-        hot = t[t.gap > max_gap]
-        picks = [g.iloc[0] for _, g in hot.groupby("c", sort=True)] or [t.iloc[0]]
-        picks.sort(key=lambda r: -r.evidence)
+        _, picks = _strongest_per_class(t, "gap", "lo", "c", t.gap > max_gap, gate_on)
         for r in picks:
-            violated = r.gap > max_gap
-            outcome = "pass" if not violated else "fail" if gate_on == "estimate" or r.lo > max_gap \
-                else "inconclusive"
-            status = "PASS" if outcome == "pass" else "WARN" if outcome == "inconclusive" or severity == "warn" \
-                else "FAIL"
-            name = str(class_names[r.c])
-            where = f"class {name}" + ("" if r.key == "overall" else f" in {r.key}={r.value}")
+            outcome, status = _one_sided(bool(r.gap > max_gap), r.lo, max_gap, gate_on, severity)
+            where, key, value = _class_slice(str(class_names[r.c]), r.key, r.value)
             msg = (f"{where}: {r.own:.0%} of the {method} attribution mass lies inside the region of interest, "
                    f"against {r.other:.0%} for the other classes{'' if r.key == 'overall' else ' there'}: gap "
                    f"{r.gap:.3g} ({level:.0%} CI [{r.lo:.3g}, {r.hi:.3g}], n={r.n}); required at most "
                    f"{max_gap:g}: {outcome}")
-            key = "class" if r.key == "overall" else f"class&{r.key}"
-            value = name if r.key == "overall" else f"{name}&{r.value}"
             checks.append(Check(key, value, f"{method}.roi_mass_gap", "", "roi_gap", r.gap, r.lo, r.hi,
                                 float(max_gap), gate_on, severity, outcome, status, msg))
     return checks
