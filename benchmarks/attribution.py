@@ -1,10 +1,13 @@
 """Benchmark: attribution methods, xaudit vs Captum (and pytorch-grad-cam) in one run.
 
-    python benchmarks/attribution.py [--batch 8] [--size 224] [--quick] [--only resnet|surrogates|error|layout]
+    python benchmarks/attribution.py [--batch 8] [--size 224] [--quick] [--repeat 2]
+        [--only resnet|models|surrogates|error|layout] [--arch resnet18,resnet50,vit_b_16]
 
-Table 1 (torchvision ResNet-18, random weights, eval mode): per method, our time, the peer's time for the
-same model, inputs and settings, the ratio, and our efficiency = (passes the method cannot avoid x the
-measured time of one such pass at the same batch size) / our time.
+Table 1, one per model (torchvision ResNet-18, ResNet-50, ViT-B/16; random weights, eval mode): per method,
+our time, the peer's time for the same model, inputs and settings, the ratio, and our efficiency = (passes
+the method cannot avoid x the measured time of one such pass at the same batch size) / our time. On ViT the
+CAM peer is pytorch-grad-cam with its `reshape_transform` (patch tokens to a grid), at the last block's
+first norm.
 Table 2 (the demo CNN, 32x32, a batch of 64): LIME and KernelSHAP with 1,000 samples, against Captum.
 Table 3: KernelSHAP error against exact Shapley values (all 2^9 coalitions of a 3x3 grid) per model
 evaluations, ours (paired sampling) vs Captum, averaged over seeds.
@@ -56,12 +59,19 @@ def pass_times(model, x, target) -> tuple[float, float]:
     return timed(fwd, 5), timed(fb, 5)
 
 
-def table_resnet(batch: int, size: int, quick: bool, repeat: int = 2) -> None:
+ARCHS = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "vit_b_16": "ViT-B/16"}
+
+
+def table_model(arch: str, batch: int, size: int, quick: bool, repeat: int = 2) -> None:
+    """One table for a torchvision model (random weights, eval mode): every method, ours against the peer."""
     import captum.attr as ca
-    from pytorch_grad_cam import GradCAMPlusPlus
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
+    vit = arch.startswith("vit")
+    model = getattr(torchvision.models, arch)(weights=None, **({"image_size": size} if vit else {})).eval()
+    if vit:                                      # torchvision starts the head at zero: every logit 0
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
         clean = model(x)
@@ -76,7 +86,25 @@ def table_resnet(batch: int, size: int, quick: bool, repeat: int = 2) -> None:
     chunk -= chunk % batch if chunk >= batch else 0          # in whole rounds of the batch, as ours
     per_image = max(1, chunk // batch)
     n_windows = ((size - window) // window + 1) ** 2
-    layer = model.layer4
+    if vit:          # the last block's first norm, its patch tokens on the grid (pytorch-grad-cam's recipe)
+        layer_name = f"encoder.layers.encoder_layer_{len(model.encoder.layers) - 1}.ln_1"
+        grid = size // 16
+
+        def reshape(t):
+            return t[:, 1:].reshape(t.shape[0], grid, grid, t.shape[2]).permute(0, 3, 1, 2)
+    else:
+        layer_name, reshape = "layer4", None
+    layer = model.get_submodule(layer_name)
+
+    def cam_peer(kind):
+        with kind(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
+            cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+
+    def gradcam_peer():
+        if vit:                                  # Captum's LayerGradCam has no token layout
+            cam_peer(GradCAM)
+        else:
+            ca.LayerAttribution.interpolate(ca.LayerGradCam(model, layer).attribute(x, target=target), (size, size))
     mask = feature_masks(x, "grid", 16)[:, None]
     rows = []
 
@@ -89,34 +117,44 @@ def table_resnet(batch: int, size: int, quick: bool, repeat: int = 2) -> None:
             ours = min(ours, timed(ours_fn))
             theirs = min(theirs, timed(theirs_fn)) if theirs_fn else float("nan")
         rows.append((name, ours, theirs, peer, passes))
+        # as measured (the table with efficiencies follows at the end): a long run shows where it is
+        print(f"  measured {name}: xaudit {ours:.2f} s, {peer} {theirs:.2f} s", file=sys.stderr, flush=True)
 
     def family():
         attribute(model, x, ["saliency", "input_x_gradient", "gradcam", "gradcam_plus_plus"], target=target,
-                  target_layer="layer4")
+                  target_layer=layer_name)
 
     def family_peer():
         ca.Saliency(model).attribute(x, target=target, abs=True)
         ca.InputXGradient(model).attribute(x, target=target)
-        ca.LayerAttribution.interpolate(ca.LayerGradCam(model, layer).attribute(x, target=target), (size, size))
-        with GradCAMPlusPlus(model=model, target_layers=[layer]) as cam:
-            cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in target])
+        gradcam_peer()
+        cam_peer(GradCAMPlusPlus)
     add("saliency + input_x_gradient + gradcam + gradcam_plus_plus (one shared pass)", family, family_peer, (1, 0),
+        "Captum x2 + pytorch-grad-cam x2, one after another" if vit else
         "Captum x3 + pytorch-grad-cam, one after another")
     add("saliency", lambda: attribute(model, x, ["saliency"], target=target),
         lambda: ca.Saliency(model).attribute(x, target=target, abs=True), (1, 0))
-    add("gradcam", lambda: attribute(model, x, ["gradcam"], target=target, target_layer="layer4"),
-        lambda: ca.LayerAttribution.interpolate(ca.LayerGradCam(model, layer).attribute(x, target=target),
-                                                (size, size)), (1, 0))
+    add("gradcam", lambda: attribute(model, x, ["gradcam"], target=target, target_layer=layer_name), gradcam_peer,
+        (1, 0), "pytorch-grad-cam (reshape_transform)" if vit else "Captum")
     add(f"integrated_gradients ({steps} steps)",
         lambda: attribute(model, x, ["integrated_gradients"], **given,
                           params={"integrated_gradients": {"n_steps": steps}}),
         lambda: ca.IntegratedGradients(model).attribute(x, target=target, n_steps=steps, internal_batch_size=chunk,
                                                         return_convergence_delta=True),
         (steps, 1))
-    # DeepLIFT: one forward+backward of the batch with its baselines (2N rows); Captum's DeepLift raises on
-    # ResNet (its blocks call one ReLU module twice)
-    add("deeplift (rescale rule)", lambda: attribute(model, x, ["deeplift"], **given), None, (2, 0),
-        "Captum DeepLift raises on ResNet's reused ReLU")
+    # DeepLIFT: one forward+backward of the batch (the zero baseline's forward is one row); Captum's DeepLift
+    # raises on ResNet (its blocks call one ReLU module twice)
+    deeplift_peer = None
+    if vit:
+        def deeplift_peer():
+            ca.DeepLift(model).attribute(x, target=target, return_convergence_delta=True)
+        try:
+            deeplift_peer()
+        except Exception as e:                      # noqa: BLE001 - the row says the peer cannot run
+            print(f"(Captum DeepLift on {arch}: {type(e).__name__}: {str(e)[:80]})")
+            deeplift_peer = None
+    add("deeplift (rescale rule)", lambda: attribute(model, x, ["deeplift"], **given), deeplift_peer, (1, 0),
+        "Captum DeepLift" if deeplift_peer else f"Captum DeepLift raises on {ARCHS[arch]}")
     add(f"smoothgrad ({samples} samples)",
         lambda: attribute(model, x, ["smoothgrad"], **given,
                           params={"smoothgrad": {"n_samples": samples, "stdev": 0.1}}),
@@ -145,7 +183,7 @@ def table_resnet(batch: int, size: int, quick: bool, repeat: int = 2) -> None:
     # the reference passes again, after the methods: the limit is the best pass time seen in this run (the
     # first measurement in a fresh process can read up to 30% slow while the allocator's heap grows)
     t_f, t_fb = (min(a, b) for a, b in zip((t_f, t_fb), pass_times(model, x, target)))
-    print(f"## ResNet-18, {size}x{size}, batch {batch}, CPU (one forward {t_f:.3f} s, one forward+backward "
+    print(f"## {ARCHS[arch]}, {size}x{size}, batch {batch}, CPU (one forward {t_f:.3f} s, one forward+backward "
           f"{t_fb:.3f} s at this batch; model calls of at most {chunk} inputs on both sides)\n")
     print("| method | xaudit (s) | peer (s) | peer | peer / xaudit | pass-count limit (s) | efficiency |")
     print("|---|---|---|---|---|---|---|")
@@ -255,7 +293,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
-    ap.add_argument("--only", choices=["resnet", "surrogates", "error", "layout"], help="run one table")
+    ap.add_argument("--only", choices=["resnet", "models", "surrogates", "error", "layout"],
+                    help="run one table ('models': one per --arch)")
+    ap.add_argument("--arch", default="resnet18,resnet50,vit_b_16",
+                    help=f"models for the per-method table, comma-separated, of {', '.join(ARCHS)}")
+    ap.add_argument("--repeat", type=int, default=2, help="best of this many runs per method and side")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc returning large buffers to the OS (slower batched CPU calls)")
     args = ap.parse_args()
@@ -265,8 +307,10 @@ def main() -> None:
         keep_cpu_buffers()        # as the xaudit command does; applies to Captum's calls in this process too
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device cpu\n")
-    if args.only in (None, "resnet"):
-        table_resnet(args.batch, args.size, args.quick)
+    if args.only in (None, "resnet", "models"):
+        for arch in (["resnet18"] if args.only == "resnet" else args.arch.split(",")):
+            table_model(arch, args.batch, args.size, args.quick, args.repeat)
+            print()
     if args.only in (None, "surrogates"):
         table_surrogates(200 if args.quick else 1000)
     if args.only in (None, "error"):

@@ -43,10 +43,14 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     if config.permutation.enabled:
         steps.permutation(data["shards"], card, config, run["run_dir"])
     summary = steps.compute_metrics(run["run_dir"], config, card, run["run_id"])
+    steps.snapshot_history(run, config, card, data, summary["verdict"])
     steps.write_manifest(run, config, card, data, summary["verdict"])
     reports = steps.render(run["run_dir"], list(config.report.formats))
     steps.seal_manifest(run["run_dir"])
-    steps.publish_artifacts(run["run_dir"], run["run_id"])
+    if config.signing:
+        steps.sign_run(run["run_dir"], config)
+    steps.append_history(run["run_dir"], config)
+    steps.publish_artifacts(run["run_dir"], run["run_id"], name=steps.history_name(config))
     result = {"run_id": run["run_id"], "run_dir": run["run_dir"], "verdict": summary["verdict"],
               "accuracy": summary["accuracy"], "failed_checks": summary["n_failed"], **counts,
               "cached_shards": sum(bool(s["cached"]) for s in shard_outputs),

@@ -3,7 +3,9 @@
     xaudit run CONFIG [CONFIG ...] [--run-id ID] [--output-dir DIR] [--device DEV] [--gate]
     xaudit review [CONFIG] [--run-id ID] [--output-dir DIR] [--device DEV]
     xaudit render RUN_DIR [--format html|pdf ...]      (an audit's or a review's directory)
-    xaudit verify RUN_DIR
+    xaudit sign RUN_DIR (--key KEY.pem --cert CERT.pem | --pkcs12 FILE.p12) [--chain F] [--tsa URL]
+    xaudit verify RUN_DIR [--trust CERT.pem ...]
+    xaudit history [NAME] [--output-dir DIR | --history DIR] [--metric accuracy] [--last 10]
 
 Exit codes: 0 done (and, with --gate, no audit FAILED; a review PASSED or WARNED); 1 an audit FAILED under
 --gate, a review FAILED, or verify found a mismatch; 2 bad input (config, model, data); 3 a run that
@@ -62,9 +64,75 @@ def _parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="re-render a run's reports from its files, without recomputing")
     render.add_argument("run_dir")
     render.add_argument("--format", action="append", choices=["html", "pdf"], dest="formats")
-    verify = sub.add_parser("verify", help="re-hash a run's artifacts against its manifest")
+    verify = sub.add_parser("verify", help="re-hash a run's artifacts against its manifest and check its signatures")
     verify.add_argument("run_dir")
+    verify.add_argument("--trust", action="append", default=None, metavar="CERT",
+                        help="PEM certificate of a signer or CA to trust (repeatable); without it, signatures "
+                             "are checked for integrity but the signer is not vouched for")
+    sign = sub.add_parser("sign", help="sign a finished run: its PDF reports (PAdES) and every file (in-toto)")
+    sign.add_argument("run_dir")
+    sign.add_argument("--key", help="PEM private key (RSA, ECDSA, Ed25519); passphrase from "
+                                    "$XAUDIT_SIGNING_PASSPHRASE or a prompt")
+    sign.add_argument("--cert", help="its PEM certificate (a chain may follow it in the file)")
+    sign.add_argument("--pkcs12", help="instead of --key/--cert: a PKCS#12 bundle")
+    sign.add_argument("--chain", action="append", default=[], help="further certificate to embed (repeatable)")
+    sign.add_argument("--tsa", help="RFC 3161 timestamp authority URL (PAdES B-T); default B-B, signer's clock")
+    sign.add_argument("--reason", default="audit sign-off")
+    sign.add_argument("--location")
+    hist = sub.add_parser("history", help="print an audit's history: each slice's metric over its runs")
+    hist.add_argument("name", nargs="?", help="audit name (history.name, default the report title); "
+                                              "omitted: list the audits in the history")
+    hist.add_argument("--output-dir", default="runs", help="the runs' parent folder (history in its _history/)")
+    hist.add_argument("--history", help="the history folder itself (a config's history.path)")
+    hist.add_argument("--metric", default="accuracy")
+    hist.add_argument("--last", type=int, default=10, help="runs shown (default 10)")
     return p
+
+
+def _passphrase(key_path: str | None, pkcs12: str | None) -> bytes | None:
+    """The signing passphrase: $XAUDIT_SIGNING_PASSPHRASE, else a prompt when the key needs one and stdin is
+    a terminal (never an argument: it would stay in the shell history and the process list)."""
+    from tasks.signing import PASSPHRASE_ENV, passphrase_from_env
+    value = passphrase_from_env(PASSPHRASE_ENV)
+    if value is not None:
+        return value
+    encrypted = bool(pkcs12) or (key_path and Path(key_path).is_file() and b"ENCRYPTED" in Path(key_path).read_bytes()[:200])
+    if encrypted and sys.stdin.isatty():
+        import getpass
+        return getpass.getpass("signing passphrase: ").encode() or None
+    return None
+
+
+def _sign(args) -> int:
+    from tasks.signing import load_credentials, sign_run
+    cred = load_credentials(args.key, args.cert, args.pkcs12, args.chain, _passphrase(args.key, args.pkcs12))
+    done = sign_run(args.run_dir, cred, args.tsa, args.reason, args.location)
+    for pdf in done["pdfs"]:
+        print(f"{pdf['file']}: {pdf['profile']} signature in the sign-off block (page {pdf['page']})")
+    print(f"attestation.intoto.json: in-toto statement over {done['files']} files, signed by {done['signer']} "
+          f"(certificate sha256 {done['certificate_sha256']}) at {done['signed_utc']}")
+    return EXIT_OK
+
+
+def _history(args) -> int:
+    from tasks.history import format_history, history_names, read_history
+    folder = Path(args.history) if args.history else Path(args.output_dir) / "_history"
+    if not folder.is_dir():
+        raise XAuditError(f"history: no history folder at {str(folder)!r} (audits write one under their "
+                          f"output_dir's _history/; give --output-dir or --history)")
+    table = read_history(folder, args.name)
+    if args.name is None:
+        names = history_names(table)
+        for name, n in sorted(names.items()):
+            print(f"{n:>5} runs  {name}")
+        if not names:
+            print("the history is empty")
+        return EXIT_OK
+    if not len(table):
+        known = sorted(history_names(read_history(folder)))
+        raise XAuditError(f"history: no runs of {args.name!r} in {folder}; known audits: {known}")
+    print(format_history(table, args.metric, args.last))
+    return EXIT_OK
 
 
 def _trust(prefixes: list[str]) -> None:
@@ -205,8 +273,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "review":
             return _review(args)
         if args.command == "render":
+            from tasks.outputs import REPORTS, seal, verify_run
             from tasks.report import render_report, render_review
-            render = render_review if (Path(args.run_dir) / "review_metrics.parquet").is_file() else render_report
+            review = (Path(args.run_dir) / "review_metrics.parquet").is_file()
+            render = render_review if review else render_report
+            if (Path(args.run_dir) / "attestation.intoto.json").exists():
+                raise XAuditError(f"render: {args.run_dir!r} is signed; re-rendering would void its signatures. "
+                                  f"Copy the run without attestation.intoto.json, render the copy and sign it again")
+            if (Path(args.run_dir) / "manifest.json").is_file():
+                # a re-rendered report vouches for the run's files: they must still be the ones recorded
+                stale = [p for p in verify_run(args.run_dir) if p.split(":")[0] not in REPORTS]
+                if stale:
+                    raise XAuditError(f"render: {args.run_dir!r} no longer matches its manifest, so a new report "
+                                      f"would vouch for changed files: {stale[0]}"
+                                      + (f" (and {len(stale) - 1} more; see 'xaudit verify')" if len(stale) > 1 else ""))
             try:
                 written = render(args.run_dir, tuple(args.formats or ("html", "pdf")))
             except (KeyError, TypeError, AttributeError, IndexError, ValueError, OSError) as exc:
@@ -215,15 +295,35 @@ def main(argv: list[str] | None = None) -> int:
                 # the directory's files are input here: say what does not fit, not where the code met it
                 raise XAuditError(f"render: {args.run_dir!r} does not hold a run as xaudit writes it "
                                   f"({type(exc).__name__}: {str(exc)[:200]}); check it with 'xaudit verify'") from None
+            sealed = seal(args.run_dir, review)
             for fmt, path in written.items():
-                print(f"{fmt}: {path}")
+                state = sealed.get(Path(path).name)
+                print(f"{fmt}: {path}" + {"identical": " (byte-identical to the recorded rendering)",
+                                          "changed": " (differs from the recorded rendering; its new hash is "
+                                                     "in manifest.json)"}.get(state, ""))
             return EXIT_OK
+        if args.command == "sign":
+            return _sign(args)
+        if args.command == "history":
+            return _history(args)
         if args.command == "verify":
             from tasks.outputs import verify_run
             problems = verify_run(args.run_dir)
+            try:
+                from tasks.signing import load_trust, verify_signatures
+            except ImportError:
+                found, sig_problems = ["signatures not checked: pyHanko is not installed (pip install "
+                                       "'xaudit[sign]')"], []
+            else:
+                trust = load_trust(args.trust) if args.trust is not None else None
+                found, sig_problems = verify_signatures(args.run_dir, trust)
+            problems += sig_problems
+            for line in found:
+                print(line)
             for p in problems:
                 print(p)
-            print("verified: every artifact matches manifest.json" if not problems else
+            print("verified: every artifact matches manifest.json" + (" and every signature holds" if any(
+                "signed by" in ln or "signature by" in ln for ln in found) else "") if not problems else
                   f"{len(problems)} problem(s)")
             return EXIT_FAIL if problems else EXIT_OK
     except XAuditError as exc:

@@ -31,7 +31,9 @@ def review(config: ReviewConfig) -> dict[str, Any]:
                                 str(flow_run.get_id()) if flow_run.get_id() else None)
     reports = steps.render_review(str(review_dir), list(config.report.formats))
     steps.seal_manifest(str(review_dir), review=True)
-    steps.publish_artifacts(str(review_dir), run_id, kind="review")
+    if config.signing:
+        steps.sign_run(str(review_dir), config)
+    steps.publish_artifacts(str(review_dir), run_id, kind="review", name=steps.history_name(config))
     result = {"run_id": run_id, "run_dir": str(review_dir), **summary, "reports": reports,
               "audits": {role: a["run_dir"] for role, a in audits.items()}}
     return final_state(result, config.flow_run_fails_on, summary["n_failed"])

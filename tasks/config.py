@@ -197,6 +197,43 @@ class MetricsSpec(_Strict):
     thresholds: list[Threshold] = Field(default_factory=list)
 
 
+class SigningSpec(_Strict):
+    """Sign the run when it ends, as `xaudit sign` does: the PDF reports (PAdES) and every file (an in-toto
+    statement). The passphrase of an encrypted key or PKCS#12 bundle is read from the environment variable
+    `passphrase_env`, never from the config."""
+
+    key: Path | None = Field(None, description="PEM (or DER) private key: RSA, ECDSA or Ed25519")
+    cert: Path | None = Field(None, description="its PEM certificate (more certificates after it: the chain)")
+    chain: list[Path] = Field(default_factory=list, description="further certificates to embed")
+    pkcs12: Path | None = Field(None, description="instead of key and cert: a PKCS#12 (.p12/.pfx) bundle")
+    passphrase_env: str = Field("XAUDIT_SIGNING_PASSPHRASE", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,99}$",
+                                description="name of the environment variable holding the passphrase")
+    tsa_url: str | None = Field(None, pattern=r"^https?://[^\s]{1,500}$",
+                                description="RFC 3161 timestamp authority (PAdES B-T); none: B-B, signer's clock")
+    reason: str = Field("audit sign-off", min_length=1, max_length=200)
+    location: str | None = Field(None, max_length=200)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "SigningSpec":
+        if bool(self.pkcs12) == bool(self.key or self.cert):
+            raise ValueError("signing needs either 'key' and 'cert' or 'pkcs12' (not both, not neither)")
+        if not self.pkcs12 and not (self.key and self.cert):
+            raise ValueError("signing with a PEM key needs both 'key' and 'cert'")
+        return self
+
+
+class HistorySpec(_Strict):
+    """The append-only history of this audit's runs (one Parquet file per run under `path`), which the report's
+    "Since the last audit" section and `xaudit history` read."""
+
+    enabled: bool = True
+    path: Path | None = Field(None, description="folder of the history; default: <output_dir>/history")
+    name: str | None = Field(None, min_length=1, max_length=200,
+                             description="which audit this is (runs of one name are compared); default: "
+                                         "the report title")
+    last_runs: int = Field(10, ge=2, le=1000, description="runs shown in the report's trend chart")
+
+
 class ReportSpec(_Strict):
     title: str = "Model audit"
     formats: list[Literal["html", "pdf"]] = Field(default_factory=lambda: ["html", "pdf"])
@@ -233,6 +270,8 @@ class AuditConfig(_RunChecks):
     permutation: PermutationSpec = Field(default_factory=PermutationSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    history: HistorySpec = Field(default_factory=HistorySpec)
+    signing: SigningSpec | None = Field(None, description="sign the run when it ends (default: unsigned)")
     output_dir: Path = Path("runs")
     run_id: str | None = Field(None, description="fixed id: a rerun with the same id resumes")
     seed: int = 0
@@ -321,6 +360,16 @@ def _read_config_file(path: str | Path, where: str, model_keys: tuple[str, ...])
     if "path" in data:
         data["path"] = _resolve(base, data["path"])
     raw["data"] = data
+    if isinstance(raw.get("signing"), dict):
+        signing = dict(raw["signing"])
+        for key in ("key", "cert", "pkcs12"):
+            if isinstance(signing.get(key), str):
+                signing[key] = _resolve(base, signing[key])
+        if isinstance(signing.get("chain"), list):
+            signing["chain"] = [_resolve(base, c) if isinstance(c, str) else c for c in signing["chain"]]
+        raw["signing"] = signing
+    if isinstance(raw.get("history"), dict) and isinstance(raw["history"].get("path"), str):
+        raw["history"] = {**raw["history"], "path": _resolve(base, raw["history"]["path"])}
     return raw
 
 
@@ -407,6 +456,8 @@ class ReviewConfig(_RunChecks):
         default_factory=list, description="on review statistics: flip_any, flip_to_wrong, flip_to_right, "
                                           "<method>.rank_corr, <method>.top10_overlap")
     report: ReportSpec = Field(default_factory=lambda: ReportSpec(title="Release review"))
+    signing: SigningSpec | None = Field(None, description="sign the review when it ends (its attestation "
+                                                          "covers both audits' files too)")
     output_dir: Path = Path("runs")
     run_id: str | None = Field(None, description="fixed id: a rerun reuses the audits' shards")
     seed: int = 0
@@ -425,7 +476,8 @@ class ReviewConfig(_RunChecks):
             shortcuts=self.shortcuts, metrics=self.metrics.model_copy(update={"thresholds": []}),
             report=self.report.model_copy(update={"title": f"{self.report.title}: {role}", "formats": ["html"]}),
             output_dir=review_dir, run_id=role, seed=self.seed, device=self.device, shard_size=self.shard_size,
-            tasks_per_device=self.tasks_per_device, max_reject_fraction=self.max_reject_fraction)
+            tasks_per_device=self.tasks_per_device, max_reject_fraction=self.max_reject_fraction,
+            history=HistorySpec(enabled=False))        # part of the review; the review's signature covers it
 
 
 def load_review_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ReviewConfig:

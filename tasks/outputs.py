@@ -30,7 +30,7 @@ from .quality import CHECKS
 
 ARTIFACTS = ("predictions.parquet", "explanations.parquet", "rejects.parquet", "metrics.parquet",
              "validation.parquet", "validation.json", "sanity.parquet", "permutation.parquet", "shortcuts.parquet",
-             "report.html", "report.pdf")
+             "history.parquet", "report.html", "report.pdf")
 REVIEW_ARTIFACTS = ("review_metrics.parquet", "review_examples.parquet", "review_drift.parquet",
                     "validation.parquet", "validation.json", "review.html", "review.pdf")
 LIBRARIES = ("xaudit", "torch", "torchvision", "numpy", "pandas", "pyarrow", "prefect", "jinja2", "weasyprint",
@@ -207,6 +207,33 @@ def artifact_hashes(run_dir: str | Path, names: Sequence[str] = ARTIFACTS) -> di
 
 RUN_FOLDERS = ("inputs", "parts")
 REPORTS = ("report.html", "report.pdf", "review.html", "review.pdf")
+
+
+def unsealed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Return the manifest as it was before the reports were rendered: without the reports' own hashes. The
+    reports show and embed this (a report cannot list its own hash), on the first rendering and on every
+    re-rendering alike."""
+    artifacts = manifest.get("artifacts") if isinstance(manifest.get("artifacts"), dict) else {}
+    return {**manifest, "artifacts": {k: v for k, v in artifacts.items() if k not in REPORTS}}
+
+
+def json_bytes(obj: Any) -> bytes:
+    """The bytes `io.write_json` writes for `obj` (indented, key-sorted)."""
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
+def seal(run_dir: str | Path, review: bool = False) -> dict[str, str]:
+    """Add the reports' hashes to manifest.json, leaving every other entry as recorded; returns, per report
+    file, "recorded" (first sealing), "identical" (same bytes as the recorded rendering) or "changed"."""
+    path = Path(run_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    before = manifest.get("artifacts") or {}
+    reports = {k: v for k, v in artifact_hashes(run_dir, REVIEW_ARTIFACTS if review else ARTIFACTS).items()
+               if k in REPORTS}
+    manifest["artifacts"] = {**unsealed(manifest)["artifacts"], **reports}
+    write_json(path, manifest)
+    return {k: "recorded" if k not in before else "identical" if before[k] == v else "changed"
+            for k, v in reports.items()}
 
 
 def clear_previous_outputs(run_dir: str | Path) -> list[str]:
@@ -391,8 +418,7 @@ def verify_run(run_dir: str | Path) -> list[str]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             problems.append(f"{pdf.name}: its embedded manifest.json is not valid JSON")
             continue
-        artifacts = manifest.get("artifacts") if isinstance(manifest.get("artifacts"), dict) else {}
-        expected = {**manifest, "artifacts": {k: v for k, v in artifacts.items() if k not in REPORTS}}
+        expected = unsealed(manifest)
         if inside != expected:
             diff = sorted(k for k in set(inside) | set(expected) if inside.get(k) != expected.get(k))
             problems.append(f"manifest.json: differs from the manifest embedded in {pdf.name} in {diff} "

@@ -222,7 +222,34 @@ def _run_basics(config: AuditConfig | ReviewConfig) -> tuple[torch.device, Sourc
                           f"{list(a.methods)}; got {unknown}")
     source = inspect_source(config.data)
     slice_keys = [*check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS]), "overall"]
+    check_signing(config)
+    check_history(config)
     return device, source, slice_keys
+
+
+def check_signing(config: AuditConfig | ReviewConfig) -> None:
+    """With a `signing` block: the key and certificate load, belong together and the passphrase (from the
+    environment variable it names) opens them, before any work rather than after the run."""
+    s = config.signing
+    if s is None:
+        return
+    from .signing import load_credentials, passphrase_from_env
+    import importlib.util
+    if importlib.util.find_spec("pyhanko") is None:
+        raise XAuditError("config: 'signing' needs pyHanko: pip install 'xaudit[sign]'")
+    load_credentials(s.key, s.cert, s.pkcs12, s.chain, passphrase_from_env(s.passphrase_env), where="config: signing")
+
+
+def check_history(config: AuditConfig | ReviewConfig) -> None:
+    """The history folder, when there is one, must hold only history files: read it now, not after the run."""
+    h = getattr(config, "history", None)
+    if h is None or not h.enabled:
+        return
+    from .history import read_history
+    folder = Path(h.path or Path(config.output_dir) / "_history")
+    if folder.exists() and not folder.is_dir():
+        raise XAuditError(f"config: 'history.path' {str(folder)!r} must be a folder")
+    read_history(folder, None)
 
 
 def _statistics(config: AuditConfig | ReviewConfig) -> tuple[dict[str, bool], set[str]]:

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,57 @@ def bar_chart(rows: pd.DataFrame, metric: str, flagged: set[tuple[str, str, str]
     step = next((st for st in (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10) if span / st <= 6), span / 5)
     ticks = [dict(x=x(t), label=f"{t:g}") for t in np.arange(np.ceil(lo_b / step) * step, hi_b + 1e-9, step)]
     return dict(metric=metric, bars=bars, width=width, height=30 + len(bars) * row_h, ticks=ticks, left=left)
+
+
+PALETTE = ("#1d1d1f", "#3b6ea8", "#b3261e", "#2e7d32", "#8e44ad", "#e67e22", "#00838f", "#6d4c41")
+
+
+def trend_chart(t: dict[str, Any], max_lines: int = 8) -> dict[str, Any] | None:
+    """Return the geometry of a line chart of one metric over runs (history.trend): a line per slice (the
+    first `max_lines`, overall first), x = run in time order, y = value."""
+    runs = t["runs"]
+    series = list(t["series"].items())[:max_lines]
+    values = [v for _, vals in series for v in vals if v is not None and np.isfinite(v)]
+    if len(runs) < 2 or not values:
+        return None
+    lo, hi = min(values), max(values)
+    pad = max(0.01, (hi - lo) * 0.1)
+    lo, hi = lo - pad, hi + pad
+    width, height, left, right, top, bottom = 540, 170, 40, 130, 10, 30
+
+    def x(i):
+        return left + i / (len(runs) - 1) * (width - left - right)
+
+    def y(v):
+        return top + (hi - v) / (hi - lo) * (height - top - bottom)
+    lines = []
+    for k, (label, vals) in enumerate(series):
+        pts = [(x(i), y(v)) for i, v in enumerate(vals) if v is not None and np.isfinite(v)]
+        if pts:
+            lines.append(dict(label=label, color=PALETTE[k % len(PALETTE)], last=pts[-1],
+                              points=" ".join(f"{a:.1f},{b:.1f}" for a, b in pts), dots=pts))
+    step = next((st for st in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10) if (hi - lo) / st <= 5),
+                (hi - lo) / 4)
+    yticks = [dict(y=y(v), label=f"{v:g}") for v in np.arange(np.ceil(lo / step) * step, hi, step)]
+    xticks = [dict(x=x(i), label=str(i + 1)) for i in range(len(runs))]
+    return dict(metric=t["metric"], width=width, height=height, lines=lines, yticks=yticks, xticks=xticks,
+                left=left, right_edge=width - right, bottom=height - bottom,
+                runs=[dict(n=i + 1, run_id=r, date=d) for i, (r, d) in enumerate(zip(runs, t["dates"]))])
+
+
+def history_context(run_dir: Path, run_id: str, metrics: list[str], name: str) -> dict[str, Any] | None:
+    """Return the "Since the last audit" section's content from the run's history.parquet (None without
+    one: history off, or a run made before history existed)."""
+    from . import history
+    path = run_dir / history.SNAPSHOT
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    present = set(table.column("metric").to_pylist())
+    metrics = [m for m in metrics if m in present]
+    since = history.since_last(table, run_id, metrics)
+    chart = trend_chart(history.trend(table, metrics[0])) if metrics else None
+    return dict(name=name, since=since, chart=chart, n_runs=len(set(table.column("run_id").to_pylist())))
 
 
 def confusion_chart(metrics: pd.DataFrame, class_names: list[str]) -> dict[str, Any]:
@@ -424,7 +476,10 @@ def _read_finished(run_dir: Path, kind: str, tables: tuple[str, ...]) -> tuple[d
     for name in ("manifest.json", "validation.json", *(f"{t}.parquet" for t in tables)):
         if not (run_dir / name).is_file():
             raise XAuditError(f"render: {str(run_dir)!r} must be a finished {kind} directory; {name} is missing")
-    return (json.loads((run_dir / "manifest.json").read_text()), json.loads((run_dir / "validation.json").read_text()),
+    from .outputs import unsealed
+    # the manifest as it was before the reports (the same on a re-rendering of a sealed run)
+    return (unsealed(json.loads((run_dir / "manifest.json").read_text())),
+            json.loads((run_dir / "validation.json").read_text()),
             {t: pq.read_table(run_dir / f"{t}.parquet").to_pandas() for t in tables})
 
 
@@ -462,6 +517,9 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
         gallery=gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
                         cfg["data"]["image_column"], failed),
         shortcuts=shortcut_context(run_dir, pred, expl, cfg, card, validation["checks"]),
+        history=history_context(run_dir, manifest["run_id"],
+                                list(dict.fromkeys([*key_metrics, *(t["metric"] for t in cfg["metrics"]["thresholds"])])),
+                                (cfg.get("history") or {}).get("name") or cfg["report"]["title"]),
         permutation=permutation_maps(run_dir), mean_maps=mean_maps(pred, expl, slice_col), class_maps=mean_maps(pred, expl, "label_name"),
         map_methods=sorted(expl.method.unique()), agreement=method_agreement(pred, expl, slice_col),
         slice_col=slice_col, methods=[dict(name=m, params=params.get(m, {})) for m in methods],
@@ -493,12 +551,16 @@ class DataOnlyFetcher:
         return self._inner(url, *args, **kwargs)
 
 
-def render_pdf(html: str, path: str | Path, attachments: list[Path], fetcher: DataOnlyFetcher | None = None) -> Path:
-    """Write `html` as a PDF/A-3b file with `attachments` embedded; returns the path."""
+def render_pdf(html: str, path: str | Path, attachments: list[tuple[str, bytes]],
+               fetcher: DataOnlyFetcher | None = None, when: datetime | None = None) -> Path:
+    """Write `html` as a PDF/A-3b file with `attachments` (name, bytes) embedded, dated `when` (default now:
+    give the run's time, so a re-rendering writes the same bytes); returns the path."""
     import weasyprint
     fetcher = fetcher or DataOnlyFetcher()
-    files = [weasyprint.Attachment(string=p.read_bytes(), name=p.name, description=f"xaudit evidence: {p.name}",
-                                   relationship="Data", url_fetcher=fetcher) for p in attachments]
+    when = when or datetime.now(timezone.utc)
+    files = [weasyprint.Attachment(string=data, name=name, description=f"xaudit evidence: {name}",
+                                   relationship="Data", url_fetcher=fetcher, created=when, modified=when)
+             for name, data in attachments]
     document = weasyprint.HTML(string=html, url_fetcher=fetcher).render()
     with atomic_path(path) as tmp:
         document.write_pdf(tmp, pdf_variant="pdf/a-3b", attachments=files, uncompressed_pdf=False)
@@ -507,12 +569,20 @@ def render_pdf(html: str, path: str | Path, attachments: list[Path], fetcher: Da
 
 def write_reports(directory: Path, stem: str, html: str, formats: tuple[str, ...],
                   evidence: tuple[str, ...]) -> dict[str, str]:
-    """Write `<stem>.html` and/or `<stem>.pdf` (with the `evidence` files embedded); returns {format: path}."""
+    """Write `<stem>.html` and/or `<stem>.pdf` (with the `evidence` files embedded; manifest.json as it was
+    before the reports, so a re-rendering embeds the same bytes); returns {format: path}."""
+    from .outputs import json_bytes, unsealed
     out: dict[str, str] = {}
     if "html" in formats:
         out["html"] = str(write_bytes(directory / f"{stem}.html", html.encode()))
     if "pdf" in formats:
-        out["pdf"] = str(render_pdf(html, directory / f"{stem}.pdf", [directory / n for n in evidence]))
+        manifest = unsealed(json.loads((directory / "manifest.json").read_text()))
+
+        def content(name: str) -> bytes:
+            return json_bytes(manifest) if name == "manifest.json" else (directory / name).read_bytes()
+        # dated by the run (its manifest), not the clock: a re-rendering gives the same bytes
+        when = datetime.fromisoformat(manifest.get("finished_utc") or manifest["created_utc"])
+        out["pdf"] = str(render_pdf(html, directory / f"{stem}.pdf", [(n, content(n)) for n in evidence], when=when))
     return out
 
 

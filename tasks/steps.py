@@ -169,10 +169,8 @@ def render(run_dir: str, formats: list[str]) -> dict[str, str]:
 @task(name="seal-manifest", **IO_RETRIES)
 def seal_manifest(run_dir: str, review: bool = False) -> str:
     """Add the reports' hashes to manifest.json (the PDF embeds the manifest as it was before rendering)."""
-    path = Path(run_dir) / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["artifacts"] = outputs.artifact_hashes(run_dir, outputs.REVIEW_ARTIFACTS if review else outputs.ARTIFACTS)
-    return str(write_json(path, manifest))
+    outputs.seal(run_dir, review)
+    return str(Path(run_dir) / "manifest.json")
 
 
 @task(name="compare-audits")
@@ -196,13 +194,63 @@ def write_review_manifest(review_dir: str, run_id: str, config: ReviewConfig, ve
     return str(write_json(Path(review_dir) / "manifest.json", manifest))
 
 
+def history_folder(config: AuditConfig) -> Path:
+    """Where the audit's history lives: `history.path`, else `<output_dir>/_history` (a leading underscore,
+    which no run id may have, so it never meets a run directory)."""
+    return Path(config.history.path or Path(config.output_dir) / "_history")
+
+
+def history_name(config: AuditConfig | ReviewConfig) -> str:
+    return (getattr(config, "history", None) and config.history.name) or config.report.title
+
+
+@task(name="snapshot-history", **IO_RETRIES)
+def snapshot_history(run: dict[str, str], config: AuditConfig, card: dict[str, Any], data: dict[str, Any],
+                     verdict: str) -> str | None:
+    """Write history.parquet into the run: the audit's earlier runs and this one (for the report)."""
+    from . import history
+    if not config.history.enabled:
+        return None
+    rows = history.run_rows(run["run_dir"], history_name(config), run["run_id"],
+                            datetime.fromisoformat(run["started"]).astimezone(timezone.utc).isoformat(timespec="seconds"),
+                            card, data["fingerprint"], verdict)
+    return str(history.snapshot(run["run_dir"], history_folder(config), rows, history_name(config),
+                                config.history.last_runs))
+
+
+@task(name="append-history", **IO_RETRIES)
+def append_history(run_dir: str, config: AuditConfig) -> str | None:
+    """Add the finished run's rows to the history folder (only now: a run that crashed is not history)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from . import history
+    snap = Path(run_dir) / history.SNAPSHOT
+    if not config.history.enabled or not snap.is_file():
+        return None
+    table = pq.read_table(snap)
+    own = table.filter(pc.field("run_id") == Path(run_dir).name)
+    return str(history.append(history_folder(config), own))
+
+
+@task(name="sign-run")
+def sign_run(run_dir: str, config: AuditConfig | ReviewConfig) -> dict[str, Any]:
+    """Sign the run's PDF reports and every file of it, with the config's `signing` credentials."""
+    from . import signing
+    s = config.signing
+    cred = signing.load_credentials(s.key, s.cert, s.pkcs12, s.chain, signing.passphrase_from_env(s.passphrase_env),
+                                    where="signing")
+    return signing.sign_run(run_dir, cred, s.tsa_url, s.reason, s.location)
+
+
 @task(name="publish-artifacts")
-def publish_artifacts(run_dir: str, run_id: str, kind: str = "audit") -> None:
+def publish_artifacts(run_dir: str, run_id: str, kind: str = "audit", name: str | None = None) -> None:
     """Publish to Prefect: a markdown summary (verdict, failed checks, key metrics), a table of per-slice
-    metrics, and a link to the report."""
+    metrics, and a link to the report. The keys come from the audit's name (its history name), so each
+    scheduled run adds a version under the same keys and the Prefect UI shows their history."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
     markdown, rows, report_path = outputs.run_summary(run_dir, run_id, kind)
-    key = "".join(ch if ch.isalnum() else "-" for ch in run_id.lower())[:60]
+    key = "-".join("".join(ch if ch.isalnum() else "-" for ch in (name or run_id).lower()).split("-"))
+    key = "-".join(p for p in key.split("-") if p)[:60] or "run"
     create_markdown_artifact(key=f"{kind}-summary-{key}", markdown=markdown, description=f"{kind} verdict")
     create_table_artifact(key=f"{kind}-slices-{key}", table=rows, description="per-slice metrics")
     create_link_artifact(key=f"{kind}-report-{key}", link=report_path.as_uri(), link_text=report_path.name)

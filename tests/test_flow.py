@@ -37,7 +37,7 @@ def config_for(small_data, tmp_path, **extra):
     })
 
 
-def test_audit_flow_end_to_end_and_resume(prefect_harness, small_data, tmp_path):
+def test_audit_flow_end_to_end_and_resume(prefect_harness, small_data, tmp_path, capsys):
     config = config_for(small_data, tmp_path)
     result = audit(config)
     run_dir = tmp_path / "flow-test"
@@ -69,6 +69,14 @@ def test_audit_flow_end_to_end_and_resume(prefect_harness, small_data, tmp_path)
     html = (run_dir / "report.html").read_text()
     assert "1 rejected" in html and "corrupt image" in html
 
+    # re-rendering an archived run gives the same bytes (dated by the manifest, embedding the manifest as it
+    # was before the reports), so 'xaudit render' then 'xaudit verify' holds
+    first = {n: (run_dir / n).read_bytes() for n in ("report.html", "report.pdf", "manifest.json")}
+    assert cli(["render", str(run_dir)]) == 0
+    assert "byte-identical" in capsys.readouterr().out
+    assert {n: (run_dir / n).read_bytes() for n in first} == first
+    assert verify_run(run_dir) == []
+
     # a rerun with the same run id reuses every shard and produces identical tables
     before = {n: pq.read_table(run_dir / n) for n in ("predictions.parquet", "explanations.parquet",
                                                        "metrics.parquet")}
@@ -87,6 +95,11 @@ def test_audit_flow_end_to_end_and_resume(prefect_harness, small_data, tmp_path)
     (run_dir / "metrics.parquet").write_bytes(b"tampered")
     assert verify_run(run_dir) == ["metrics.parquet: sha256 differs from the manifest (modified after the run)",
                                    "metrics.parquet: differs from the copy embedded in report.pdf"]
+    # ...and a re-rendering will not vouch for the edited table
+    report = (run_dir / "report.html").read_bytes()
+    assert cli(["render", str(run_dir)]) == 2
+    assert "no longer matches its manifest" in capsys.readouterr().err
+    assert (run_dir / "report.html").read_bytes() == report
 
 
 def _duckdb_reads_the_tables_as_pandas_does(run_dir):

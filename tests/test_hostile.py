@@ -302,6 +302,15 @@ def test_models_whose_output_is_unusable(capsys, tmp_path, clean_rows, monkeypat
     ({"shortcuts": {"replicates": 10 ** 9}}, ["'shortcuts.replicates'"]),
     ({"shortcuts": {"min_share": 1.5}}, ["'shortcuts.min_share'"]),
     ({"shortcuts": {"severity": "panic"}}, ["'shortcuts.severity'"]),
+    ({"signing": {"key": "k.pem"}}, ["'signing'", "both 'key' and 'cert'"]),
+    ({"signing": {"key": "k.pem", "cert": "c.pem", "pkcs12": "s.p12"}}, ["'signing'", "not both"]),
+    ({"signing": {}}, ["'signing'", "either 'key' and 'cert' or 'pkcs12'"]),
+    ({"signing": {"key": "nope.pem", "cert": "nope.pem"}}, ["signing: 'key' must be an existing file"]),
+    ({"signing": {"pkcs12": "x.p12", "passphrase": "hunter2"}}, ["'signing.passphrase'", "not a known field"]),
+    ({"signing": {"pkcs12": "x.p12", "passphrase_env": "$(rm -rf /)"}}, ["'signing.passphrase_env'"]),
+    ({"signing": {"pkcs12": "x.p12", "tsa_url": "file:///etc/passwd"}}, ["'signing.tsa_url'"]),
+    ({"history": {"last_runs": 1}}, ["'history.last_runs'"]),
+    ({"history": {"name": ""}}, ["'history.name'"]),
 ])
 def test_config_errors_name_the_field_first(capsys, tmp_path, clean_rows, extra, needles):
     expect_refused(capsys, tmp_path, clean_rows, *needles, **extra)

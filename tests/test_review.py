@@ -112,3 +112,8 @@ def test_baseline_against_itself_passes_with_no_flips_and_no_drift(prefect_harne
     assert (drift.rank_corr == 1).all() and (drift.top10_overlap == 1).all()
     from tasks.outputs import verify_run
     assert verify_run(tmp_path / "self") == []
+    # a review re-renders to the same bytes and still verifies
+    first = {n: (tmp_path / "self" / n).read_bytes() for n in ("review.html", "manifest.json")}
+    assert cli(["render", str(tmp_path / "self"), "--format", "html"]) == 0
+    assert {n: (tmp_path / "self" / n).read_bytes() for n in first} == first
+    assert verify_run(tmp_path / "self") == []

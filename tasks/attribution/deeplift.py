@@ -3,13 +3,16 @@
 
 Attributions are (x - b) * m, where m is the gradient of the target logit with every nonlinearity's local
 derivative replaced by its rescale multiplier (f(x) - f(b)) / (x - b) (the derivative where x and b are
-within `eps`, or within float rounding of each other: 1e-5 of their size), computed from one forward of the
-batch [x; b]. Max pools take Captum's rule (the change of the pooled maximum goes to the position the
-input's or the baseline's maximum came from), so summation to delta holds through them:
-sum(attributions) = f(x) - f(b), and the per-example `delta` extra is the residual.
+within `eps`, or within float rounding of each other: 1e-5 of their size). Max pools take Captum's rule (the
+change of the pooled maximum goes to the position the input's or the baseline's maximum came from), so
+summation to delta holds through them: sum(attributions) = f(x) - f(b), and the per-example `delta` extra is
+the residual.
 
-How it is wired: a forward hook on each elementwise activation and max pool replaces the module's output by
-`y.detach() + L(x - x.detach())`, a tensor with the same value whose gradient is the rule's multiplier. Unlike
+How it is wired (`RescaleRules`): the baselines run first without autograd, and every activation module's and
+max pool's input and output are kept in call order; a constant baseline (zeros, the default) is one row, run
+once for the whole batch. The inputs then run with forward hooks that give each hooked module's output the
+rule's multiplier as its gradient, against the reference call at the same position. The cost is one
+forward+backward of the inputs plus the baseline's forward. Unlike
 backward hooks this works for modules **used more than once** (torchvision ResNet blocks call one ReLU
 twice; Captum's DeepLift raises there) and for in-place activations. Activations written as functions in
 `forward` (`F.relu(x)`, DenseNet's last ReLU) and LayerNorm/attention have no module to hook: they pass the
@@ -17,12 +20,11 @@ plain gradient, as in Captum, and the `delta` shows how far summation to delta i
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import XAuditError
 from ._registry import MethodOutput, register
 from .integrated_gradients import make_baseline
 
@@ -40,98 +42,164 @@ def _unchanged(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     return (a - b).abs() <= eps + RELATIVE * (a.abs() + b.abs())
 
 
-@contextmanager
-def rescale_rules(model: nn.Module, eps: float):
-    """While active, a forward of a batch [x; b] (2n rows, inputs then baselines) gives the first n rows
-    DeepLIFT's rescale-rule gradients through every hooked module."""
-    saved: dict[int, list[torch.Tensor]] = {}
-    busy = []
+class _Through(torch.autograd.Function):
+    """Value `y` (the module's own output), gradient `m` times the incoming one with respect to `x` (the
+    module's input): the rescale rule without the arithmetic of a straight-through expression."""
 
-    def pre(module, args):
-        if busy:
-            return None
-        saved.setdefault(id(module), []).append(args[0])
-        return (args[0].clone(), *args[1:])          # an in-place activation then leaves the input intact
+    @staticmethod
+    def forward(ctx, x, y, m):
+        ctx.save_for_backward(m)
+        return y.view_as(y)
 
-    def elementwise(module, args, out):
-        if busy:
+    @staticmethod
+    def backward(ctx, grad):
+        (m,) = ctx.saved_tensors
+        return grad * m, None, None
+
+
+class RescaleRules:
+    """Hooks that turn a forward into DeepLIFT's. `reference(b)` runs the baselines without autograd and keeps
+    every hooked module's input and output in call order; `forward(x)` then runs the inputs, and each hooked
+    module's output gets the rule's multiplier against the reference call at the same position as its
+    gradient. One baseline row is broadcast against every input (a constant baseline costs one row's
+    forward, not a second batch); otherwise the reference has one row per input."""
+
+    def __init__(self, model: nn.Module, eps: float):
+        self.model, self.eps = model, eps
+        self.calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.recording = False
+        self.cursor = 0
+        self.busy = False
+        self.pending: dict[int, list[torch.Tensor]] = {}
+        self.handles = []
+        for module in model.modules():
+            hook = self._elementwise if isinstance(module, ELEMENTWISE) else \
+                self._pool if type(module) in POOLS else None
+            if hook is not None:
+                self.handles += [module.register_forward_pre_hook(self._pre), module.register_forward_hook(hook)]
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def reference(self, b: torch.Tensor) -> torch.Tensor:
+        self.calls, self.recording = [], True
+        try:
+            with torch.no_grad():
+                return self.model(b)
+        finally:
+            self.recording = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cursor = 0
+        out = self.model(x)
+        if self.cursor != len(self.calls):
+            raise XAuditError(f"deeplift: the model's forward took {self.cursor} activation/pool calls for the "
+                              f"inputs and {len(self.calls)} for the baseline; DeepLIFT needs one path for both")
+        return out
+
+    def _pre(self, module, args):
+        if self.busy:
             return None
-        x = saved[id(module)].pop()
-        n = len(x) // 2
+        self.pending.setdefault(id(module), []).append(args[0])
+        if getattr(module, "inplace", False):        # it then leaves the input intact
+            return (args[0].clone(), *args[1:])
+        return None
+
+    def _take(self, module, x, out, idx=None):
+        """Record (reference pass) or return the reference call matching this one (inputs pass)."""
+        if self.recording:
+            # copies: a later in-place operation of the forward must not change the reference
+            self.calls.append((id(module), x.detach().clone(), out.detach().clone(), idx))
+            return None
+        if self.cursor >= len(self.calls) or self.calls[self.cursor][0] != id(module):
+            raise XAuditError("deeplift: the model's forward calls its activations in a different order for the "
+                              "inputs than for the baseline; DeepLIFT needs one path for both")
+        call = self.calls[self.cursor]
+        self.cursor += 1
+        return call
+
+    def _elementwise(self, module, args, out):
+        if self.busy:
+            return None
+        x = self.pending[id(module)].pop()
+        call = self._take(module, x, out)
+        if call is None:
+            return None
+        _, xr, yr, _ = call
         with torch.no_grad():
-            dx = x[:n] - x[n:]
-            dy = out[:n] - out[n:]
-            small = _unchanged(x[:n], x[n:], eps)
-            if type(module) is nn.ReLU:       # its derivative, without another autograd pass
-                local = (x[:n] > 0).to(dx.dtype)
+            xd = x.detach()
+            dx = xd - xr
+            secant = (out.detach() - yr) / dx            # (not used where dx ~ 0)
+            if type(module) is nn.ReLU:
+                # where x and b have one sign the secant is exactly 0 or 1 (dy and dx are the same float
+                # subtraction), and where they differ |dx| = |x| + |b|: only dx within eps needs the derivative
+                m = torch.where(dx.abs() <= self.eps, xd > 0, secant)
             else:
-                busy.append(True)
+                small = _unchanged(xd, xr, self.eps)
+                self.busy = True
                 try:
                     with torch.enable_grad():
-                        xa = x[:n].detach().clone().requires_grad_(True)
+                        xa = xd.clone().requires_grad_(True)
                         (local,) = torch.autograd.grad(module(xa.clone()).sum(), xa)
                 finally:
-                    busy.pop()
-            m = torch.where(small, local, dy / torch.where(small, torch.ones_like(dx), dx))
-        return out.detach() + (x - x.detach()) * torch.cat([m, m])
+                    self.busy = False
+                m = torch.where(small, local, secant)
+        return _Through.apply(x, out.detach(), m)
 
-    def pool(module, args, out):
-        if busy:
+    def _pool(self, module, args, out):
+        if self.busy:
             return None
-        x = saved[id(module)].pop()
-        n = len(x) // 2
+        x = self.pending[id(module)].pop()
         _, idx = POOLS[type(module)](x.detach(), module.kernel_size, module.stride, module.padding,
                                      module.dilation, module.ceil_mode, True)
-        ia, ib = idx[:n].flatten(2), idx[n:].flatten(2)
-        ya, yb = out[:n].detach(), out[n:].detach()
+        call = self._take(module, x, out, idx)
+        if call is None:
+            return None
+        _, xr, yr, idx_r = call
+        n = len(x)
+        ia, ib = idx.flatten(2), idx_r.flatten(2).expand(n, *idx_r.shape[1:2], -1)
+        ya = out.detach()
+        yb = yr.expand_as(ya)
         top = torch.maximum(ya, yb)
-        xs, xr = x[:n].detach().flatten(2), x[n:].detach().flatten(2)
-        dx = xs - xr
+        xs, xb = x.detach().flatten(2), xr.flatten(2).expand(n, *xr.shape[1:2], -1)
+        dx = xs - xb
         dxa, dxb = dx.gather(2, ia).view_as(ya), dx.gather(2, ib).view_as(ya)
-        sa = _unchanged(xs.gather(2, ia), xr.gather(2, ia), eps).view_as(ya)
-        sb = _unchanged(xs.gather(2, ib), xr.gather(2, ib), eps).view_as(ya)
+        sa = _unchanged(xs.gather(2, ia), xb.gather(2, ia), self.eps).view_as(ya)
+        sb = _unchanged(xs.gather(2, ib), xb.gather(2, ib), self.eps).view_as(ya)
         one = torch.ones_like(ya)
         ca = torch.where(sa, one, (top - yb) / torch.where(sa, one, dxa))
         cb = torch.where(sb, 0 * one, (ya - top) / torch.where(sb, one, dxb))
-        t = (x[:n] - x[:n].detach()).flatten(2)
-        lin = ca * t.gather(2, ia).view_as(ya) + cb * t.gather(2, ib).view_as(ya)
-        return out.detach() + torch.cat([lin, torch.zeros_like(lin)])
-
-    handles = []
-    for module in model.modules():
-        hook = elementwise if isinstance(module, ELEMENTWISE) else pool if type(module) in POOLS else None
-        if hook is not None:
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(hook)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        t = (x - x.detach()).flatten(2)
+        return ya + ca * t.gather(2, ia).view_as(ya) + cb * t.gather(2, ib).view_as(ya)
 
 
 def deeplift_pairs(ctx, x: torch.Tensor, b: torch.Tensor, target: torch.Tensor, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return DeepLIFT attributions of the pairs (x_i, b_i) for `target`, and the delta per pair, in chunks
-    of half `max_batch` pairs (each pair is two rows of one forward)."""
+    of `max_batch` inputs. Where every baseline is the same tensor, its reference forward is one row, run
+    once."""
     attr = torch.empty_like(x)
     delta = torch.empty(len(x), device=x.device, dtype=x.dtype)
-
-    def step(s: slice) -> None:
-        xs = x[s].detach().clone().requires_grad_(True)
-        with torch.enable_grad(), rescale_rules(ctx.model, eps):
-            out = ctx.model(torch.cat([xs, b[s].detach()]))
-            k = len(xs)
-            picked = out.gather(1, torch.cat([target[s], target[s]])[:, None])[:, 0]
-            (grad,) = torch.autograd.grad(picked[:k].sum(), xs)
-        a = (x[s] - b[s]) * grad
-        attr[s] = a.detach()
-        delta[s] = (a.flatten(1).sum(1) - (picked[:k] - picked[k:])).detach().to(delta.dtype)
-    limit = ctx.max_batch
-    ctx.max_batch = max(1, limit // 2)
+    constant = len(b) > 0 and bool((b == b[:1]).all())
+    rules = RescaleRules(ctx.model, eps)
     try:
+        ref_logits = rules.reference(b[:1].detach()) if constant else None
+
+        def step(s: slice) -> None:
+            ref = ref_logits if constant else rules.reference(b[s].detach())
+            xs = x[s].detach().clone().requires_grad_(True)
+            with torch.enable_grad():
+                out = rules.forward(xs)
+                picked = out.gather(1, target[s][:, None])[:, 0]
+                (grad,) = torch.autograd.grad(picked.sum(), xs)
+            f_ref = ref.expand(len(xs), -1).gather(1, target[s][:, None])[:, 0]
+            a = (x[s] - b[s]) * grad
+            attr[s] = a.detach()
+            delta[s] = (a.flatten(1).sum(1) - (picked - f_ref)).detach().to(delta.dtype)
         ctx._chunked(len(x), step)
-    finally:      # a CUDA out-of-memory error may have halved it: keep that for the batch
-        ctx.max_batch = min(limit, 2 * ctx.max_batch)
+    finally:
+        rules.close()
     return attr, delta
 
 
