@@ -221,7 +221,7 @@ def slice_permutation(shards: list[str], card: ModelCard, config: AuditConfig, m
     kept = [(p, [j for j, e in enumerate(p.example_ids) if e in position]) for p in parts]
     x = torch.cat([p.inputs[rows] for p, rows in kept])
     order = [position[p.example_ids[j]] for p, rows in kept for j in rows]
-    labels = torch.as_tensor(preds["label"].to_numpy())[order]
+    labels = torch.as_tensor(np.array(preds["label"].to_numpy()))[order]     # a writable copy
     metadata = preds.select(sliceable_columns(preds.column_names)).to_pandas().iloc[order].reset_index(drop=True)
     channels_last = use_channels_last(model, x[:2].to(device), config.attribution.channels_last) if len(x) else False
     x = x.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
