@@ -6,6 +6,7 @@ config and the files it names travel together.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -242,6 +243,9 @@ class ReportSpec(_Strict):
     reviewed_by: str | None = None
     organisation: str | None = None
     limitations: list[str] = Field(default_factory=list)
+    roi_description: str | None = Field(None, max_length=300,
+                                        description="what the ROI masks mark, in words (e.g. 'the lesion'); "
+                                                    "default: the mask column's name")
 
 
 class _RunChecks(_Strict):
@@ -330,7 +334,7 @@ def _resolve(base: Path, value: Any) -> Any:
     if value is None:
         return None
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p))
+    return os.path.normpath(p if p.is_absolute() else (base / p))     # no 'configs/../data' in reports
 
 
 def _read_config_file(path: str | Path, where: str, model_keys: tuple[str, ...]) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
         raise XAuditError(f"{where}: the model spec (or its card) must give {', '.join(map(repr, missing))}")
     check_factory(str(values["factory"]))
     weights = Path(values["weights"])
-    weights = weights if weights.is_absolute() else base / weights
+    weights = weights if weights.is_absolute() else Path(os.path.normpath(base / weights))
     if not weights.is_file():
         raise XAuditError(f"{where}: 'weights' must be an existing safetensors or state-dict file; got {str(weights)!r}")
     channels = int(values.get("channels") or 3)

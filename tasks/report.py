@@ -103,7 +103,25 @@ class Bar:
     flagged: bool
 
 
-def bar_chart(rows: pd.DataFrame, metric: str, flagged: set[tuple[str, str, str]], bounds=(0.0, 1.0)) -> dict[str, Any]:
+SEVERITY = ("WARN", "FAIL")
+
+
+def worst_status(failed: list[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+    """Return {(slice_key, slice_value, metric): the worst status of its checks that did not pass}: a WARN is
+    shown as a warning (amber), not as a failure (red)."""
+    out: dict[tuple[str, str, str], str] = {}
+    for c in failed:
+        key = (c["slice_key"], c["slice_value"], c["metric"])
+        if c["status"] in SEVERITY and SEVERITY.index(c["status"]) >= SEVERITY.index(out.get(key, "WARN")):
+            out[key] = c["status"]
+    return out
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def bar_chart(rows: pd.DataFrame, metric: str, flagged: dict[tuple[str, str, str], str], bounds=(0.0, 1.0)) -> dict[str, Any]:
     """Return the geometry of a horizontal bar chart of `metric` per slice with interval whiskers."""
     sub = rows[(rows.metric == metric) & (rows.sub_key == "") & ~rows.suppressed]
     lo_b = bounds[0]
@@ -111,16 +129,19 @@ def bar_chart(rows: pd.DataFrame, metric: str, flagged: set[tuple[str, str, str]
     vals = sub.value.to_numpy(dtype=float)
     if metric in ("accuracy", "f1_macro", "auc_ovr_macro", "precision_macro", "recall_macro") and len(vals):
         lo_b = max(0.0, np.floor((np.nanmin(sub.ci_low.fillna(sub.value)) - 0.05) * 10) / 10)
-    width, left, row_h = 540, 150, 22
+    labels = ["overall" if r.slice_key == "overall" else f"{r.slice_key}={r.slice_value}" for r in sub.itertuples()]
+    # room on the left for the longest label (DejaVu Sans at 9 px: about 5.6 px a character), labels past 40
+    # characters shortened with an ellipsis (the full one is the bar's tooltip)
+    longest = max((len(_short(lb)) + len(f" (n={r.n})") for lb, r in zip(labels, sub.itertuples())), default=10)
+    width, left, row_h = 540, int(min(300, max(80, 10 + 5.6 * longest))), 22
 
     def x(v):
         return left + (float(v) - lo_b) / (hi_b - lo_b) * (width - left - 55)    # room for the value label
     bars = []
-    for i, r in enumerate(sub.itertuples()):
-        label = "overall" if r.slice_key == "overall" else f"{r.slice_key}={r.slice_value}"
-        bars.append(dict(label=label, y=10 + i * row_h, x0=x(lo_b), x1=x(r.value), value=r.value,
+    for i, (r, label) in enumerate(zip(sub.itertuples(), labels)):
+        bars.append(dict(label=_short(label), full=label, y=10 + i * row_h, x0=x(lo_b), x1=x(r.value), value=r.value,
                          lo=None if pd.isna(r.ci_low) else x(r.ci_low), hi=None if pd.isna(r.ci_high) else x(r.ci_high),
-                         n=r.n, flagged=(r.slice_key, r.slice_value, metric) in flagged))
+                         n=r.n, flagged=flagged.get((r.slice_key, r.slice_value, metric))))
     span = hi_b - lo_b
     step = next((st for st in (0.01, 0.02, 0.05, 0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10) if span / st <= 6), span / 5)
     ticks = [dict(x=x(t), label=f"{t:g}") for t in np.arange(np.ceil(lo_b / step) * step, hi_b + 1e-9, step)]
@@ -189,9 +210,15 @@ def confusion_chart(metrics: pd.DataFrame, class_names: list[str]) -> dict[str, 
     row = counts.sum(1, keepdims=True)
     share = np.divide(counts, row, out=np.zeros_like(counts), where=row > 0)
     cell = max(14, min(28, 300 // max(k, 1)))
-    cells = [dict(x=40 + j * cell, y=20 + i * cell, count=int(counts[i, j]), shade=float(share[i, j]),
+    names = [_short(n, 24) for n in class_names]
+    # the row labels' width and the rotated column labels' height come from the longest name (about 5.6 px
+    # a character at 9 px), so ordinary class names are neither clipped nor run together
+    pad = int(min(150, max(24, 12 + 5.6 * max((len(n) for n in names), default=1))))
+    top = 20
+    cells = [dict(x=pad + j * cell, y=top + i * cell, count=int(counts[i, j]), shade=float(share[i, j]),
                   dark=share[i, j] > 0.5) for i in range(k) for j in range(k)]
-    return dict(cells=cells, cell=cell, names=class_names, size=40 + k * cell + 10, k=k)
+    return dict(cells=cells, cell=cell, names=names, full=list(class_names), k=k, pad=pad, top=top,
+                width=pad + k * cell + 10, height=top + k * cell + int(pad * 0.75) + 10)
 
 
 def calibration_chart(pred: pd.DataFrame, bins: int = 10) -> dict[str, Any]:
@@ -411,7 +438,7 @@ SCORECARD = (("deletion_auc", "deletion", "deletion_auc_random"), ("insertion_au
              ("roi_mass", "ROI mass", None), ("pointing_game", "pointing game", None))
 
 
-def quality_context(run_dir: Path, scalar: pd.DataFrame, flagged: set, cfg: dict[str, Any]) -> dict[str, Any]:
+def quality_context(run_dir: Path, scalar: pd.DataFrame, flagged: dict, cfg: dict[str, Any]) -> dict[str, Any]:
     """Return the scorecard (slice x method rows of quality columns, each with its random-order reference)
     and the sanity-check summary."""
     expl = scalar[scalar.metric.str.contains(".", regex=False)]
@@ -432,9 +459,10 @@ def quality_context(run_dir: Path, scalar: pd.DataFrame, flagged: set, cfg: dict
                 ref_row = vals.get(f"{method}.{ref}") if ref else None
                 cells[col] = dict(value=r.value, lo=r.ci_low, hi=r.ci_high,
                                   reference=None if ref_row is None else ref_row.value,
-                                  bad=(key, value, f"{method}.{col}") in flagged)
+                                  bad=flagged.get((key, value, f"{method}.{col}")))
             rows.append(dict(slice="overall" if key == "overall" else f"{key}={value}", first=i == 0, method=method,
-                             cells=cells, flagged=any(c["bad"] for c in cells.values())))
+                             cells=cells, flagged=max((c["bad"] for c in cells.values() if c["bad"]),
+                                                      key=SEVERITY.index, default=None)))
     sanity = None
     path = run_dir / "sanity.parquet"
     if path.is_file():
@@ -491,7 +519,7 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
     cfg = manifest["config"]
     card = manifest["model"]
     failed = [c for c in validation["checks"] if c["status"] != "PASS"]
-    flagged = {(c["slice_key"], c["slice_value"], c["metric"]) for c in failed}
+    flagged = worst_status(failed)
     slice_cols = [s for s in cfg["metrics"]["slices"] if len(s) == 1]
     slice_col = slice_cols[0][0] if slice_cols else None
     scalar = metrics[(metrics.sub_key == "") & (metrics.metric != "confusion")]
@@ -499,7 +527,9 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
     for (key, value), g in scalar.groupby(["slice_key", "slice_value"], sort=False):
         vals = {r.metric: dict(value=r.value, lo=r.ci_low, hi=r.ci_high) for r in g.itertuples()}
         slices.append(dict(key=key, value=value, n=int(g.n.iloc[0]), suppressed=bool(g.suppressed.iloc[0]),
-                           flagged={m for (k, v, m) in flagged if (k, v) == (key, value)}, metrics=vals))
+                           flagged={m: st for (k, v, m), st in flagged.items() if (k, v) == (key, value)},
+                           metrics=vals))
+        slices[-1]["status"] = max(slices[-1]["flagged"].values(), key=SEVERITY.index, default=None)
         slices[-1]["flagged_methods"] = {m.split(".", 1)[0] for m in slices[-1]["flagged"] if "." in m}
     from .metrics import METRICS
     expl_metrics = sorted(m for m in scalar.metric.unique() if "." in m)
@@ -602,7 +632,7 @@ def review_context(review_dir: str | Path, examples_shown: int = 6) -> dict[str,
     table, examples, drift = t["review_metrics"], t["review_examples"], t["review_drift"]
     cfg = manifest["config"]
     failed = [c for c in validation["checks"] if c["status"] != "PASS"]
-    bad = {(c["slice_key"], c["slice_value"], c["metric"]) for c in failed}
+    bad = worst_status(failed)
     scalar = table[table.sub_key == ""]
 
     def rows(prefix_metrics: list[str]) -> list[dict[str, Any]]:
@@ -614,7 +644,7 @@ def review_context(review_dir: str | Path, examples_shown: int = 6) -> dict[str,
                 if len(r):
                     r = r.iloc[0]
                     cells[m] = dict(baseline=r.baseline, candidate=r.candidate, value=r.value, lo=r.ci_low,
-                                    hi=r.ci_high, bad=(key, value, m) in bad)
+                                    hi=r.ci_high, bad=bad.get((key, value, m)))
             out.append(dict(label="overall" if key == "overall" else f"{key}={value}", n=int(g.n.iloc[0]),
                             suppressed=bool(g.suppressed.iloc[0]), cells=cells))
         return out

@@ -114,3 +114,30 @@ def test_review_report_names_the_regressed_slice_is_self_contained_and_carries_i
     subprocess.run(["pdfdetach", "-saveall", "-o", str(tmp_path), str(pdf)], check=True)
     for name in ("review_metrics.parquet", "validation.json", "manifest.json"):
         assert (tmp_path / name).read_bytes() == (review_dir / name).read_bytes()
+
+
+def test_long_slice_and_class_names_fit_their_charts_and_warnings_are_not_drawn_as_failures():
+    """Slice names of binned columns and ordinary class names ('astronaut') used to be clipped at the chart's
+    left edge or run together under the confusion matrix; a WARN was drawn in FAIL's red."""
+    import pandas as pd
+    from tasks.report import bar_chart, confusion_chart, worst_status
+    labels = ["pixels=[40000, 70000)", "camera=" + "very long acquisition device name " * 3]
+    rows = pd.DataFrame({"slice_key": ["overall", "pixels", "camera"], "slice_value": ["all", labels[0][7:], labels[1][7:]],
+                         "metric": "accuracy", "sub_key": "", "suppressed": False, "value": [0.9, 0.8, 0.7],
+                         "ci_low": [0.85, 0.7, 0.6], "ci_high": [0.95, 0.9, 0.8], "n": [100, 50, 50]})
+    checks = [dict(slice_key="pixels", slice_value=labels[0][7:], metric="accuracy", status="WARN"),
+              dict(slice_key="camera", slice_value=labels[1][7:], metric="accuracy", status="WARN"),
+              dict(slice_key="camera", slice_value=labels[1][7:], metric="accuracy", status="FAIL")]
+    status = worst_status(checks)
+    chart = bar_chart(rows, "accuracy", status)
+    for bar in chart["bars"]:
+        text = f"{bar['label']} (n={bar['n']})"
+        assert 5.6 * len(text) <= chart["left"] - 6 + 1e-9, text          # the label fits left of the bars
+    assert chart["bars"][2]["label"].endswith("…") and chart["bars"][2]["full"] == labels[1]
+    assert [b["flagged"] for b in chart["bars"]] == [None, "WARN", "FAIL"]
+    names = ["astronaut", "cat", "coffee", "rocket", "x" * 60]
+    metrics = pd.DataFrame({"slice_key": "overall", "metric": "confusion",
+                            "sub_key": [f"{a}->{b}" for a in names for b in names], "value": 1.0})
+    cm = confusion_chart(metrics, names)
+    assert cm["pad"] - 6 >= 5.6 * max(len(n) for n in cm["names"]) and cm["names"][-1].endswith("…")
+    assert cm["height"] >= cm["top"] + cm["k"] * cm["cell"] + 0.7 * cm["pad"]       # room for rotated labels

@@ -92,8 +92,14 @@ def parse_term(term: str) -> Term:
 def _edge_labels(edges: np.ndarray) -> list[str]:
     """Return '[a, b)' labels for consecutive edges (the last one closed, '[a, b]'), with as many significant
     digits as it takes for every edge to print differently (so buckets never share a label)."""
+    def fmt(e: float, digits: int) -> str:
+        # positional, not '4e+04': a slice name a reader can read ('[40000, 70000)'); scientific only where
+        # positional would be unreadable (beyond 1e15 or below 1e-6)
+        if e == 0 or 1e-6 <= abs(e) < 1e15:
+            return np.format_float_positional(e, precision=digits, unique=False, fractional=False, trim="-")
+        return f"{e:.{digits}g}"
     for digits in range(4, 18):
-        text = [f"{e:.{digits}g}" for e in edges]
+        text = [fmt(float(e), digits) for e in edges]
         if len(set(text)) == len(text):
             break
     return [f"[{text[i]}, {text[i + 1]}{']' if i == len(edges) - 2 else ')'}" for i in range(len(edges) - 1)]
