@@ -372,3 +372,25 @@ def test_bh_can_fail_a_lone_clear_violation_among_many_slices():
 def test_probabilities_outside_the_simplex_are_refused(bad):
     with pytest.raises(XAuditError, match="'probabilities'"):
         evaluate(np.array([0]), bad, pd.DataFrame(index=[0]), metrics=["accuracy"], replicates=0)
+
+
+def test_an_inconclusive_check_says_how_many_examples_would_decide_it():
+    """The hint is a prediction that can be tested: the same examples repeated to the n it names decide the
+    check (the interval clears the bound), and repeated to a third of it they do not."""
+    import re
+    y, p, md = random_data(40, seed=3)
+    ev = evaluate(y, p, md, slices=[[]], metrics=["accuracy"], replicates=400)
+    acc = float(ev.table.value.iloc[0])
+    th = Threshold(metric="accuracy", lower=round(acc - 0.06, 3), gate_on="interval")
+    (check,) = validate(ev, [th]).checks
+    assert check.outcome == "inconclusive", check.message
+    need = int(re.search(r"needs about n=([\d,]+) examples here \(now 40\)", check.message).group(1).replace(",", ""))
+    assert need > 40
+
+    def outcome(copies):
+        yy, pp = np.tile(y, copies), np.tile(p, (copies, 1))
+        e = evaluate(yy, pp, pd.concat([md] * copies, ignore_index=True), slices=[[]], metrics=["accuracy"],
+                     replicates=400)
+        return validate(e, [th]).checks[0].outcome
+    assert outcome(int(np.ceil(1.5 * need / 40))) == "pass"
+    assert outcome(max(1, need // 40 // 3)) == "inconclusive"

@@ -212,8 +212,24 @@ def validate(evaluation: Evaluation, thresholds: Sequence[Threshold]) -> Validat
             msg = (f"{label} on {where}{sub} is {_fmt(fields['value'])} ({evaluation.level:.0%} CI [{_fmt(fields['ci_low'])}, "
                    f"{_fmt(fields['ci_high'])}], n={n}); required {op} {_fmt(fields['bound'])} on the {gate}"
                    f"{'' if pv is None else f' (p={pv:.3g})'}: {outcome}")
+            if outcome == "inconclusive":
+                msg += needed_n_hint(fields["value"], fields["ci_low"], fields["ci_high"], fields["bound"], n)
             checks.append(Check(outcome=outcome, status=status, message=msg, **fields))
     return with_checks(checks)
+
+
+def needed_n_hint(value: float, lo: float | None, hi: float | None, bound: float, n: int) -> str:
+    """Return the hint an inconclusive check's message ends with: about how many examples the slice would need
+    for its interval to clear the bound at the effect seen (the interval's width taken as proportional to
+    1/sqrt(n)); empty when it cannot be said (no interval, or the estimate on the bound)."""
+    if lo is None or hi is None or not np.isfinite(value) or n <= 0:
+        return ""
+    gap = abs(value - bound)
+    width = (value - lo) if bound < value else (hi - value)     # the side of the interval that crosses the bound
+    if gap <= 1e-12 or width <= 0:
+        return "; the estimate sits on the bound, so no sample size settles it"
+    need = int(np.ceil(n * (width / gap) ** 2))
+    return f"; at this effect an interval clear of the bound needs about n={need:,} examples here (now {n:,})"
 
 
 def with_checks(checks: Sequence[Check]) -> Validation:
