@@ -38,18 +38,23 @@ def local_run_settings():
 
 class _InputErrorFilter(logging.Filter):
     """Drop Prefect's log records about an `XAuditError` (its traceback, and the 'Finished in state Failed'
-    line that repeats it): the command line prints the error once, as one message naming the field."""
+    line that repeats it): the command line prints the error once, as one message naming the field. The same
+    for a requested stop (`RunInterrupted`, and the crash reports that follow a SIGTERM)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from tasks.errors import XAuditError
+        from tasks.stopping import STOP, RunInterrupted
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, XAuditError):
+        if isinstance(exc, (XAuditError, RunInterrupted)):
             return False
         try:
             text = record.getMessage()
         except Exception:
             return True
-        return "XAuditError" not in text
+        # after a stop request, the tasks and the flow report their ends: the command line says it once
+        if STOP.is_set() and record.levelno >= logging.WARNING:
+            return False
+        return "XAuditError" not in text and "RunInterrupted" not in text
 
 
 @contextmanager

@@ -9,7 +9,9 @@
 
 Exit codes: 0 done (and, with --gate, no audit FAILED; a review PASSED or WARNED); 1 an audit FAILED under
 --gate, a review FAILED, or verify found a mismatch; 2 bad input (config, model, data); 3 a run that
-started and then stopped for another reason (its run directory is kept; rerun with its --run-id to resume).
+started and then stopped for another reason (its run directory is kept; rerun with its --run-id to resume);
+130 a run stopped by SIGINT (Ctrl-C) or SIGTERM, at a batch boundary, its finished shards kept (the message
+names the --run-id that resumes it; a second signal exits at once).
 A config's `flow_run_fails_on: WARN` makes a WARN count as FAIL here too.
 
 Every config is checked in full (tasks.preflight: the model builds and answers a probe forward, the data
@@ -28,7 +30,30 @@ from pathlib import Path
 from flows import local_run_settings, quiet_input_errors
 from tasks.errors import VerdictFailed, XAuditError
 
-EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class Interrupted(Exception):
+    """A run stopped on SIGINT/SIGTERM at a batch boundary; the message says how to resume."""
+
+
+def _install_stop_handlers() -> None:
+    """SIGINT (Ctrl-C) and SIGTERM ask the run to stop at the next batch boundary (tasks.stopping), keeping
+    every finished shard; a second signal exits at once (every file is written atomically, so nothing
+    half-written is left that looks whole)."""
+    import signal
+    from tasks.stopping import STOP, request_stop
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        if STOP.is_set():
+            print(f"xaudit: {name} again: exiting now", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        request_stop(name)
+        print(f"xaudit: {name} received: stopping at the next batch boundary (send it again to exit at once)",
+              file=sys.stderr, flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 class RunStopped(Exception):
@@ -154,10 +179,20 @@ def _settled(config, new_id):
 def _flow_call(fn, config):
     """Run a flow; an input error is re-raised as is, any other failure of a started run as `RunStopped`
     naming its kept run directory."""
+    from tasks.stopping import STOP, reason
     run_dir = Path(config.output_dir) / config.run_id
     try:
-        with local_run_settings(), quiet_input_errors():
-            return fn(config), False
+        try:
+            with local_run_settings(), quiet_input_errors():
+                return fn(config), False
+        except BaseException as exc:    # also Prefect's TerminationSignal and KeyboardInterrupt
+            if not STOP.is_set() or isinstance(exc, VerdictFailed):
+                raise
+            kept = len(list((run_dir / "parts").glob("*.key.json"))) if (run_dir / "parts").is_dir() else 0
+            raise Interrupted(f"stopped by {reason()} at a batch boundary; {kept} finished shard(s) are kept in "
+                              f"{run_dir}: rerun with --run-id {config.run_id} to resume") from None
+    except Interrupted:
+        raise
     except VerdictFailed as exc:            # flow_run_fails_on: the run is Failed in Prefect; same outputs
         return exc.result, True
     except XAuditError as exc:
@@ -269,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_cpu_buffers()            # large CPU buffers are reused instead of page-faulted afresh per model call
     try:
         if args.command == "run":
+            _install_stop_handlers()
             return _run(args)
         if args.command == "review":
+            _install_stop_handlers()
             return _review(args)
         if args.command == "render":
             from tasks.outputs import REPORTS, seal, verify_run
@@ -332,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as exc:
         print(f"xaudit: error: {exc}", file=sys.stderr)
         return EXIT_STOPPED
+    except Interrupted as exc:
+        print(f"xaudit: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_BAD_INPUT
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .stopping import check as check_stop
+
 COLUMNS = ["slice_key", "slice_value", "region", "row", "col", "importance", "accuracy", "n", "repeats"]
 
 
@@ -52,6 +54,7 @@ def permutation_importance(model: torch.nn.Module, inputs: torch.Tensor, labels:
         perms = perms.view(len(regions), repeats, m)
         drops = []
         for r, region in enumerate(regions):
+            check_stop(f"permutation importance, {key}={value}, region {r + 1} of {len(regions)}")
             variants = torch.where(region, x[perms[r]], x[None])                    # (repeats, m, C, H, W)
             correct = _accuracy(model, variants.reshape(-1, c, h, w), y.repeat(repeats), max_batch)
             drops.append(base - correct.float().view(repeats, m).mean(1).mean().item())

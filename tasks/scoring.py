@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from . import stopping
 from .attribution import attribute, display_heatmap
 from .attribution.engine import example_keys
 from .config import AuditConfig
@@ -88,6 +89,7 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         return x, keys, res
 
     for start in range(0, n, spec.batch_size):
+        stopping.check(f"shard {name}, batch {start // spec.batch_size + 1}")
         rows = list(range(start, min(n, start + spec.batch_size)))
         x, keys, res = attribute_rows(rows)
         while bad := non_finite_rows(res):

@@ -21,6 +21,7 @@ from .config import AuditConfig, ReviewConfig, new_run_id
 from .data import REJECT_SCHEMA, ingest
 from .devices import device_pool
 from .errors import XAuditError
+from .stopping import RunInterrupted
 from .io import sha256_file, sha256_json, write_json
 from .models import ModelCard, cached_model, pick_device
 from .scoring import score_shard
@@ -32,7 +33,7 @@ def _retry_unless_input_error(task, task_run, state) -> bool:
         error = state.result(raise_on_failure=False)
     except Exception:  # the failure could not be read back: treat it as I/O
         return True
-    return not isinstance(error, XAuditError)
+    return not isinstance(error, (XAuditError, RunInterrupted))
 
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_input_error)

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from ..stopping import check as check_stop
 from .agreement import rank_correlation
 
 INSENSITIVE = 0.5     # mean |Spearman| with the fully randomised model above this: flagged
@@ -48,6 +49,7 @@ def randomisation_check(model: nn.Module, inputs: torch.Tensor, methods: list[st
     rows = []
     layers = parameter_layers(randomised)
     for step, name in enumerate(layers, 1):
+        check_stop(f"randomisation check, layer {step} of {len(layers)}")
         module = randomised.get_submodule(name)
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()
