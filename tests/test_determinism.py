@@ -1,7 +1,7 @@
 """Reruns are byte-identical: two runs with the same run id and config, and runs killed with SIGKILL at
 three different points and resumed, write the same bytes in every table (and in every input shard and
-per-shard part); only manifest.json (times, flow-run id) and the reports (which print those times) may
-differ.
+per-shard part); only manifest.json (times, flow-run id), history.parquet (the history rows, which carry the
+run's start time) and the reports (which print those times) may differ.
 
 Each run is the installed command in its own process (`python -m flows.cli run`), against the session's
 Prefect test server (so a process start costs seconds, not the embedded server's start-up).
@@ -83,6 +83,7 @@ def run_and_kill_when(setup, path: str) -> None:
 def tables(run_dir: Path) -> dict[str, bytes]:
     """Every table of a run: the Parquet files and validation.json, at the top and under inputs/ and parts/."""
     files = [p for p in run_dir.rglob("*") if p.is_file() and not p.name.endswith(".tmp")
+             and p.name != "history.parquet"          # the run's identity and start time, like manifest.json
              and (p.suffix == ".parquet" or p.name == "validation.json" or p.name.endswith(".key.json"))]
     return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(files)}
 

@@ -834,4 +834,8 @@ def test_verify_and_render_on_what_is_not_a_run(capsys, tmp_path, run_copy):
     manifest = json.loads((run_copy / "manifest.json").read_text())
     (run_copy / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "model"}))
     rc, _, err = run_cli(capsys, ["render", str(run_copy), "--format", "html"])
+    # the edited manifest no longer matches the one the PDF embeds: render refuses before reading it
+    assert rc == 2 and "no longer matches its manifest" in err and "'model'" in err and "Traceback" not in err
+    (run_copy / "report.pdf").unlink()       # without the PDF to compare with, the missing 'model' is met
+    rc, _, err = run_cli(capsys, ["render", str(run_copy), "--format", "html"])
     assert rc == 2 and "does not hold a run as xaudit writes it" in err and "Traceback" not in err
