@@ -140,8 +140,8 @@ def _sign(args) -> int:
 
 
 def _history(args) -> int:
-    from tasks.history import format_history, history_names, read_history
-    folder = Path(args.history) if args.history else Path(args.output_dir) / "_history"
+    from tasks.history import folder_for, format_history, history_names, read_history
+    folder = folder_for(args.output_dir, args.history)
     if not folder.is_dir():
         raise XAuditError(f"history: no history folder at {str(folder)!r} (audits write one under their "
                           f"output_dir's _history/; give --output-dir or --history)")

@@ -228,7 +228,7 @@ class HistorySpec(_Strict):
     "Since the last audit" section and `xaudit history` read."""
 
     enabled: bool = True
-    path: Path | None = Field(None, description="folder of the history; default: <output_dir>/history")
+    path: Path | None = Field(None, description="folder of the history; default: <output_dir>/_history")
     name: str | None = Field(None, min_length=1, max_length=200,
                              description="which audit this is (runs of one name are compared); default: "
                                          "the report title")

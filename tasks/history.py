@@ -10,7 +10,6 @@ archived run re-renders the same).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,17 @@ SCHEMA = pa.schema([
     ("suppressed", pa.bool_()),
 ])
 SNAPSHOT = "history.parquet"
+FOLDER = "_history"          # under output_dir; a leading underscore, which no run id may have
+
+
+def folder_for(output_dir: str | Path, path: str | Path | None = None) -> Path:
+    """Where an audit's history lives: `history.path`, else `<output_dir>/_history` (never a run directory)."""
+    return Path(path) if path else Path(output_dir) / FOLDER
+
+
+def audit_name(name: str | None, title: str) -> str:
+    """Which audit a run belongs to: `history.name`, else the report title."""
+    return name or title
 
 
 def run_rows(run_dir: str | Path, audit: str, run_id: str, created_utc: str, card: dict[str, Any],
@@ -52,13 +62,11 @@ def run_rows(run_dir: str | Path, audit: str, run_id: str, created_utc: str, car
     }, schema=SCHEMA)
 
 
-def read_history(folder: str | Path, audit: str | None = None) -> pa.Table:
-    """Return every run's rows in the history folder (of one audit, when named), oldest run first. Files
-    that are not history tables are an error naming the file."""
+def history_files(folder: str | Path) -> list[Path]:
+    """Return the history files in `folder` (none when it does not exist), each checked to be an xaudit
+    history table by its schema alone; anything else there is an error naming the file."""
     folder = Path(folder)
-    files = sorted(p for p in folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
-        return SCHEMA.empty_table()
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     for f in files:
         try:
             schema = pq.read_schema(f)
@@ -68,6 +76,14 @@ def read_history(folder: str | Path, audit: str | None = None) -> pa.Table:
         missing = [n for n in SCHEMA.names if n not in schema.names]
         if missing:
             raise XAuditError(f"history: {f} lacks the columns {missing}; it is not an xaudit history file")
+    return files
+
+
+def read_history(folder: str | Path, audit: str | None = None) -> pa.Table:
+    """Return every run's rows in the history folder (of one audit, when named), oldest run first."""
+    files = history_files(folder)
+    if not files:
+        return SCHEMA.empty_table()
     table = ds.dataset([str(f) for f in files], format="parquet", schema=SCHEMA).to_table(
         filter=(pc.field("audit") == audit) if audit is not None else None)
     return table.sort_by([("created_utc", "ascending"), ("run_id", "ascending")])
@@ -169,10 +185,3 @@ def format_history(table: pa.Table, metric: str, last: int = 10) -> str:
 def history_names(table: pa.Table) -> dict[str, int]:
     df = table.to_pandas()
     return {name: int(g.run_id.nunique()) for name, g in df.groupby("audit")}
-
-
-def manifest_identity(run_dir: str | Path) -> dict[str, Any]:
-    """Return (from a finished run's manifest) what its history rows are keyed by."""
-    m = json.loads((Path(run_dir) / "manifest.json").read_text())
-    return dict(run_id=m["run_id"], created_utc=m["created_utc"], card=m["model"],
-                data_fingerprint=m["data"]["fingerprint"], verdict=m["verdict"])

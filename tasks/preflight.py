@@ -245,11 +245,11 @@ def check_history(config: AuditConfig | ReviewConfig) -> None:
     h = getattr(config, "history", None)
     if h is None or not h.enabled:
         return
-    from .history import read_history
-    folder = Path(h.path or Path(config.output_dir) / "_history")
+    from .history import folder_for, history_files
+    folder = folder_for(config.output_dir, h.path)
     if folder.exists() and not folder.is_dir():
         raise XAuditError(f"config: 'history.path' {str(folder)!r} must be a folder")
-    read_history(folder, None)
+    history_files(folder)             # schemas only: the rows are read once, when the run snapshots them
 
 
 def _statistics(config: AuditConfig | ReviewConfig) -> tuple[dict[str, bool], set[str]]:

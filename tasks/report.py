@@ -22,6 +22,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from PIL import Image
 
 from .errors import XAuditError
+from .history import audit_name
 from .io import atomic_path, write_bytes
 from .metrics.probabilistic import ece_bins
 
@@ -196,7 +197,7 @@ def history_context(run_dir: Path, run_id: str, metrics: list[str], name: str) -
     metrics = [m for m in metrics if m in present]
     since = history.since_last(table, run_id, metrics)
     chart = trend_chart(history.trend(table, metrics[0])) if metrics else None
-    return dict(name=name, since=since, chart=chart, n_runs=len(set(table.column("run_id").to_pylist())))
+    return dict(name=name, since=since, chart=chart)
 
 
 def confusion_chart(metrics: pd.DataFrame, class_names: list[str]) -> dict[str, Any]:
@@ -549,7 +550,7 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
         shortcuts=shortcut_context(run_dir, pred, expl, cfg, card, validation["checks"]),
         history=history_context(run_dir, manifest["run_id"],
                                 list(dict.fromkeys([*key_metrics, *(t["metric"] for t in cfg["metrics"]["thresholds"])])),
-                                (cfg.get("history") or {}).get("name") or cfg["report"]["title"]),
+                                audit_name((cfg.get("history") or {}).get("name"), cfg["report"]["title"])),
         permutation=permutation_maps(run_dir), mean_maps=mean_maps(pred, expl, slice_col), class_maps=mean_maps(pred, expl, "label_name"),
         map_methods=sorted(expl.method.unique()), agreement=method_agreement(pred, expl, slice_col),
         slice_col=slice_col, methods=[dict(name=m, params=params.get(m, {})) for m in methods],

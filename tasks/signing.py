@@ -303,7 +303,7 @@ def _trusted(cert: Any, trust: list[Any]) -> bool:
         try:
             cert.verify_directly_issued_by(root)
             return True
-        except (ValueError, TypeError, Exception):  # noqa: BLE001 - any failure means "not issued by this root"
+        except Exception:  # noqa: BLE001 - any failure means "not issued by this root"
             continue
     return False
 

@@ -196,13 +196,13 @@ def write_review_manifest(review_dir: str, run_id: str, config: ReviewConfig, ve
 
 
 def history_folder(config: AuditConfig) -> Path:
-    """Where the audit's history lives: `history.path`, else `<output_dir>/_history` (a leading underscore,
-    which no run id may have, so it never meets a run directory)."""
-    return Path(config.history.path or Path(config.output_dir) / "_history")
+    from . import history
+    return history.folder_for(config.output_dir, config.history.path)
 
 
 def history_name(config: AuditConfig | ReviewConfig) -> str:
-    return (getattr(config, "history", None) and config.history.name) or config.report.title
+    from . import history
+    return history.audit_name(config.history.name if hasattr(config, "history") else None, config.report.title)
 
 
 @task(name="snapshot-history", **IO_RETRIES)
