@@ -5,19 +5,15 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow
-from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import final_state
 from tasks import steps
 from tasks.config import AuditConfig
-
-# The command line sets this to show a progress bar over shards; it receives (done, total).
-on_shard_done: Callable[[int, int], None] | None = None
-
+from tasks.scoring import cost_per_image
 
 def default_workers() -> int:
     """One shard task per visible GPU at a time; on the CPU one, so torch's own threads use every core."""
@@ -33,13 +29,10 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     run = steps.prepare_run(config)
     data = steps.ingest_data(config, run["run_dir"])
     futures = [steps.score.submit(shard, card, config, run["run_dir"]) for shard in data["shards"]]
-    for done, _ in enumerate(as_completed(futures), 1):
-        if on_shard_done:
-            on_shard_done(done, len(futures))
     shard_outputs = [f.result() for f in futures]       # in shard order, so outputs do not depend on timing
     counts = steps.merge_outputs(run["run_dir"], shard_outputs, data["n_rows"], config.max_reject_fraction)
     if config.quality.sanity_images:
-        steps.sanity(data["shards"][0], card, config, run["run_dir"])
+        steps.sanity(data["shards"][0], card, config, run["run_dir"], shard_outputs)
     if config.permutation.enabled:
         steps.permutation(data["shards"], card, config, run["run_dir"])
     summary = steps.compute_metrics(run["run_dir"], config, card, run["run_id"])
@@ -54,7 +47,8 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     result = {"run_id": run["run_id"], "run_dir": run["run_dir"], "verdict": summary["verdict"],
               "accuracy": summary["accuracy"], "failed_checks": summary["n_failed"], **counts,
               "cached_shards": sum(bool(s["cached"]) for s in shard_outputs),
-              "task_seconds": sum(s.get("seconds", 0.0) for s in shard_outputs), "reports": reports}
+              "task_seconds": sum(s.get("seconds", 0.0) for s in shard_outputs), "reports": reports,
+              "cost_per_image": cost_per_image(shard_outputs)}
     return final_state(result, config.flow_run_fails_on, summary["n_failed"])
 
 

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="task runner: threads (default) or dask (prefect-dask: a local cluster, or --dask-address)")
     run.add_argument("--dask-address", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="progress bar over shards (default: when stderr is a terminal)")
+                     help="progress bars per phase with an ETA (default: when stderr is a terminal)")
     run.add_argument("--trust-factory", action="append", default=[], metavar="PREFIX",
                      help="also trust model factories under this import prefix (repeatable); a factory is code")
     rev = sub.add_parser("review", help="review a candidate against a baseline; exit 0 PASS/WARN, 1 FAIL, 2 bad input")
@@ -233,15 +233,13 @@ def _run(args: argparse.Namespace) -> int:
     worst = EXIT_OK
     for path, config in zip(args.configs, configs):
         t0 = time.perf_counter()
-        with progress_bar(show, f"scoring {Path(path).name}") as update:
-            audit_flow.on_shard_done = update
-            try:
-                result, failed_run = _flow_call(flow_fn, config)
-            finally:
-                audit_flow.on_shard_done = None
+        with progress_bars(show, Path(path).name):
+            result, failed_run = _flow_call(flow_fn, config)
         took = time.perf_counter() - t0
         print(f"{path}: {result['verdict']} · accuracy {result['accuracy']:.3f} · {result['scored']} scored, "
               f"{result['rejected']} rejected · {took:.1f} s")
+        if line := cost_line(result.get("cost_per_image")):
+            print(line)
         print(f"run directory: {Path(result['run_dir']).resolve()}")
         if args.gate and (result["verdict"] == "FAIL" or failed_run):
             worst = EXIT_FAIL
@@ -263,19 +261,40 @@ def dask_runner(address: str | None):
 
 
 @contextmanager
-def progress_bar(show: bool, label: str):
-    """Yield a callback (done, total) that draws a progress bar on stderr when `show`."""
+def progress_bars(show: bool, label: str):
+    """Draw a bar per phase of the run (scoring in images, the randomisation check in rounds, ...) with an ETA
+    on stderr while the block runs, when `show`."""
+    from tasks import progress
     if not show:
-        yield None
+        yield
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
-                  TimeElapsedColumn(), transient=True) as bar:
-        task_id = bar.add_task(label, total=None)
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), transient=True) as bar:
+        tasks: dict[str, int] = {}
 
-        def update(done: int, total: int) -> None:
-            bar.update(task_id, completed=done, total=total)
-        yield update
+        def sink(phase: str, advance: int, total: int | None) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task(f"{label}: {phase}", total=0)
+            task = tasks[phase]
+            if total is not None:
+                bar.update(task, total=(bar.tasks[task].total or 0) + total)
+            if advance:
+                bar.advance(task, advance)
+        with progress.reporting_to(sink):
+            yield
+
+
+def cost_line(cost: dict | None) -> str:
+    """'cost per image: saliency 0.041 s · ...' from the flow's measured costs (nothing if all was cached)."""
+    if not cost or not cost.get("images"):
+        return ""
+    parts = [f"{m} {v:.3g} s" for m, v in cost["methods"].items()]
+    if cost.get("quality"):
+        parts.append(f"quality checks {cost['quality']:.3g} s")
+    parts.append(f"waiting for decoding {cost['decode_wait']:.2g} s")
+    return f"cost per image ({cost['images']} images scored): " + " · ".join(parts)
 
 
 def _review(args: argparse.Namespace) -> int:

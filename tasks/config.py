@@ -101,6 +101,8 @@ class DataSpec(_Strict):
     roi_column: str | None = Field(None, description="column of PNG region-of-interest masks (nonzero = inside)")
     metadata_columns: list[str] | None = Field(None, description="default: every other scalar column")
     limit: int | None = Field(None, ge=1)
+    decode_workers: int = Field(2, ge=1, le=64, description="threads decoding images ahead of the model")
+    prefetch: int = Field(2, ge=1, le=64, description="batches decoded ahead of the model at most (bounds memory)")
 
 
 class AttributionSpec(_Strict):
@@ -127,6 +129,9 @@ class QualitySpec(_Strict):
                                                        "agreement", "stability"])
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-check parameters")
     sanity_images: int = Field(32, ge=0, description="images for the model-randomisation check (0: skip)")
+    sanity_depths: int = Field(5, ge=0, le=10_000, description=(
+        "measurements along the randomisation cascade: after the top layer, then evenly spaced down to the "
+        "input (cost: (1 + depths) x the methods on sanity_images); 0: after every parameterised layer"))
 
 
 class ShortcutSpec(_Strict):

@@ -470,19 +470,14 @@ def _decode_mask(data: bytes, card: ModelCard) -> np.ndarray:
         return np.asarray(fit_to_input(im.convert("L"), card, mask=True)) > 0
 
 
-def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedShard:
-    """Return the shard's good rows as normalised tensors, and a reject (with its reason) for every bad row."""
-    # WeasyPrint sets Pillow's process-wide LOAD_TRUNCATED_IMAGES on import (for its own leniency), which
-    # would make a truncated image decode as grey padding once a report has been rendered in this process
-    # (the second config of `xaudit run A B`): a truncated image is a bad row here, always.
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    table = pq.read_table(path)
-    ids, images, labels, masks, keep, rejects = [], [], [], [], [], []
-    id_col = table[spec.id_column].to_pylist()
-    img_col = table[spec.image_column].to_pylist()
-    lab_col = table[spec.label_column].to_pylist()
-    roi_col = table[spec.roi_column].to_pylist() if spec.roi_column else None
-    for i, (eid, img, lab) in enumerate(zip(id_col, img_col, lab_col)):
+def _decode_rows(cols: dict[str, list | None], rows: range, card: ModelCard, spec: DataSpec
+                 ) -> tuple[list[tuple[int, str, np.ndarray, int, np.ndarray | None]], list[dict[str, str]]]:
+    """Decode the raw rows `rows` of a shard's columns; return (row, id, image, label, mask) per good row and a
+    reject per bad row. Runs in decoding threads (Pillow releases the GIL while it decodes)."""
+    good, rejects = [], []
+    roi_col = cols["roi"]
+    for i in rows:
+        eid, img, lab = cols["id"][i], cols["image"][i], cols["label"][i]
         rid = str(eid)
 
         def reject(reason: str) -> None:
@@ -502,6 +497,7 @@ def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedSh
         except Exception as exc:  # Pillow raises many types on hostile bytes; a bad row never ends the audit
             reject(f"corrupt image: {_reason(exc)}")
             continue
+        mask = None
         if roi_col is not None:
             if roi_col[i] is None:
                 mask = np.zeros(card.input_size, dtype=bool)
@@ -517,26 +513,95 @@ def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedSh
                 except Exception as exc:  # as for images: a bad mask is a bad row
                     reject(f"corrupt region-of-interest mask: {_reason(exc)}")
                     continue
-            masks.append(mask)
-        ids.append(rid)
-        images.append(arr)
-        labels.append(label)
-        keep.append(i)
+        good.append((i, rid, arr, label, mask))
+    return good, rejects
+
+
+def _open_shard(path: str | Path, spec: DataSpec) -> tuple[pa.Table, dict[str, list | None]]:
+    # WeasyPrint sets Pillow's process-wide LOAD_TRUNCATED_IMAGES on import (for its own leniency), which
+    # would make a truncated image decode as grey padding once a report has been rendered in this process
+    # (the second config of `xaudit run A B`): a truncated image is a bad row here, always.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    table = pq.read_table(path)
+    cols = {"id": table[spec.id_column].to_pylist(), "image": table[spec.image_column].to_pylist(),
+            "label": table[spec.label_column].to_pylist(),
+            "roi": table[spec.roi_column].to_pylist() if spec.roi_column else None}
+    return table, cols
+
+
+def _assemble(table: pa.Table, good: list, rejects: list[dict[str, str]], card: ModelCard, spec: DataSpec,
+              pin: bool = False) -> DecodedShard:
     c, (h, w) = card.channels, card.input_size
-    x = torch.from_numpy(np.stack(images)) if images else torch.empty(0, c, h, w)
+    x = torch.from_numpy(np.stack([g[2] for g in good])) if good else torch.empty(0, c, h, w)
     mean = torch.tensor(card.mean).view(1, -1, 1, 1)
     std = torch.tensor(card.std).view(1, -1, 1, 1)
+    x = (x - mean) / std
     meta_cols = [n for n in table.column_names if n not in
                  {spec.id_column, spec.image_column, spec.label_column, spec.roi_column}]
+    roi = None
+    if spec.roi_column:
+        roi = torch.from_numpy(np.stack([g[4] for g in good])) if good else torch.zeros(0, h, w, dtype=torch.bool)
     return DecodedShard(
-        example_ids=ids,
-        inputs=(x - mean) / std,
-        labels=torch.tensor(labels, dtype=torch.long),
-        roi=torch.from_numpy(np.stack(masks)) if roi_col is not None and masks else
-        (torch.zeros(0, h, w, dtype=torch.bool) if roi_col is not None else None),
-        metadata=table.select(meta_cols).take(pa.array(keep, type=pa.int64())),
+        example_ids=[g[1] for g in good],
+        inputs=x.pin_memory() if pin else x,
+        labels=torch.tensor([g[3] for g in good], dtype=torch.long),
+        roi=roi,
+        metadata=table.select(meta_cols).take(pa.array([g[0] for g in good], type=pa.int64())),
         rejects=rejects,
     )
+
+
+def decode_shard(path: str | Path, card: ModelCard, spec: DataSpec) -> DecodedShard:
+    """Return the shard's good rows as normalised tensors, and a reject (with its reason) for every bad row."""
+    table, cols = _open_shard(path, spec)
+    good, rejects = _decode_rows(cols, range(table.num_rows), card, spec)
+    return _assemble(table, good, rejects, card, spec)
+
+
+def shard_rows(path: str | Path) -> int:
+    """Rows of a shard, from its Parquet footer."""
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def decode_batches(path: str | Path, card: ModelCard, spec: DataSpec, batch_size: int, prefetch: int = 2,
+                   workers: int = 2, pin: bool = False) -> Iterator[DecodedShard]:
+    """Yield the shard's good rows in batches of exactly `batch_size` (the last one shorter), each carrying the
+    rejects of the rows decoded since the previous one; at least one batch, possibly empty, is yielded.
+
+    `workers` threads decode chunks of `batch_size` raw rows up to `prefetch` chunks ahead of the consumer,
+    so batch k + 1 is decoded while batch k is explained, and decoded pixels in memory are bounded by about
+    (prefetch + 2) x batch_size images, not by the shard. `pin` puts the batches in pinned memory (CUDA:
+    the copy to the device can then be asynchronous). The batches equal `decode_shard`'s rows, in order."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    table, cols = _open_shard(path, spec)
+    n = table.num_rows
+    chunks = iter(range(a, min(n, a + batch_size)) for a in range(0, n, batch_size))
+    good: list = []
+    rejects: list[dict[str, str]] = []
+    yielded = False
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="xaudit-decode") as pool:
+        pending: deque = deque()
+
+        def fill() -> None:
+            while len(pending) < max(1, prefetch) and (chunk := next(chunks, None)) is not None:
+                pending.append(pool.submit(_decode_rows, cols, chunk, card, spec))
+        fill()
+        try:
+            while pending:
+                more, bad = pending.popleft().result()
+                fill()
+                good += more
+                rejects += bad
+                while len(good) >= batch_size:
+                    batch, good = good[:batch_size], good[batch_size:]
+                    yield _assemble(table, batch, rejects, card, spec, pin)
+                    rejects, yielded = [], True
+            if good or rejects or not yielded:
+                yield _assemble(table, good, rejects, card, spec, pin)
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def rejects_table(rows: list[dict[str, str]]) -> pa.Table:

@@ -15,23 +15,35 @@ import torch
 from .models import pick_device
 
 
+_local = threading.local()
+
+
+def replica() -> int:
+    """The slot of the device the calling thread holds (0..per_device - 1; 0 outside `acquire`): tasks that
+    share a device at once use one model replica per slot (see `models.cached_model`)."""
+    return getattr(_local, "slot", 0)
+
+
 class DevicePool:
     """Hands out device names from a fixed list; `acquire()` blocks until one is free."""
 
     def __init__(self, devices: list[str], per_device: int = 1) -> None:
         self.devices = list(devices)
-        self._free: queue.Queue[str] = queue.Queue()
-        for _ in range(per_device):
+        self._free: queue.Queue[tuple[str, int]] = queue.Queue()
+        for slot in range(per_device):
             for d in self.devices:
-                self._free.put(d)
+                self._free.put((d, slot))
 
     @contextmanager
     def acquire(self) -> Iterator[torch.device]:
-        name = self._free.get()
+        name, slot = self._free.get()
+        before = replica()
+        _local.slot = slot
         try:
             yield torch.device(name)
         finally:
-            self._free.put(name)
+            _local.slot = before
+            self._free.put((name, slot))
 
 
 _pools: dict[tuple[str, int], DevicePool] = {}

@@ -272,15 +272,18 @@ def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Modul
     return model.eval().to(device)
 
 
-@functools.lru_cache(maxsize=4)
-def _cached(card_json: str, device: str) -> nn.Module:
+@functools.lru_cache(maxsize=16)
+def _cached(card_json: str, device: str, replica: int) -> nn.Module:
     return build_model(ModelCard.from_dict(json.loads(card_json)), device)
 
 
-def cached_model(card: ModelCard, device: torch.device | str) -> nn.Module:
-    """Return `build_model(card, device)`, built once per process for the same card (weights hash included)
-    and device: the preflight's probe, the shard tasks and the checks share one model object."""
-    return _cached(json.dumps(card.to_dict(), sort_keys=True, default=list), str(device))
+def cached_model(card: ModelCard, device: torch.device | str, replica: int = 0) -> nn.Module:
+    """Return `build_model(card, device)`, built once per process for the same card (weights hash included),
+    device and `replica`: the preflight's probe, the shard tasks and the checks share one model object.
+    Tasks that run at once on one device each use their own replica (`devices.replica()`): the methods'
+    forward hooks (CAM layers, DeepLIFT, LRP) are per module, so two threads on one model object would read
+    each other's activations."""
+    return _cached(json.dumps(card.to_dict(), sort_keys=True, default=list), str(device), replica)
 
 
 def first_lines(exc: BaseException, n: int = 1, limit: int = 300) -> str:

@@ -471,7 +471,9 @@ def quality_context(run_dir: Path, scalar: pd.DataFrame, flagged: dict, cfg: dic
         t = pq.read_table(path).to_pandas()
         last = t[t.step == t.step.max()]
         first = t[t.step == 1].set_index("method").spearman
-        sanity = dict(n_images=int(t.n_images.iloc[0]), n_steps=int(t.step.max()), threshold=INSENSITIVE,
+        n_layers = int(t.n_layers.max()) if "n_layers" in t else int(t.step.max())
+        sanity = dict(n_images=int(t.n_images.iloc[0]), n_steps=int(t.step.max()), n_layers=n_layers,
+                      threshold=INSENSITIVE,
                       rows=[dict(method=r.method, first=float(first[r.method]), spearman=r.spearman, ssim=r.ssim,
                                  insensitive=bool(r.insensitive)) for r in last.itertuples()])
     radius = cfg.get("quality", {}).get("params", {}).get("stability", {}).get("radius", 0.02)

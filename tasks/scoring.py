@@ -6,6 +6,7 @@ statistics are computed on the full-resolution display heatmap.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import stopping
+from . import progress, stopping
 from .attribution import attribute, display_heatmap
 from .attribution.engine import example_keys
 from .config import AuditConfig
-from .data import decode_shard, rejects_table
+from .data import decode_batches, decode_shard, rejects_table
 from .io import write_parquet
 from .models import ModelCard, use_channels_last
 from .quality import QualityContext, quality_columns, run_checks
@@ -29,6 +30,11 @@ class ShardOutput:
     rejects: str
     n_scored: int
     n_rejected: int
+    # where the shard's time went (not part of any table): each method's passes, the quality checks, and
+    # the time the model waited for decoding (near zero when decoding overlaps compute)
+    method_seconds: dict[str, float]
+    quality_seconds: float
+    decode_wait_seconds: float
 
 
 def _list_column(values: np.ndarray, dtype=np.float32) -> pa.Array:
@@ -58,39 +64,61 @@ def non_finite_rows(res) -> dict[int, tuple[str, str]]:
 
 def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: torch.nn.Module,
                 device: torch.device, out_dir: str | Path) -> ShardOutput:
-    """Score one input shard and write `predictions`, `explanations` and `rejects` parts under `out_dir`."""
+    """Score one input shard and write `predictions`, `explanations` and `rejects` parts under `out_dir`.
+
+    Batches are decoded by threads ahead of the model (`decode_batches`), so decoding overlaps the passes."""
     out_dir = Path(out_dir)
     name = Path(shard).stem
     spec = config.attribution
-    decoded = decode_shard(shard, card, config.data)
-    n = len(decoded.example_ids)
     size = (spec.heatmap_size, spec.heatmap_size)
-    probs_all, expl_rows = [], []
-    channels_last = use_channels_last(model, decoded.inputs[:2].to(device), spec.channels_last) if n else False
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    probs_all, expl_rows, labels_all, ids_all, meta_parts = [], [], [], [], []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if spec.autocast and device.type == "cuda" \
         else contextlib.nullcontext()
-    rejects = list(decoded.rejects)
-    kept: list[int] = []                # rows of the decoded shard that were scored, in order
+    cuda = device.type == "cuda"
+    decode_rejects: list[dict[str, str]] = []
+    rejects: list[dict[str, str]] = []      # rows dropped after decoding (non-finite logits or attributions)
+    method_seconds: dict[str, float] = {m: 0.0 for m in spec.methods}
+    quality_seconds = wait_seconds = 0.0
+    memory_format = None
+    batches = decode_batches(shard, card, config.data, spec.batch_size, prefetch=config.data.prefetch,
+                             workers=config.data.decode_workers, pin=cuda)
+    batch_no = 0
+    while True:
+        t0 = time.perf_counter()
+        decoded = next(batches, None)
+        wait_seconds += time.perf_counter() - t0
+        if decoded is None:
+            break
+        batch_no += 1
+        decode_rejects += decoded.rejects
+        progress.advance("scoring", len(decoded.example_ids) + len(decoded.rejects))
+        if not decoded.example_ids:
+            meta_parts.append(decoded.metadata)
+            continue
+        stopping.check(f"shard {name}, batch {batch_no}")
+        if memory_format is None:
+            channels_last = use_channels_last(model, decoded.inputs[:2].to(device), spec.channels_last)
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        inputs = decoded.inputs.to(device, non_blocking=cuda).contiguous(memory_format=memory_format)
 
-    def attribute_rows(rows: list[int]):
-        x = decoded.inputs[rows].to(device).contiguous(memory_format=memory_format)
-        target = decoded.labels[rows].to(device) if spec.target == "label" else "predicted"
-        # random draws per example id: an example's explanation does not depend on its shard or batch
-        keys = example_keys([decoded.example_ids[i] for i in rows])
-        clean = None
-        if not isinstance(autocast, contextlib.nullcontext):
-            with torch.no_grad():      # predictions in full precision: only the attribution passes run in bf16
-                clean = model(x).float()
-        with autocast:
-            res = attribute(model, x, spec.methods, target=target, params=spec.params,
-                            target_layer=card.target_layer, seed=config.seed, logits=clean, example_keys=keys,
-                            max_batch=max(spec.max_batch, spec.batch_size), max_elements=spec.max_elements)
-        return x, keys, res
+        def attribute_rows(rows: list[int]):
+            x = inputs[rows] if len(rows) < len(inputs) else inputs
+            target = decoded.labels[rows].to(device) if spec.target == "label" else "predicted"
+            # random draws per example id: an example's explanation does not depend on its shard or batch
+            keys = example_keys([decoded.example_ids[i] for i in rows])
+            clean = None
+            if not isinstance(autocast, contextlib.nullcontext):
+                with torch.no_grad():      # predictions in full precision: only the attribution passes run in bf16
+                    clean = model(x).float()
+            with autocast:
+                res = attribute(model, x, spec.methods, target=target, params=spec.params,
+                                target_layer=card.target_layer, seed=config.seed, logits=clean, example_keys=keys,
+                                max_batch=max(spec.max_batch, spec.batch_size), max_elements=spec.max_elements)
+            for m, sec in res.seconds.items():
+                method_seconds[m] += sec
+            return x, keys, res
 
-    for start in range(0, n, spec.batch_size):
-        stopping.check(f"shard {name}, batch {start // spec.batch_size + 1}")
-        rows = list(range(start, min(n, start + spec.batch_size)))
+        rows = list(range(len(decoded.example_ids)))
         x, keys, res = attribute_rows(rows)
         while bad := non_finite_rows(res):
             # a NaN/inf row is rejected and the others explained again without it (a batch equals row by row,
@@ -101,21 +129,31 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
             if not rows:
                 break
             x, keys, res = attribute_rows(rows)
+        meta_parts.append(decoded.metadata.take(pa.array(rows, type=pa.int64())))
         if not rows:
             continue
-        kept.extend(rows)
+        ids = [decoded.example_ids[i] for i in rows]
+        ids_all += ids
+        labels_all.append(decoded.labels[rows].numpy())
         probs_all.append(torch.softmax(res.logits.double(), 1).cpu())
         roi = decoded.roi[rows].to(device) if decoded.roi is not None else None
         maps = {m: display_heatmap(raw, card.input_size) for m, raw in res.attributions.items()}
 
-        def explain(method: str, xs: torch.Tensor, ts: torch.Tensor, keys: list[int] | None = None):
-            return attribute(model, xs, [method], target=ts, params={method: spec.params.get(method, {})},
+        def explain_all(methods: list[str], xs: torch.Tensor, ts: torch.Tensor, keys: list[int] | None = None):
+            return attribute(model, xs, methods, target=ts, params={m: spec.params.get(m, {}) for m in methods},
                              target_layer=card.target_layer, seed=config.seed, max_batch=spec.max_batch,
-                             max_elements=spec.max_elements, example_keys=keys).attributions[method]
+                             max_elements=spec.max_elements, example_keys=keys).attributions
+
+        def explain(method: str, xs: torch.Tensor, ts: torch.Tensor, keys: list[int] | None = None):
+            return explain_all([method], xs, ts, keys)[method]
         qctx = QualityContext(model, x, res.target, res.attributions, maps, roi, explain,
-                              max_batch=spec.max_batch, seed=config.seed, keys=keys)
+                              max_batch=spec.max_batch, seed=config.seed, keys=keys, explain_all=explain_all)
+        t0 = time.perf_counter()
         with autocast:
             quality = run_checks(qctx, config.quality.checks, config.quality.params)
+        if cuda:
+            torch.cuda.synchronize(device)
+        quality_seconds += time.perf_counter() - t0
         for method, raw in res.attributions.items():
             full = maps[method]
             stats = {col: v for (m, col), v in quality.items() if m in (method, None)}
@@ -123,7 +161,7 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
             flat = raw.flatten(1).double()
             delta = res.extras[method].get("delta")
             expl_rows.append({
-                "example_id": np.array([decoded.example_ids[i] for i in rows], dtype=object),
+                "example_id": np.array(ids, dtype=object),
                 "method": [method] * len(full),
                 "target": res.target.cpu().numpy(),
                 "attribution_sum": flat.sum(1).cpu().numpy(),
@@ -132,13 +170,14 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
                 **stats,
                 "heatmap": low,
             })
+    rejects = decode_rejects + rejects
     probs = torch.cat(probs_all).numpy() if probs_all else np.zeros((0, card.num_classes))
-    n = len(kept)
+    n = len(ids_all)
     pred = probs.argmax(1) if n else np.zeros(0, dtype=np.int64)
-    labels = decoded.labels.numpy()[kept]
+    labels = np.concatenate(labels_all) if labels_all else np.zeros(0, dtype=np.int64)
     names = np.array(card.class_names)
-    scored_ids = [decoded.example_ids[i] for i in kept]
-    metadata = decoded.metadata.take(pa.array(kept, type=pa.int64()))
+    scored_ids = ids_all
+    metadata = pa.concat_tables(meta_parts)
     predictions = pa.table({
         "example_id": pa.array(scored_ids, pa.string()),
         "label": pa.array(labels, pa.int64()),
@@ -178,8 +217,26 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         rejects=str(write_parquet(out_dir / f"{name}.rejects.parquet", rejects_table(rejects))),
         n_scored=n,
         n_rejected=len(rejects),
+        method_seconds=method_seconds,
+        quality_seconds=quality_seconds,
+        decode_wait_seconds=wait_seconds,
     )
     return out
+
+
+def cost_per_image(shard_outputs: list[dict]) -> dict:
+    """Return {'images', 'methods': {method: seconds per image}, 'quality', 'decode_wait'} over the shards
+    scored in this run (not those reused from a cache: they cost nothing now)."""
+    fresh = [s for s in shard_outputs if not s.get("cached") and "method_seconds" in s]
+    n = sum(s["n_scored"] for s in fresh)
+    per = (lambda v: v / n) if n else (lambda v: 0.0)
+    methods: dict[str, float] = {}
+    for s in fresh:
+        for m, sec in s["method_seconds"].items():
+            methods[m] = methods.get(m, 0.0) + sec
+    return {"images": n, "methods": {m: per(v) for m, v in methods.items()},
+            "quality": per(sum(s["quality_seconds"] for s in fresh)),
+            "decode_wait": per(sum(s["decode_wait_seconds"] for s in fresh))}
 
 
 def sanity_check(shard: str | Path, card: ModelCard, config: AuditConfig, model: torch.nn.Module,
@@ -200,7 +257,8 @@ def sanity_check(shard: str | Path, card: ModelCard, config: AuditConfig, model:
         res = attribute(m, xs, spec.methods, target=ts, params=spec.params, target_layer=card.target_layer,
                         seed=config.seed, max_batch=spec.max_batch, max_elements=spec.max_elements)
         return {k: display_heatmap(v, card.input_size) for k, v in res.attributions.items()}
-    table = randomisation_check(model, x, list(spec.methods), maps_of, target, seed=config.seed)
+    table = randomisation_check(model, x, list(spec.methods), maps_of, target, seed=config.seed,
+                                depths=config.quality.sanity_depths)
     table.insert(0, "n_images", len(x))
     return write_parquet(out_path, pa.Table.from_pandas(table, preserve_index=False))
 

@@ -15,7 +15,7 @@ import torch
 from prefect import task
 from prefect.runtime import flow_run
 
-from . import outputs, report
+from . import outputs, progress, report
 from . import preflight as checks
 from .config import AuditConfig, ReviewConfig, new_run_id
 from .data import REJECT_SCHEMA, ingest
@@ -68,13 +68,16 @@ def preflight_review(config: ReviewConfig) -> dict[str, dict[str, Any]]:
 @task(name="ingest-data", **IO_RETRIES)
 def ingest_data(config: AuditConfig, run_dir: str) -> dict[str, Any]:
     """Filter the dataset into input shards under the run; returns counts and the content fingerprint."""
+    from .data import shard_rows
     result = ingest(config.data, Path(run_dir) / "inputs", config.shard_size)
+    progress.start("scoring", sum(shard_rows(s) for s in result.shards))
     return asdict(result)
 
 
 def _loaded(card: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """Return the card's model on `device`, loaded once per process (weights read and hashed once)."""
-    return cached_model(ModelCard.from_dict(card), device)
+    from .devices import replica
+    return cached_model(ModelCard.from_dict(card), device, replica())
 
 
 @task(name="score-shard", **IO_RETRIES)
@@ -86,7 +89,7 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -
     key = sha256_json({"shard": sha256_file(shard), "weights": card["weights_sha256"], "code": CODE_VERSION,
                        "card": {k: v for k, v in card.items() if k != "weights"},
                        "attribution": config.attribution.model_dump(),
-                       "quality": config.quality.model_dump(exclude={"sanity_images"}),
+                       "quality": config.quality.model_dump(exclude={"sanity_images", "sanity_depths"}),
                        "seed": config.seed,
                        "data": config.data.model_dump(include={"roi_column", "id_column", "image_column",
                                                                "label_column"})})
@@ -94,24 +97,45 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -
     if key_file.is_file():
         done = json.loads(key_file.read_text())
         if done.get("key") == key and all(Path(done[k]).is_file() for k in ("predictions", "explanations", "rejects")):
+            from .data import shard_rows
+            progress.advance("scoring", shard_rows(shard))
             return {**done, "cached": True, "seconds": 0.0}
     c = ModelCard.from_dict(card)
     t0 = time.perf_counter()
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
         model = _loaded(card, device)
         out = asdict(score_shard(shard, c, config, model, device, parts))
-    write_json(key_file, {**out, "key": key})
-    return {**out, "key": key, "cached": False, "seconds": time.perf_counter() - t0, "device": str(device)}
+    timing = {k: out.pop(k) for k in ("method_seconds", "quality_seconds", "decode_wait_seconds")}
+    write_json(key_file, {**out, "key": key})       # the run's files do not depend on how long it took
+    return {**out, "key": key, "cached": False, "seconds": time.perf_counter() - t0, "device": str(device),
+            **timing}
 
 
 @task(name="sanity-check")
-def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -> str:
-    """Model-randomisation sanity check of every attribution method; writes sanity.parquet."""
-    from .scoring import sanity_check
+def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str,
+           shard_outputs: list[dict[str, Any]] | None = None) -> str:
+    """Model-randomisation sanity check of every attribution method; writes sanity.parquet. Logs its cost
+    estimate first, from the scoring's measured cost per image (`shard_outputs`)."""
+    from prefect.logging import get_run_logger
+    from .quality.sanity import cascade, parameter_layers
+    from .scoring import cost_per_image, sanity_check
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
+        model = _loaded(card, device)
+        rounds = 1 + len(cascade(parameter_layers(model), config.quality.sanity_depths))
+        images = min(config.quality.sanity_images, shard_rows_of(shard))
+        cost = cost_per_image(shard_outputs or [])
+        estimate = f", about {rounds * images * sum(cost['methods'].values()):.0f} s" if cost["images"] else ""
+        get_run_logger().info("randomisation check: %d images x %d rounds of %s%s", images, rounds,
+                              ", ".join(config.attribution.methods), estimate)
+        progress.start("randomisation check", rounds)
         # the cached model is safe here: the check randomises a deep copy, never the model itself
-        return str(sanity_check(shard, ModelCard.from_dict(card), config, _loaded(card, device), device,
+        return str(sanity_check(shard, ModelCard.from_dict(card), config, model, device,
                                 Path(run_dir) / "sanity.parquet"))
+
+
+def shard_rows_of(shard: str) -> int:
+    from .data import shard_rows
+    return shard_rows(shard)
 
 
 @task(name="permutation-importance")
@@ -121,8 +145,9 @@ def permutation(shards: list[str], card: dict[str, Any], config: AuditConfig, ru
     c = ModelCard.from_dict(card)
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
         model = _loaded(card, device)
-        return str(slice_permutation(shards, c, config, model, device, Path(run_dir) / "permutation.parquet",
-                                     Path(run_dir) / "predictions.parquet"))
+        with progress.step("permutation"):
+            return str(slice_permutation(shards, c, config, model, device, Path(run_dir) / "permutation.parquet",
+                                         Path(run_dir) / "predictions.parquet"))
 
 
 @task(name="merge-outputs", **IO_RETRIES)
@@ -143,7 +168,8 @@ def merge_outputs(run_dir: str, shard_outputs: list[dict[str, Any]], n_rows: int
 @task(name="compute-metrics")
 def compute_metrics(run_dir: str, config: AuditConfig, card: dict[str, Any], run_id: str) -> dict[str, Any]:
     """Per-slice metrics, intervals and checks; returns the verdict and counts."""
-    return asdict(outputs.compute_metrics(run_dir, config, ModelCard.from_dict(card), run_id))
+    with progress.step("metrics"):
+        return asdict(outputs.compute_metrics(run_dir, config, ModelCard.from_dict(card), run_id))
 
 
 @task(name="write-manifest", **IO_RETRIES)
@@ -164,7 +190,8 @@ def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any
 @task(name="render-report")
 def render(run_dir: str, formats: list[str]) -> dict[str, str]:
     """Render report.html / report.pdf from the run's files."""
-    return report.render_report(run_dir, tuple(formats))
+    with progress.step("render"):
+        return report.render_report(run_dir, tuple(formats))
 
 
 @task(name="seal-manifest", **IO_RETRIES)

@@ -114,6 +114,53 @@ def test_bad_rows_become_rejects_with_reasons(tmp_path, demo_card):
     assert shard.metadata["site"].to_pylist() == ["A", "B"]
 
 
+def test_decode_batches_equal_the_whole_shard_in_exact_batches_with_bounded_read_ahead(tmp_path, demo_card,
+                                                                                     monkeypatch):
+    import threading
+    import time as _time
+
+    import tasks.data as data
+    from tasks.data import decode_batches
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(23):
+        bad = i in (2, 3, 11, 20)        # rejects spread over several chunks
+        rows.append({"example_id": f"e{i:02d}", "image_png": b"not an image" if bad else
+                     png(rng.integers(0, 255, (40, 40)).astype(np.uint8)), "label": str(i % 10), "site": "AB"[i % 2]})
+    spec = DataSpec(path=write_rows(tmp_path / "rows.parquet", rows))
+    shard = ingest(spec, tmp_path / "inputs", 100).shards[0]
+    whole = decode_shard(shard, demo_card, spec)
+    for workers, prefetch in ((1, 1), (3, 2), (4, 8)):
+        batches = list(decode_batches(shard, demo_card, spec, 5, prefetch=prefetch, workers=workers))
+        assert [len(b.example_ids) for b in batches] == [5, 5, 5, 4]      # 19 good rows, batches over good rows
+        assert sum((b.example_ids for b in batches), []) == whole.example_ids
+        assert torch.equal(torch.cat([b.inputs for b in batches]), whole.inputs)
+        assert torch.equal(torch.cat([b.labels for b in batches]), whole.labels)
+        assert sum((b.metadata["site"].to_pylist() for b in batches), []) == whole.metadata["site"].to_pylist()
+        assert sum((b.rejects for b in batches), []) == whole.rejects and len(whole.rejects) == 4
+
+    # read-ahead is bounded: with a consumer that never takes a batch, at most `prefetch` chunks are decoded
+    decoded, lock = [], threading.Lock()
+    real = data._decode_rows
+
+    def counting(cols, chunk, card, spec_):
+        with lock:
+            decoded.append(chunk)
+        return real(cols, chunk, card, spec_)
+    monkeypatch.setattr(data, "_decode_rows", counting)
+    it = decode_batches(shard, demo_card, spec, 2, prefetch=2, workers=4)
+    first = next(it)
+    _time.sleep(0.3)
+    assert len(first.example_ids) == 2 and len(decoded) <= 3   # the chunk consumed + 2 ahead, not the 12 chunks
+    it.close()
+    # an empty shard (every row rejected at decoding) still yields one typed, empty batch
+    spec_bad = DataSpec(path=write_rows(tmp_path / "bad.parquet", [
+        {"example_id": "x", "image_png": b"junk", "label": "1", "site": "A"}]))
+    bad_shard = ingest(spec_bad, tmp_path / "bad_inputs", 100).shards[0]
+    (only,) = list(decode_batches(bad_shard, demo_card, spec_bad, 4))
+    assert only.example_ids == [] and only.inputs.shape == (0, 1, 32, 32) and len(only.rejects) == 1
+
+
 def test_imagefolder_input(tmp_path, demo_card):
     for cls in ("3", "5"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)

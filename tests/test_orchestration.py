@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from test_flow import config_for, small_data  # noqa: F401  (fixture)
 from tasks.devices import DevicePool
@@ -33,6 +34,38 @@ def test_device_pool_hands_out_each_device_at_most_per_device_times():
     [t.start() for t in threads]
     [t.join(5) for t in threads]
     assert peak[0] == 2 and not held
+
+
+def test_tasks_sharing_a_device_get_their_own_model_replica_and_the_maps_of_one_task_alone(demo_card):
+    """tasks_per_device 2: two shard tasks explain at once on one device. The CAM layer's forward hook is per
+    module, so on one shared model object each thread would read the other's activations (wrong maps, or
+    autograd's 'not used in the graph'); each slot of the pool has its own replica instead."""
+    from tasks.attribution import attribute
+    from tasks.devices import replica
+    from tasks.models import cached_model
+    pool = DevicePool(["cpu"], per_device=2)
+    x = torch.randn(16, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    alone = attribute(cached_model(demo_card, "cpu"), x, ["gradcam", "saliency"]).attributions
+    got, models, errors, barrier = {}, {}, [], threading.Barrier(2)
+
+    def work(half: int):
+        try:
+            with pool.acquire() as device:
+                model = cached_model(demo_card, device, replica())
+                models[half] = model
+                barrier.wait(5)
+                for _ in range(5):        # overlapping forwards on both threads
+                    got[half] = attribute(model, x[half * 8:(half + 1) * 8], ["gradcam", "saliency"]).attributions
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(h,)) for h in (0, 1)]
+    [t.start() for t in threads]
+    [t.join(60) for t in threads]
+    assert not errors, errors
+    assert models[0] is not models[1]
+    for m in ("gradcam", "saliency"):
+        torch.testing.assert_close(torch.cat([got[0][m], got[1][m]]), alone[m], rtol=1e-5, atol=1e-6)
+    assert replica() == 0
 
 
 _PAGE_FAULTS = """
@@ -68,13 +101,19 @@ def test_flow_on_a_local_dask_cluster_matches_the_thread_runner(prefect_harness,
     pytest.importorskip("prefect_dask")
     from flows import audit as audit_flow
     from flows.cli import dask_runner
+    from tasks import progress
     calls = []
-    audit_flow.on_shard_done = lambda done, total: calls.append((done, total))
-    try:
+    with progress.reporting_to(lambda phase, n, total: calls.append((phase, n, total))):
         threads = audit_flow.audit(config_for(small_data, tmp_path / "threads"))
-    finally:
-        audit_flow.on_shard_done = None
-    assert calls[-1] == (3, 3) and len(calls) == 3            # progress over the 3 shards
+    totals = {p: sum(t for q, _, t in calls if q == p and t) for p, _, _ in calls}
+    done = {p: sum(n for q, n, _ in calls if q == p) for p, _, _ in calls}
+    # progress per batch of every shard, then per phase; each phase ends where it said it would
+    assert sum(1 for p, n, _ in calls if p == "scoring" and n) >= 3
+    assert totals["scoring"] == done["scoring"] >= 39 and done == totals
+    assert {"scoring", "metrics", "render"} <= set(done)
+    cost = threads["cost_per_image"]
+    assert cost["images"] == 39 and set(cost["methods"]) == {"saliency", "gradcam"}
+    assert all(v > 0 for v in cost["methods"].values())
     dask = audit_flow.audit.with_options(task_runner=dask_runner(None))(config_for(small_data, tmp_path / "dask"))
     assert dask["verdict"] == threads["verdict"] and dask["scored"] == threads["scored"] == 39
     for name in ("predictions.parquet", "metrics.parquet"):

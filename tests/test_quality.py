@@ -105,3 +105,57 @@ def test_randomised_model_changes_gradient_maps_on_the_demo_cnn():
     assert table.spearman.iloc[0] <= 1.0 and set(table.layer) >= {"classifier.4", "features.0"}
     # the model itself is untouched
     assert torch.equal(build_model(card).state_dict()["features.0.weight"], model.state_dict()["features.0.weight"])
+
+
+def test_randomisation_cascade_by_blocks_ends_at_the_same_fully_random_model():
+    from tasks.quality.sanity import cascade, parameter_layers
+    layers = [f"l{i}" for i in range(41)]
+    groups = cascade(layers, 5)
+    assert [len(g) for g in groups] == [1, 10, 10, 10, 10] and sum(groups, []) == layers   # top layer alone first
+    assert cascade(layers, 0) == [[n] for n in layers] == cascade(layers, 41) == cascade(layers, 99)
+    assert cascade(layers, 1) == [layers] and [len(g) for g in cascade(layers, 2)] == [1, 40]
+    assert all(sum(cascade(layers[:k], d), []) == layers[:k] for k in range(1, 12) for d in range(0, 13))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    assert len(parameter_layers(model)) == 4
+
+    def maps_of(m, xs, ts):
+        res = attribute(m, xs, ["saliency"], target=ts)
+        return {k: display_heatmap(v, (8, 8)) for k, v in res.attributions.items()}
+    target = model(x).argmax(1)
+    every = randomisation_check(model, x, ["saliency"], maps_of, target, depths=0)
+    blocks = randomisation_check(model, x, ["saliency"], maps_of, target, depths=2)
+    assert every.step.tolist() == [1, 2, 3, 4] and every.n_layers.tolist() == [1, 2, 3, 4]
+    assert blocks.step.tolist() == [1, 2] and blocks.n_layers.tolist() == [1, 4] and blocks.layer.tolist() == ["7", "0"]
+    # same draws in the same order: the first and last measurements equal the layer-by-layer cascade's
+    np.testing.assert_allclose(blocks.spearman.to_numpy(), every.spearman.to_numpy()[[0, 3]])
+    assert blocks.insensitive.tolist()[-1] == every.insensitive.tolist()[-1]
+
+
+def test_stability_of_all_methods_at_once_equals_each_method_alone():
+    from tasks.quality.stability import sensitivities
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
+    x = torch.randn(5, 1, 8, 8)
+    methods = ["saliency", "gradcam", "input_x_gradient", "smoothgrad"]
+    ctx = ctx_for(model, x, methods)
+    calls = []
+
+    def explain_all(ms, xs, ts, keys=None):
+        calls.append(list(ms))
+        return attribute(model, xs, ms, target=ts, example_keys=keys).attributions
+    alone = {m: sensitivities(ctx, [m], 3, 0.05)[m] for m in methods}
+    ctx.explain_all = explain_all
+    together = sensitivities(ctx, methods, 3, 0.05)
+    assert calls == [methods]           # one call for every method
+    for m in methods:
+        np.testing.assert_allclose(together[m], alone[m], rtol=1e-5, atol=1e-7)
+        assert np.all(alone[m] > 0)
+    # the registered check computes every method once per batch and answers each from its cache
+    ctx.cache.clear()
+    calls.clear()
+    out = {m: CHECKS["stability"].fn(ctx, method=m, samples=3, radius=0.05)["max_sensitivity"] for m in methods}
+    assert calls == [methods] and all(np.allclose(out[m], together[m]) for m in methods)

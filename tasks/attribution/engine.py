@@ -7,6 +7,7 @@ every gradient-pass method (saliency, input x gradient, Grad-CAM, Grad-CAM++).
 from __future__ import annotations
 
 import hashlib
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -249,6 +250,45 @@ class AttributionResult:
     target: torch.Tensor
     attributions: dict[str, torch.Tensor]
     extras: dict[str, dict[str, torch.Tensor]]
+    seconds: dict[str, float] = field(default_factory=dict)   # wall time per method; a shared pass split evenly
+
+
+def _chunked_gradient_pass(model: nn.Module, x: torch.Tensor, target: Any, layer: nn.Module | None,
+                           input_grad: bool, max_batch: int) -> tuple[torch.Tensor, torch.Tensor, GradientPass]:
+    """`_gradient_pass` over chunks of at most `max_batch` rows (halved on a CUDA out-of-memory error), the
+    parts concatenated: the logits, the targets and the pass equal one pass over all rows."""
+    per_row = not (target is None or isinstance(target, (str, int)))
+    if per_row:
+        target = torch.as_tensor(target, dtype=torch.long, device=x.device).reshape(-1)
+        if target.numel() == 1 and len(x) != 1:
+            target = target.expand(len(x))
+        if target.shape != (len(x),):
+            raise XAuditError(f"attribute: 'target' must be 'predicted', a class index, or one class per example "
+                              f"({len(x)}); got {target.numel()} classes")
+    if len(x) <= max_batch:
+        return _gradient_pass(model, x, lambda lg: resolve_target(target, lg), layer, input_grad)
+    parts: list[tuple[torch.Tensor, torch.Tensor, GradientPass]] = []
+    start, size = 0, max(1, max_batch)
+    while start < len(x):
+        s = slice(start, min(len(x), start + size))
+        t = target[s] if per_row else target
+        try:
+            parts.append(_gradient_pass(model, x[s], lambda lg, t=t: resolve_target(t, lg), layer, input_grad))
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            size = max(1, size // 2)
+            torch.cuda.empty_cache()
+            continue
+        start = s.stop
+    if len(parts) == 1:
+        return parts[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p[2], name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            GradientPass(cat("input_grad"), cat("activations"), cat("layer_grad")))
 
 
 def resolve_target(target: Any, logits: torch.Tensor) -> torch.Tensor:
@@ -312,10 +352,11 @@ def attribute(
         # CAM methods need gradients at the CAM layer only; saliency and input x gradient need them at the input
         input_grad = any(m.gradient_pass and not m.layer for m in specs)
         shared = None
-        if logits is None and any(m.gradient_pass for m in specs) and len(inputs) <= max_batch:
-            # The gradient pass's forward is the clean forward: one forward/backward for the whole family.
-            logits, tgt, shared = _gradient_pass(model, inputs, lambda lg: resolve_target(target, lg), layer,
-                                                 input_grad)
+        t0 = _clock(inputs)
+        if logits is None and any(m.gradient_pass for m in specs):
+            # The gradient pass's forward is the clean forward: one forward/backward for the whole family
+            # (in chunks of `max_batch` rows, so large images get no extra forward either).
+            logits, tgt, shared = _chunked_gradient_pass(model, inputs, target, layer, input_grad, max_batch)
         else:
             if logits is None:
                 with torch.inference_mode():
@@ -325,13 +366,25 @@ def attribute(
         ctx = Context(model, inputs.detach(), tgt, logits, layer, seed, max_batch, shared, input_grad,
                       list(example_keys) if example_keys is not None else None)
         attributions, extras = {}, {}
+        shared_at = _clock(inputs) - t0
+        sharing = [m.name for m in specs if m.gradient_pass] if shared is not None else []
+        seconds = {m.name: shared_at / len(sharing) if m.name in sharing else 0.0 for m in specs}
         for m in specs:
+            t0 = _clock(inputs)
             out = m.fn(ctx, **resolved[m.name])
             attributions[m.name] = out.attributions.detach()
             extras[m.name] = {k: v.detach() for k, v in out.extras.items()}
+            seconds[m.name] += _clock(inputs) - t0
     finally:
         model.train(was_training)
-    return AttributionResult(logits, tgt, attributions, extras)
+    return AttributionResult(logits, tgt, attributions, extras, seconds)
+
+
+def _clock(x: torch.Tensor) -> float:
+    """Wall clock after the device's queued work (so a method's time is its own on CUDA too)."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter()
 
 
 def display_heatmap(attributions: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

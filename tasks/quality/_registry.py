@@ -27,6 +27,10 @@ class QualityContext:
     seed: int = 0
     params: dict[str, Any] = field(default_factory=dict)
     keys: list[int] | None = None
+    # explain_all(methods, x, target, keys) -> {method: raw attributions}: several methods on the same inputs in
+    # one call (the gradient family then shares one pass); None: `explain` once per method
+    explain_all: Callable[..., dict[str, torch.Tensor]] | None = None
+    cache: dict[Any, Any] = field(default_factory=dict)     # results checks share within the batch
 
     def generators(self, salt: int) -> list[torch.Generator]:
         """One generator per example (seed, salt, the example's key or position): checks draw per example,
