@@ -205,26 +205,40 @@ def _flow_call(fn, config):
                          f"directory is kept: {run_dir} (rerun with --run-id {config.run_id} to resume)") from None
 
 
-def _run(args: argparse.Namespace) -> int:
+def _loaded_configs(args: argparse.Namespace) -> list:
+    """Load every config of `xaudit run` (a bad field fails here, in moments)."""
     from tasks.config import load_config, new_run_id
-    from tasks.preflight import preflight_audit
-    from tasks.models import cached_model
     _trust(args.trust_factory)
     overrides = {k: v for k, v in (("run_id", args.run_id), ("output_dir", args.output_dir),
                                    ("device", args.device)) if v}
     if args.run_id and len(args.configs) > 1:
         raise XAuditError("xaudit run: '--run-id' needs exactly one CONFIG")
     configs = []
-    for c in args.configs:                  # check every config in full before running any
-        config = _settled(load_config(c, overrides), new_run_id)
+    for c in args.configs:
         try:
-            preflight_audit(config, load=cached_model)
+            configs.append(_settled(load_config(c, overrides), new_run_id))
         except XAuditError as exc:
             raise XAuditError(f"{c}: {exc}" if len(args.configs) > 1 else str(exc)) from None
-        configs.append(config)
     ids = [c.run_id for c in configs]
     if len(set(ids)) != len(ids):
         raise XAuditError(f"xaudit run: the configs name the same 'run_id' {sorted({i for i in ids if ids.count(i) > 1})}")
+    return configs
+
+
+def _preflight_all(paths: list[str], configs: list) -> None:
+    """Preflight every config in full (model, probe forward, data schema) before any runs."""
+    from tasks.models import cached_model
+    from tasks.preflight import preflight_audit
+    for c, config in zip(paths, configs):
+        try:
+            preflight_audit(config, load=cached_model)
+        except XAuditError as exc:
+            raise XAuditError(f"{c}: {exc}" if len(paths) > 1 else str(exc)) from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    configs = _loaded_configs(args)
+    _preflight_all(args.configs, configs)
     import flows.audit as audit_flow
     flow_fn = audit_flow.audit
     if args.runner == "dask" or args.dask_address:
@@ -263,10 +277,15 @@ def dask_runner(address: str | None):
 @contextmanager
 def progress_bars(show: bool, label: str):
     """Draw a bar per phase of the run (scoring in images, the randomisation check in rounds, ...) with an ETA
-    on stderr while the block runs, when `show`."""
+    on stderr while the block runs, when `show`; the phases' notes (a check's size and estimated cost) are
+    printed to stderr either way."""
     from tasks import progress
     if not show:
-        yield
+        def quiet(phase: str, advance: int, total: int | None, note: str | None = None) -> None:
+            if note:
+                print(f"{label}: {note}", file=sys.stderr, flush=True)
+        with progress.reporting_to(quiet):
+            yield
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
@@ -274,7 +293,10 @@ def progress_bars(show: bool, label: str):
                   TextColumn("eta"), TimeRemainingColumn(), transient=True) as bar:
         tasks: dict[str, int] = {}
 
-        def sink(phase: str, advance: int, total: int | None) -> None:
+        def sink(phase: str, advance: int, total: int | None, note: str | None = None) -> None:
+            if note:
+                bar.console.print(f"{label}: {note}")
+                return
             if phase not in tasks:
                 tasks[phase] = bar.add_task(f"{label}: {phase}", total=0)
             task = tasks[phase]

@@ -7,8 +7,9 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-# sink(phase, advance, total): `advance` units done since the last call; `total` set (or grown) when not None
-Sink = Callable[[str, int, int | None], None]
+# sink(phase, advance, total): `advance` units done since the last call; `total` set (or grown) when not None;
+# a note (what a phase is about to cost) comes as sink(phase, 0, None, note=text)
+Sink = Callable[..., None]
 _sink: Sink | None = None
 _lock = threading.Lock()
 
@@ -44,3 +45,10 @@ def step(phase: str) -> Iterator[None]:
     start(phase, 1)
     yield
     advance(phase)
+
+
+def note(phase: str, text: str) -> None:
+    """Tell the user something about `phase` before it runs (its size, its estimated cost)."""
+    if _sink is not None:
+        with _lock:
+            _sink(phase, 0, None, note=text)

@@ -102,7 +102,7 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         inputs = decoded.inputs.to(device, non_blocking=cuda).contiguous(memory_format=memory_format)
 
         def attribute_rows(rows: list[int]):
-            x = inputs[rows] if len(rows) < len(inputs) else inputs
+            x = inputs[rows].contiguous(memory_format=memory_format) if len(rows) < len(inputs) else inputs
             target = decoded.labels[rows].to(device) if spec.target == "label" else "predicted"
             # random draws per example id: an example's explanation does not depend on its shard or batch
             keys = example_keys([decoded.example_ids[i] for i in rows])

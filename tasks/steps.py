@@ -117,6 +117,7 @@ def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str,
     """Model-randomisation sanity check of every attribution method; writes sanity.parquet. Logs its cost
     estimate first, from the scoring's measured cost per image (`shard_outputs`)."""
     from prefect.logging import get_run_logger
+
     from .quality.sanity import cascade, parameter_layers
     from .scoring import cost_per_image, sanity_check
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
@@ -124,9 +125,12 @@ def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str,
         rounds = 1 + len(cascade(parameter_layers(model), config.quality.sanity_depths))
         images = min(config.quality.sanity_images, shard_rows_of(shard))
         cost = cost_per_image(shard_outputs or [])
-        estimate = f", about {rounds * images * sum(cost['methods'].values()):.0f} s" if cost["images"] else ""
-        get_run_logger().info("randomisation check: %d images x %d rounds of %s%s", images, rounds,
-                              ", ".join(config.attribution.methods), estimate)
+        seconds = rounds * images * sum(cost["methods"].values())
+        estimate = (f", about {seconds:.0f} s" if seconds >= 1 else ", under a second") if cost["images"] else ""
+        text = (f"randomisation check: {images} images x {rounds} rounds (the original model and "
+                f"{rounds - 1} depths of the cascade) of {', '.join(config.attribution.methods)}{estimate}")
+        get_run_logger().info(text)
+        progress.note("randomisation check", text)
         progress.start("randomisation check", rounds)
         # the cached model is safe here: the check randomises a deep copy, never the model itself
         return str(sanity_check(shard, ModelCard.from_dict(card), config, model, device,

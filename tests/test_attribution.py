@@ -507,3 +507,27 @@ def test_token_grids_follow_the_image_aspect_and_extra_tokens():
     torch.testing.assert_close(grid[:, :, 0, 1], tokens[:, 3])
     with pytest.raises(XAuditError, match="patch grid"):
         to_grid(torch.zeros(1, 7 * 11 + 40, 8), ln, (32, 32))
+
+
+def test_gradient_family_in_chunks_takes_its_logits_from_the_shared_pass():
+    """Batches larger than max_batch (every 224² batch under the default memory budget): the family still
+    shares one forward/backward per chunk, whose forward gives the logits; equal to one pass over all rows."""
+    model = demo_model()
+    x = inputs_for((3, 32, 32), 7)
+    family = ["saliency", "input_x_gradient", "gradcam", "gradcam_plus_plus"]
+    t = distinct_targets(7)
+    whole = attribute(model, x, family, target=t)
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    try:
+        chunked = attribute(model, x, family, target=t, max_batch=3)
+    finally:
+        handle.remove()
+    assert calls == [3, 3, 1]            # one forward per chunk: no separate clean forward
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(chunked.target, whole.target) and chunked.target.tolist() == t.tolist()
+    for m in family:
+        torch.testing.assert_close(chunked.attributions[m], whole.attributions[m], rtol=1e-5, atol=1e-6)
+    assert set(chunked.seconds) == set(family) and all(s >= 0 for s in chunked.seconds.values())
+    with pytest.raises(XAuditError, match="one class per example"):
+        attribute(model, x, family, target=[1, 2], max_batch=3)

@@ -102,15 +102,23 @@ def test_flow_on_a_local_dask_cluster_matches_the_thread_runner(prefect_harness,
     from flows import audit as audit_flow
     from flows.cli import dask_runner
     from tasks import progress
-    calls = []
-    with progress.reporting_to(lambda phase, n, total: calls.append((phase, n, total))):
+    calls, notes = [], []
+
+    def sink(phase, n, total, note=None):
+        if note:
+            notes.append((phase, note))
+        else:
+            calls.append((phase, n, total))
+    with progress.reporting_to(sink):
         threads = audit_flow.audit(config_for(small_data, tmp_path / "threads"))
     totals = {p: sum(t for q, _, t in calls if q == p and t) for p, _, _ in calls}
     done = {p: sum(n for q, n, _ in calls if q == p) for p, _, _ in calls}
     # progress per batch of every shard, then per phase; each phase ends where it said it would
     assert sum(1 for p, n, _ in calls if p == "scoring" and n) >= 3
     assert totals["scoring"] == done["scoring"] >= 39 and done == totals
-    assert {"scoring", "metrics", "render"} <= set(done)
+    assert {"scoring", "metrics", "render", "randomisation check"} <= set(done)
+    # the randomisation check says its size before it runs (the demo CNN: every one of its 5 layers)
+    assert notes and notes[0][0] == "randomisation check" and " x 6 rounds " in notes[0][1]
     cost = threads["cost_per_image"]
     assert cost["images"] == 39 and set(cost["methods"]) == {"saliency", "gradcam"}
     assert all(v > 0 for v in cost["methods"].values())
