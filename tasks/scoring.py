@@ -18,7 +18,7 @@ from . import progress, stopping
 from .attribution import attribute, display_heatmap
 from .attribution.engine import example_keys
 from .config import AuditConfig
-from .data import decode_batches, decode_shard, rejects_table
+from .data import decode_batches, decode_shard, rejects_table, shard_rows
 from .io import write_parquet
 from .models import ModelCard, use_channels_last
 from .quality import QualityContext, quality_columns, run_checks
@@ -71,7 +71,22 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
     name = Path(shard).stem
     spec = config.attribution
     size = (spec.heatmap_size, spec.heatmap_size)
-    probs_all, expl_rows, labels_all, ids_all, meta_parts = [], [], [], [], []
+    # Every per-example result goes straight into arrays sized for the whole shard, allocated once: kept as
+    # small per-batch arrays, they sat between each batch's freed tens of MB in the heap and pinned it, so
+    # resident memory grew ~45 MB per batch of 16 at 224² (benchmarks/README, end_to_end.py)
+    capacity = shard_rows(shard)
+    stat_columns = quality_columns(config.quality.checks)
+    n_methods = len(spec.methods)
+    probs = np.zeros((capacity, card.num_classes))
+    labels = np.zeros(capacity, dtype=np.int64)
+    cols = {"target": np.zeros(capacity * n_methods, np.int64),
+            **{k: np.full(capacity * n_methods, np.nan) for k in (
+                "attribution_sum", "attribution_abs_sum", "completeness_delta", *stat_columns)}}
+    heat = np.zeros((capacity * n_methods, size[0] * size[1]), np.uint8)
+    ids_all: list[str] = []
+    expl_ids: list[str] = []
+    expl_methods: list[str] = []
+    meta_parts = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if spec.autocast and device.type == "cuda" \
         else contextlib.nullcontext()
     cuda = device.type == "cuda"
@@ -133,9 +148,10 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         if not rows:
             continue
         ids = [decoded.example_ids[i] for i in rows]
+        at = len(ids_all)
         ids_all += ids
-        labels_all.append(decoded.labels[rows].numpy())
-        probs_all.append(torch.softmax(res.logits.double(), 1).cpu())
+        labels[at:at + len(rows)] = decoded.labels[rows].numpy()
+        probs[at:at + len(rows)] = torch.softmax(res.logits.double(), 1).cpu().numpy()
         roi = decoded.roi[rows].to(device) if decoded.roi is not None else None
         maps = {m: display_heatmap(raw, card.input_size) for m, raw in res.attributions.items()}
 
@@ -155,26 +171,26 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
             torch.cuda.synchronize(device)
         quality_seconds += time.perf_counter() - t0
         for method, raw in res.attributions.items():
-            full = maps[method]
-            stats = {col: v for (m, col), v in quality.items() if m in (method, None)}
-            low = display_heatmap(raw, size).cpu().numpy().reshape(len(full), -1)
+            k = len(rows)
+            at = len(expl_ids)
+            part = slice(at, at + k)
+            heat[part] = quantize_heatmap(display_heatmap(raw, size).cpu().numpy().reshape(k, -1))
             flat = raw.flatten(1).double()
+            cols["target"][part] = res.target.cpu().numpy()
+            cols["attribution_sum"][part] = flat.sum(1).cpu().numpy()
+            cols["attribution_abs_sum"][part] = flat.abs().sum(1).cpu().numpy()
             delta = res.extras[method].get("delta")
-            expl_rows.append({
-                "example_id": np.array(ids, dtype=object),
-                "method": [method] * len(full),
-                "target": res.target.cpu().numpy(),
-                "attribution_sum": flat.sum(1).cpu().numpy(),
-                "attribution_abs_sum": flat.abs().sum(1).cpu().numpy(),
-                "completeness_delta": delta.double().cpu().numpy() if delta is not None else np.full(len(full), np.nan),
-                **stats,
-                "heatmap": low,
-            })
+            if delta is not None:
+                cols["completeness_delta"][part] = delta.double().cpu().numpy()
+            for (m, col), v in quality.items():
+                if m in (method, None):
+                    cols[col][part] = v
+            expl_ids += ids
+            expl_methods += [method] * k
     rejects = decode_rejects + rejects
-    probs = torch.cat(probs_all).numpy() if probs_all else np.zeros((0, card.num_classes))
     n = len(ids_all)
+    probs, labels = probs[:n], labels[:n]
     pred = probs.argmax(1) if n else np.zeros(0, dtype=np.int64)
-    labels = np.concatenate(labels_all) if labels_all else np.zeros(0, dtype=np.int64)
     names = np.array(card.class_names)
     scored_ids = ids_all
     metadata = pa.concat_tables(meta_parts)
@@ -191,25 +207,18 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
     })
     for col in metadata.column_names:
         predictions = predictions.append_column(col, metadata[col])
-    stat_columns = quality_columns(config.quality.checks)
-    if not expl_rows:      # every row rejected: still write a typed, empty part
-        expl_rows = [{"example_id": np.array([], dtype=object), "method": np.array([], dtype=object),
-                      "target": np.zeros(0, np.int64), **{k: np.zeros(0) for k in (
-                          "attribution_sum", "attribution_abs_sum", "completeness_delta", *stat_columns)},
-                      "heatmap": np.zeros((0, size[0] * size[1]), np.float32)}]
-    cols = {k: np.concatenate([r[k] for r in expl_rows]) for k in expl_rows[0] if k != "heatmap"}
-    heat = np.concatenate([r["heatmap"] for r in expl_rows])
+    m = len(expl_ids)
     explanations = pa.table({
-            "example_id": pa.array(cols["example_id"], pa.string()),
-            "method": pa.array(cols["method"], pa.string()),
-            "target": pa.array(cols["target"], pa.int64()),
-            "attribution_sum": pa.array(cols["attribution_sum"], pa.float64()),
-            "attribution_abs_sum": pa.array(cols["attribution_abs_sum"], pa.float64()),
-            "completeness_delta": pa.array(cols["completeness_delta"], pa.float64(), from_pandas=True),
-            **{k: pa.array(cols[k], pa.float64(), from_pandas=True) for k in stat_columns},
-            "heatmap_height": pa.array(np.full(len(heat), size[0]), pa.int32()),
-            "heatmap_width": pa.array(np.full(len(heat), size[1]), pa.int32()),
-            "heatmap": _list_column(quantize_heatmap(heat), np.uint8),
+            "example_id": pa.array(expl_ids, pa.string()),
+            "method": pa.array(expl_methods, pa.string()),
+            "target": pa.array(cols["target"][:m], pa.int64()),
+            "attribution_sum": pa.array(cols["attribution_sum"][:m], pa.float64()),
+            "attribution_abs_sum": pa.array(cols["attribution_abs_sum"][:m], pa.float64()),
+            "completeness_delta": pa.array(cols["completeness_delta"][:m], pa.float64(), from_pandas=True),
+            **{k: pa.array(cols[k][:m], pa.float64(), from_pandas=True) for k in stat_columns},
+            "heatmap_height": pa.array(np.full(m, size[0]), pa.int32()),
+            "heatmap_width": pa.array(np.full(m, size[1]), pa.int32()),
+            "heatmap": _list_column(heat[:m], np.uint8),
         })
     out = ShardOutput(
         predictions=str(write_parquet(out_dir / f"{name}.predictions.parquet", predictions)),
