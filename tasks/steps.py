@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from . import outputs, progress, report
 from . import preflight as checks
 from .config import AuditConfig, ReviewConfig, new_run_id
-from .data import REJECT_SCHEMA, ingest
+from .data import REJECT_SCHEMA, ingest, shard_rows
 from .devices import device_pool
 from .errors import XAuditError
 from .stopping import RunInterrupted
@@ -68,7 +68,6 @@ def preflight_review(config: ReviewConfig) -> dict[str, dict[str, Any]]:
 @task(name="ingest-data", **IO_RETRIES)
 def ingest_data(config: AuditConfig, run_dir: str) -> dict[str, Any]:
     """Filter the dataset into input shards under the run; returns counts and the content fingerprint."""
-    from .data import shard_rows
     result = ingest(config.data, Path(run_dir) / "inputs", config.shard_size)
     progress.start("scoring", sum(shard_rows(s) for s in result.shards))
     return asdict(result)
@@ -97,7 +96,6 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -
     if key_file.is_file():
         done = json.loads(key_file.read_text())
         if done.get("key") == key and all(Path(done[k]).is_file() for k in ("predictions", "explanations", "rejects")):
-            from .data import shard_rows
             progress.advance("scoring", shard_rows(shard))
             return {**done, "cached": True, "seconds": 0.0}
     c = ModelCard.from_dict(card)
@@ -123,7 +121,7 @@ def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str,
     with device_pool(config.device, config.tasks_per_device).acquire() as device:
         model = _loaded(card, device)
         rounds = 1 + len(cascade(parameter_layers(model), config.quality.sanity_depths))
-        images = min(config.quality.sanity_images, shard_rows_of(shard))
+        images = min(config.quality.sanity_images, shard_rows(shard))
         cost = cost_per_image(shard_outputs or [])
         seconds = rounds * images * sum(cost["methods"].values())
         estimate = (f", about {seconds:.0f} s" if seconds >= 1 else ", under a second") if cost["images"] else ""
@@ -135,11 +133,6 @@ def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str,
         # the cached model is safe here: the check randomises a deep copy, never the model itself
         return str(sanity_check(shard, ModelCard.from_dict(card), config, model, device,
                                 Path(run_dir) / "sanity.parquet"))
-
-
-def shard_rows_of(shard: str) -> int:
-    from .data import shard_rows
-    return shard_rows(shard)
 
 
 @task(name="permutation-importance")
