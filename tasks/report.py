@@ -514,8 +514,9 @@ def _read_finished(run_dir: Path, kind: str, tables: tuple[str, ...]) -> tuple[d
             {t: pq.read_table(run_dir / f"{t}.parquet").to_pandas() for t in tables})
 
 
-def report_context(run_dir: str | Path) -> dict[str, Any]:
-    """Return everything the templates need, read from the run directory only."""
+def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
+    """Return everything the templates need, read from the run directory only (`browse`: with the data of
+    the interactive browsers, for the HTML file; the PDF has none)."""
     run_dir = Path(run_dir)
     manifest, validation, t = _read_finished(run_dir, "run", ("metrics", "predictions", "explanations", "rejects"))
     metrics, pred, expl, rejects = t["metrics"], t["predictions"], t["explanations"], t["rejects"]
@@ -542,14 +543,21 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
     interval = validation.get("interval", {})
     methods = sorted(expl.method.unique())
     params = cfg["attribution"]["params"]
+    shown_gallery = gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
+                            cfg["data"]["image_column"], failed)
+    shortcuts = shortcut_context(run_dir, pred, expl, cfg, card, validation["checks"])
+    shown = {x["example_id"]: x["why"] for g in shown_gallery for x in g["examples"]}
+    for c in (shortcuts or {}).get("candidates", []):
+        for x in c["examples"]:
+            shown.setdefault(x["example_id"], f"shortcut candidate ({c['method']})")
     return dict(
         title=cfg["report"]["title"], manifest=manifest, card=card, cfg=cfg, validation=validation,
         verdict=validation["verdict"], failed=failed, checks=validation["checks"], slices=slices,
         key_metrics=key_metrics, charts=charts, **quality_context(run_dir, scalar, flagged, cfg),
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
-        gallery=gallery(run_dir, pred, expl, slice_col, cfg["report"]["gallery_size"], cfg["data"]["id_column"],
-                        cfg["data"]["image_column"], failed),
-        shortcuts=shortcut_context(run_dir, pred, expl, cfg, card, validation["checks"]),
+        gallery=shown_gallery, shortcuts=shortcuts,
+        **interactive(audit_browser(run_dir, manifest, pred, expl, scalar, validation["checks"], shown)
+                      if browse else None),
         history=history_context(run_dir, manifest["run_id"],
                                 list(dict.fromkeys([*key_metrics, *(t["metric"] for t in cfg["metrics"]["thresholds"])])),
                                 audit_name((cfg.get("history") or {}).get("name"), cfg["report"]["title"])),
@@ -563,9 +571,122 @@ def report_context(run_dir: str | Path) -> dict[str, Any]:
     )
 
 
-def render_html(run_dir: str | Path) -> str:
-    """Return the report as one self-contained HTML document."""
-    return environment().get_template("report.html.j2").render(**report_context(run_dir))
+# --- the interactive browsers (HTML only) ------------------------------------------------------------------
+
+def _maps_by_example(expl: pd.DataFrame, ids: list[str], stat: str | None = None) -> dict[str, dict[str, Any]]:
+    """Return {example_id: {method: (overlay data URI, stat value)}} for `ids` from an explanations table."""
+    from .browser import overlay_png
+    sub = expl[expl.example_id.isin(ids)]
+    out: dict[str, dict[str, Any]] = {}
+    for r in sub.itertuples():
+        hm = np.asarray(r.heatmap, dtype=float).reshape(int(r.heatmap_height), int(r.heatmap_width)) / 255.0
+        value = getattr(r, stat, None) if stat else None
+        out.setdefault(r.example_id, {})[r.method] = (overlay_png(hm), None if value is None or pd.isna(value) else float(value))
+    return out
+
+
+def audit_browser(run_dir: Path, manifest: dict[str, Any], pred: pd.DataFrame, expl: pd.DataFrame,
+                  scalar: pd.DataFrame, checks: list[dict[str, Any]], shown: dict[str, str]) -> dict[str, Any]:
+    """Return the data of the audit report's slice and example browsers: every slice with every metric and its
+    checks; the examples the report shows (`shown`: id -> why) and a bounded sample, with each method's map."""
+    from . import browser as B
+    cfg = manifest["config"]
+    metrics = sorted(scalar.metric.unique())
+    fields, meta = B.filter_fields(pred, [("label", "true class"), ("prediction", "prediction"), ("outcome", "outcome")])
+    ids = B.pick_examples(list(shown), pred.example_id.tolist(), manifest["run_id"])
+    images = _load_images(run_dir, ids, cfg["data"]["id_column"], cfg["data"]["image_column"])
+    stat = "roi_mass" if "roi_mass" in expl and expl.roi_mass.notna().any() else None
+    maps = _maps_by_example(expl, ids, stat)
+    info = pred.set_index("example_id")
+    methods = sorted(expl.method.unique())
+    rows = []
+    for e in ids:
+        if e not in images:
+            continue
+        r = info.loc[e]
+        per = maps.get(e, {})
+        f = {"label": str(r.label_name), "prediction": str(r.prediction_name),
+             "outcome": "correct" if r.correct else "misclassified"}
+        f.update({f"meta:{c}": B._meta_value(r[c]) for c in meta})
+        rows.append(dict(id=e, caption=f"label {r.label_name} → {r.prediction_name} ({float(r.confidence):.2f})",
+                         wrong=not bool(r.correct), why=shown.get(e, ""), f=f,
+                         image=png_data_uri(_image_rgb(images[e], B.BROWSER_THUMB)),
+                         maps={m: [per[m][0]] for m in methods if m in per},
+                         stat={m: per[m][1] for m in methods if m in per}))
+    return dict(kind="audit", metrics=metrics, default_metric="accuracy" if "accuracy" in metrics else metrics[0],
+                thresholds=B.thresholds(checks), slices=B.slice_rows(scalar, checks),
+                examples=B.examples_block(rows, fields, methods, [""], len(pred), len(shown), "ROI mass" if stat else None,
+                                          "scored examples"))
+
+
+def review_browser(rd: Path, manifest: dict[str, Any], examples: pd.DataFrame, drift: pd.DataFrame,
+                   scalar: pd.DataFrame, checks: list[dict[str, Any]], shown: list[str]) -> dict[str, Any]:
+    """Return the data of the review's browsers: per slice every delta, flip and drift statistic with both
+    models' values; the examples the review shows, then the flips, then a bounded sample, each with the
+    baseline's and the candidate's map per method side by side."""
+    from . import browser as B
+    cfg = manifest["config"]
+    names = manifest["models"]["baseline"]["class_names"]
+    metrics = sorted(scalar.metric.unique())
+    fields, meta = B.filter_fields(examples, [("label", "true class"), ("prediction", "candidate prediction"),
+                                              ("outcome", "candidate outcome"), ("flip", "flip")])
+    flips = examples.example_id[examples.flip_any].tolist()
+    ids = B.pick_examples(list(shown) + B.sample_order(flips, manifest["run_id"])[:B.SAMPLE_EXAMPLES],
+                          examples.example_id.tolist(), manifest["run_id"])
+    images = _load_images(rd / "baseline", ids, cfg["data"]["id_column"], cfg["data"]["image_column"])
+    maps = {role: _maps_by_example(pq.read_table(rd / role / "explanations.parquet").to_pandas(), ids)
+            for role in ("baseline", "candidate")}
+    corr = drift.set_index(["example_id", "method"]).rank_corr.to_dict()
+    methods = sorted(drift.method.unique())
+    info = examples.set_index("example_id")
+    rows = []
+    for e in ids:
+        if e not in images:
+            continue
+        r = info.loc[e]
+        bp, cp = names[int(r.baseline_prediction)], names[int(r.candidate_prediction)]
+        flip = "to wrong" if r.flip_to_wrong else "to right" if r.flip_to_right else "other change" if r.flip_any \
+            else "no change"
+        f = {"label": str(r.label_name), "prediction": cp, "outcome": "correct" if r.candidate_correct else "misclassified",
+             "flip": flip}
+        f.update({f"meta:{c}": B._meta_value(r[c]) for c in meta})
+        rows.append(dict(id=e, caption=f"label {r.label_name} · baseline → {bp} · candidate → {cp} · {flip}",
+                         wrong=not bool(r.candidate_correct), why="most changed map" if e in shown else
+                         ("prediction flipped" if r.flip_any else ""), f=f,
+                         image=png_data_uri(_image_rgb(images[e], B.BROWSER_THUMB)),
+                         maps={m: [maps[role].get(e, {}).get(m, (None,))[0] for role in ("baseline", "candidate")]
+                               for m in methods},
+                         stat={m: corr.get((e, m)) for m in methods},
+                         role_caption=[f"predicts {bp}", f"predicts {cp}"]))
+    default = next((c["metric"] for c in checks if c["status"] != "PASS" and not c.get("sub_key")), None) \
+        or ("delta.accuracy" if "delta.accuracy" in metrics else metrics[0])
+    n_shown = len([e for e in dict.fromkeys(list(shown) + flips[:B.SAMPLE_EXAMPLES])])
+    return dict(kind="review", metrics=metrics, default_metric=default, thresholds=B.thresholds(checks),
+                slices=B.slice_rows(scalar, checks, extra=("baseline", "candidate")),
+                examples=B.examples_block(rows, fields, methods, ["baseline", "candidate"], len(examples), n_shown,
+                                          "rank correlation", "compared examples"))
+
+
+def interactive(data: dict[str, Any] | None) -> dict[str, Any]:
+    """Return the template variables of the interactive layer: the data as safe JSON, the script and the CSP
+    that admits it (or, for the PDF, none of them and the CSP without scripts)."""
+    from . import browser as B
+    if data is None:
+        return dict(browser_json=None, browser_script=None, csp=B.csp(None))
+    code = B.script()
+    return dict(browser_json=B.embed_json(data), browser_script=code, csp=B.csp(code))
+
+
+def render_html(run_dir: str | Path, browse: bool = True) -> str:
+    """Return the report as one self-contained HTML document (`browse`: with its interactive browsers)."""
+    return environment().get_template("report.html.j2").render(**report_context(run_dir, browse))
+
+
+def _both(template: str, context: dict[str, Any]) -> tuple[str, str]:
+    """Return (the HTML file's document, the PDF's document): the same context, the PDF's without the script,
+    its data or a CSP that admits a script."""
+    tpl = environment().get_template(template)
+    return tpl.render(**context), tpl.render(**{**context, **interactive(None)})
 
 
 class DataOnlyFetcher:
@@ -601,9 +722,10 @@ def render_pdf(html: str, path: str | Path, attachments: list[tuple[str, bytes]]
 
 
 def write_reports(directory: Path, stem: str, html: str, formats: tuple[str, ...],
-                  evidence: tuple[str, ...]) -> dict[str, str]:
+                  evidence: tuple[str, ...], pdf_html: str | None = None) -> dict[str, str]:
     """Write `<stem>.html` and/or `<stem>.pdf` (with the `evidence` files embedded; manifest.json as it was
-    before the reports, so a re-rendering embeds the same bytes); returns {format: path}."""
+    before the reports, so a re-rendering embeds the same bytes; `pdf_html`, default `html`, is the PDF's
+    document); returns {format: path}."""
     from .outputs import json_bytes, unsealed
     out: dict[str, str] = {}
     if "html" in formats:
@@ -615,21 +737,23 @@ def write_reports(directory: Path, stem: str, html: str, formats: tuple[str, ...
             return json_bytes(manifest) if name == "manifest.json" else (directory / name).read_bytes()
         # dated by the run (its manifest), not the clock: a re-rendering gives the same bytes
         when = datetime.fromisoformat(manifest.get("finished_utc") or manifest["created_utc"])
-        out["pdf"] = str(render_pdf(html, directory / f"{stem}.pdf", [(n, content(n)) for n in evidence], when=when))
+        out["pdf"] = str(render_pdf(pdf_html or html, directory / f"{stem}.pdf", [(n, content(n)) for n in evidence], when=when))
     return out
 
 
 def render_report(run_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf")) -> dict[str, str]:
     """Render report.html and/or report.pdf into the run directory; returns {format: path}."""
     run_dir = Path(run_dir)
-    return write_reports(run_dir, "report", render_html(run_dir), formats,
-                         ("metrics.parquet", "validation.json", "manifest.json"))
+    html, pdf_html = _both("report.html.j2", report_context(run_dir))
+    return write_reports(run_dir, "report", html, formats, ("metrics.parquet", "validation.json", "manifest.json"),
+                         pdf_html)
 
 
 # --- release review --------------------------------------------------------------------------------------
 
-def review_context(review_dir: str | Path, examples_shown: int = 6) -> dict[str, Any]:
-    """Return what the review template needs, read from the review directory and its two audits."""
+def review_context(review_dir: str | Path, examples_shown: int = 6, browse: bool = True) -> dict[str, Any]:
+    """Return what the review template needs, read from the review directory and its two audits (`browse`:
+    with the data of the interactive browsers)."""
     rd = Path(review_dir)
     manifest, validation, t = _read_finished(rd, "review", ("review_metrics", "review_examples", "review_drift"))
     table, examples, drift = t["review_metrics"], t["review_examples"], t["review_drift"]
@@ -700,11 +824,14 @@ def review_context(review_dir: str | Path, examples_shown: int = 6) -> dict[str,
         drift_rows=rows(drift_metrics), drift_methods=methods, gallery=gallery_items, report=cfg["report"],
         interval=validation.get("interval", {}), n_examples=len(examples),
         models=manifest["models"], artifacts=manifest.get("artifacts", {}),
+        **interactive(review_browser(rd, manifest, examples, drift, scalar, validation["checks"],
+                                     [g["example_id"] for g in gallery_items]) if browse else None),
     )
 
 
 def render_review(review_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf")) -> dict[str, str]:
     """Render review.html and/or review.pdf into the review directory; returns {format: path}."""
     rd = Path(review_dir)
-    html = environment().get_template("review.html.j2").render(**review_context(rd))
-    return write_reports(rd, "review", html, formats, ("review_metrics.parquet", "validation.json", "manifest.json"))
+    html, pdf_html = _both("review.html.j2", review_context(rd))
+    return write_reports(rd, "review", html, formats, ("review_metrics.parquet", "validation.json", "manifest.json"),
+                         pdf_html)

@@ -24,18 +24,21 @@ def _png(arr):
     return buf.getvalue()
 
 
-def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str = "golden-run") -> Path:
+def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str = "golden-run",
+          classes: list[str] | None = None, site_names: list[str] | None = None, n: int = 60) -> Path:
     """Write a finished audit of 60 synthetic examples. `degrade` lowers the true class's logit on site
-    'south' and moves the heatmaps there (a worse candidate model for review tests); all else is identical."""
+    'south' and moves the heatmaps there (a worse candidate model for review tests); all else is identical.
+    `classes` and `site_names` (three each) replace the class and site names; `n` is the number of examples."""
+    classes = list(classes or CLASSES)
     rng = np.random.default_rng(42)
-    n, k = 60, 3
+    k = 3
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "inputs").mkdir(exist_ok=True)
     ids = [f"ex-{i:03d}" for i in range(n)]
     y = rng.integers(0, k, n)
     logits = rng.normal(size=(n, k))
     logits[np.arange(n), y] += 1.5
-    sites = np.array(["north", "south", "file:///etc/passwd" if hostile else "east"])[rng.integers(0, 3, n)]
+    sites = np.array(site_names or ["north", "south", "file:///etc/passwd" if hostile else "east"])[rng.integers(0, 3, n)]
     logits[np.flatnonzero(sites == "south"), y[sites == "south"]] -= degrade
     p = np.round(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 4)
     p = p / p.sum(1, keepdims=True)
@@ -43,7 +46,7 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
     images = [_png(rng.integers(0, 255, (16, 16))) for _ in range(n)]
     pq.write_table(pa.table({"example_id": ids, "image_png": images, "label": y.tolist(), "site": sites}),
                    run_dir / "inputs" / "shard-00000.parquet")
-    names = np.array(CLASSES)
+    names = np.array(classes, dtype=object)
     pq.write_table(pa.table({
         "example_id": ids, "label": y, "label_name": names[y], "prediction": pred, "prediction_name": names[pred],
         "confidence": p.max(1), "correct": pred == y,
@@ -74,7 +77,7 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
     })
     stats = {f"{m}.roi_mass": ExampleStat(roi[i * n:(i + 1) * n], True) for i, m in enumerate(["saliency", "gradcam"])}
     ev = evaluate(y, p, pq.read_table(run_dir / "predictions.parquet").select(["site"]).to_pandas(),
-                  slices=[[], ["site"]], example_stats=stats, class_names=CLASSES, replicates=200, seed=0,
+                  slices=[[], ["site"]], example_stats=stats, class_names=classes, replicates=200, seed=0,
                   min_slice_size=5)
     table = ev.table
     table.insert(0, "model", "pets@2.0")
@@ -85,7 +88,7 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
                "interval": {"ci_method": ev.method, "ci_replicates": "200", "ci_seed": "0", "ci_level": "0.95"}})
     card = {"name": "pets", "version": "2.0", "factory": "tasks.nets:demo_cnn", "weights": "pets.safetensors",
             "weights_sha256": "0" * 64, "kwargs": {}, "input_size": [16, 16], "channels": 1, "mean": [0.5],
-            "std": [0.25], "class_names": CLASSES, "target_layer": None, "description": "A pets model.", "extra": {}}
+            "std": [0.25], "class_names": classes, "target_layer": None, "description": "A pets model.", "extra": {}}
     manifest = {
         "schema": "xaudit.manifest/1", "run_id": run_id, "created_utc": "2026-01-02T03:04:05+00:00",
         "finished_utc": "2026-01-02T03:05:00+00:00", "verdict": result.verdict,

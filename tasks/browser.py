@@ -1,0 +1,190 @@
+"""The report's interactive layer: the data its slice and example browsers need, embedded once as compact
+JSON, the inline script that draws them, and the Content-Security-Policy that lets that script, and nothing
+else, run.
+
+The HTML report stays one offline file: the script is inlined and admitted by its SHA-256 hash, the data
+sits in a `<script type="application/json">` block (never executed), every string from the data is put on the
+page as text by the script (no HTML is parsed from it), and images are `data:` URLs only. The PDF is rendered
+without any of it (PDF/A forbids scripts) and the page reads the same without JavaScript.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+SCRIPT_PATH = Path(__file__).resolve().parent.parent / "templates" / "browser.js"
+# examples embedded beyond those the report itself shows, and the bytes all embedded examples may take
+SAMPLE_EXAMPLES = 240
+EXAMPLE_BUDGET = 3_500_000
+BASE_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def script() -> str:
+    """Return the browsers' script, exactly as it is inlined (the CSP's hash is of these characters)."""
+    return SCRIPT_PATH.read_text(encoding="utf-8")
+
+
+def csp(inline_script: str | None) -> str:
+    """Return the report's Content-Security-Policy: nothing may load but inline `data:` images and the
+    inline styles; with `inline_script`, that one script may run (by its hash), no other."""
+    if inline_script is None:
+        return BASE_CSP
+    digest = base64.b64encode(hashlib.sha256(inline_script.encode("utf-8")).digest()).decode()
+    return f"{BASE_CSP}; script-src 'sha256-{digest}'"
+
+
+def _plain(x: Any) -> Any:
+    """Return `x` with numpy scalars as Python numbers and NaN/inf as None (JSON has neither)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        x = float(x)
+        return round(x, 6) if math.isfinite(x) else None
+    if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA:
+        return None
+    return x
+
+
+def embed_json(data: dict[str, Any]) -> str:
+    """Return `data` as compact JSON that is safe inside a `<script type="application/json">` element: `<`,
+    `>` and `&` are written as \\u escapes, so no string in the data can close the element or open a comment."""
+    text = json.dumps(_plain(data), separators=(",", ":"), ensure_ascii=False, allow_nan=False, sort_keys=False)
+    for raw, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(raw, esc)
+    return text
+
+
+def _label(key: str, value: str) -> str:
+    return "overall" if key == "overall" else f"{key}={value}"
+
+
+def _checks(checks: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in checks:
+        out.setdefault((c["slice_key"], c["slice_value"]), []).append(dict(
+            metric=c["metric"], sub_key=c.get("sub_key") or "", status=c["status"], kind=c.get("kind"),
+            gate_on=c.get("gate_on"), value=c.get("value"), bound=c.get("bound"), message=c.get("message") or ""))
+    return out
+
+
+def slice_rows(scalar: pd.DataFrame, checks: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Return one row per slice: its label, key, value, n, whether it is suppressed, every metric as
+    [value, ci_low, ci_high, *extra] and the checks made on it (every status)."""
+    by_slice = _checks(checks)
+    rows = []
+    for (key, value), g in scalar.groupby(["slice_key", "slice_value"], sort=False):
+        m = {r["metric"]: [r["value"], r["ci_low"], r["ci_high"], *(r[c] for c in extra)]
+             for r in g.to_dict("records")}
+        rows.append(dict(label=_label(key, value), key=key, value=value, n=int(g.n.iloc[0]),
+                         suppressed=bool(g.suppressed.iloc[0]), m=m, checks=by_slice.get((key, value), [])))
+    return rows
+
+
+def thresholds(checks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Return, per metric, the bounds its checks applied (lower or upper, and severity) for the chart's lines:
+    taken from the checks themselves, so a change threshold on a review draws where it gated (its delta)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for c in checks:
+        if c.get("sub_key") or c.get("kind") not in ("lower", "upper") or c.get("bound") is None:
+            continue
+        line = dict(lower=c["bound"] if c["kind"] == "lower" else None,
+                    upper=c["bound"] if c["kind"] == "upper" else None, severity=c.get("severity", "fail"))
+        if line not in out.setdefault(c["metric"], []):
+            out[c["metric"]].append(line)
+    return out
+
+
+def overlay_png(heatmap: np.ndarray) -> str:
+    """Return a data URI of a [0, 1] map as an RGBA PNG at its own resolution: the colour ramp, opacity growing
+    with the value (the browser scales it smoothly over the input and the reader's slider sets its strength)."""
+    from .report import _colormap
+    hm = np.clip(np.asarray(heatmap, dtype=float), 0, 1)
+    rgba = np.concatenate([_colormap(hm), (255 * np.sqrt(hm))[..., None]], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(rgba, 0, 255).astype(np.uint8), "RGBA").save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def sample_order(ids: list[str], seed: str) -> list[str]:
+    """Return `ids` in a fixed pseudo-random order (by a hash of the run id and the example id), so the
+    embedded sample is the same on every rendering and does not follow the data's order."""
+    return sorted(ids, key=lambda e: hashlib.sha256(f"{seed}\0{e}".encode()).digest())
+
+
+def pick_examples(selected: list[str], all_ids: list[str], seed: str, sample: int = SAMPLE_EXAMPLES) -> list[str]:
+    """Return the examples to embed: those the report shows (`selected`, in order) and then up to `sample`
+    others in a fixed random order."""
+    chosen = list(dict.fromkeys(selected))
+    seen = set(chosen)
+    rest = [e for e in sample_order(all_ids, seed) if e not in seen]
+    return chosen + rest[:sample]
+
+
+def within_budget(rows: list[dict[str, Any]], budget: int = EXAMPLE_BUDGET) -> list[dict[str, Any]]:
+    """Return the leading `rows` whose images fit in `budget` bytes (always at least one)."""
+    out, used = [], 0
+    for r in rows:
+        size = len(r.get("image") or "") + sum(len(u or "") for maps in r.get("maps", {}).values() for u in maps)
+        if out and used + size > budget:
+            break
+        out.append(r)
+        used += size
+    return out
+
+
+BROWSER_THUMB = 128
+FIXED_COLUMNS = {"example_id", "label", "label_name", "prediction", "prediction_name", "confidence", "correct",
+                 "probabilities", "shard", "baseline_prediction", "candidate_prediction", "baseline_correct",
+                 "candidate_correct", "flip_any", "flip_to_wrong", "flip_to_right"}
+MAX_FIELD_VALUES = 60
+
+
+def filter_fields(frame: pd.DataFrame, fixed: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Return the example browser's filters — `fixed` (id, label) first, then each metadata column with at most
+    MAX_FIELD_VALUES distinct values — with their values, and the metadata columns used."""
+    meta = [c for c in frame.columns if c not in FIXED_COLUMNS and not c.startswith("_")
+            and frame[c].map(lambda v: isinstance(v, (str, int, float, bool, np.integer, np.floating, np.bool_))
+                             or v is None).all() and frame[c].nunique(dropna=False) <= MAX_FIELD_VALUES]
+    fields = [dict(id=i, label=label, values=[]) for i, label in fixed]
+    fields += [dict(id=f"meta:{c}", label=c, values=[]) for c in meta]
+    return fields, meta
+
+
+def fill_values(fields: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill each filter's values from the embedded rows (sorted), dropping filters with fewer than two."""
+    for f in fields:
+        f["values"] = sorted({r["f"][f["id"]] for r in rows if f["id"] in r["f"]})
+    return [f for f in fields if len(f["values"]) > 1]
+
+
+def _meta_value(v: Any) -> str:
+    return "(missing)" if v is None or (isinstance(v, float) and not math.isfinite(v)) else str(v)
+
+
+def examples_block(rows: list[dict[str, Any]], fields: list[dict[str, Any]], methods: list[str], roles: list[str],
+                   total: int, n_selected: int, stat: str | None, what: str) -> dict[str, Any]:
+    """Return the example browser's data, bounded by EXAMPLE_BUDGET, with a note saying how many are embedded."""
+    kept = within_budget(rows)
+    shown = min(n_selected, len(kept))
+    note = (f"{len(kept)} of the {total} {what} are embedded: the {shown} the report shows and "
+            f"{len(kept) - shown} more in a fixed random order" + (" (the rest did not fit the report's size budget)"
+                                                                    if len(kept) < len(rows) else "") + ".")
+    if len(kept) >= total:
+        note = f"All {total} {what} are embedded."
+    return dict(total=total, embedded=len(kept), note=note, fields=fill_values(fields, kept), methods=methods,
+                roles=roles, stat=stat, rows=kept)
