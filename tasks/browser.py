@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,33 @@ def slice_rows(scalar: pd.DataFrame, checks: list[dict[str, Any]], extra: tuple[
              for r in g.to_dict("records")}
         rows.append(dict(label=_label(key, value), key=key, value=value, n=int(g.n.iloc[0]),
                          suppressed=bool(g.suppressed.iloc[0]), m=m, checks=by_slice.get((key, value), [])))
+    # checks on slices the metrics table has no row for (the shortcut scan's class × slice cells): their own
+    # statistic, interval and n (from the check's message), so a failing one is never missing here
+    seen = {(r["key"], r["value"]) for r in rows}
+    for c in checks:
+        key, value = c["slice_key"], c["slice_value"]
+        if (key, value) in seen:
+            continue
+        seen.add((key, value))
+        own = [x for x in checks if (x["slice_key"], x["slice_value"]) == (key, value)]
+        n = next((int(mt.group(1)) for x in own for mt in [re.search(r"\bn=(\d+)", x.get("message") or "")] if mt), None)
+        rows.append(dict(label=_label(key, value), key=key, value=value, n=n, suppressed=False,
+                         m={x["metric"]: [x.get("value"), x.get("ci_low"), x.get("ci_high"), *(None for _ in extra)]
+                            for x in own if not x.get("sub_key")}, checks=by_slice[(key, value)]))
     return rows
+
+
+def default_metric(checks: list[dict[str, Any]], metrics: list[str], fallback: str) -> str:
+    """Return the metric the slice browser opens on: that of the first check that did not pass (what the
+    verdict is about), else `fallback` where present, else the first."""
+    failed = next((c["metric"] for c in checks if c["status"] != "PASS" and not c.get("sub_key")
+                   and c["metric"] in metrics), None)
+    return failed or (fallback if fallback in metrics else metrics[0])
+
+
+def metric_names(scalar: pd.DataFrame, checks: list[dict[str, Any]]) -> list[str]:
+    """Return every metric the slice browser can show: the table's and those only checks name."""
+    return sorted(set(scalar.metric.unique()) | {c["metric"] for c in checks if not c.get("sub_key")})
 
 
 def thresholds(checks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -109,15 +136,31 @@ def thresholds(checks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def overlay_png(heatmap: np.ndarray) -> str:
-    """Return a data URI of a [0, 1] map as an RGBA PNG at its own resolution: the colour ramp, opacity growing
-    with the value (the browser scales it smoothly over the input and the reader's slider sets its strength)."""
-    from .report import _colormap
-    hm = np.clip(np.asarray(heatmap, dtype=float), 0, 1)
-    rgba = np.concatenate([_colormap(hm), (255 * np.sqrt(hm))[..., None]], axis=-1)
+def map_png(heatmap_u8: np.ndarray) -> str:
+    """Return a data URI of a stored heatmap (uint8, 0-255) as a greyscale PNG at its own resolution; the
+    script colours it with the report's ramp (opacity growing with the value) and the browser scales it
+    smoothly over the input. A quarter of the bytes of the coloured map."""
     buf = io.BytesIO()
-    Image.fromarray(np.clip(rgba, 0, 255).astype(np.uint8), "RGBA").save(buf, format="PNG", optimize=True)
+    Image.fromarray(np.clip(np.asarray(heatmap_u8), 0, 255).astype(np.uint8), "L").save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def thumbnail_uri(data: bytes, limit: int = 128) -> str:
+    """Return a data URI of an input image as a square thumbnail of at most `limit` pixels a side (small
+    inputs keep their own size, grey ones stay grey): PNG, or JPEG (quality 85) where that is smaller."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("L" if im.mode in ("1", "L", "I", "I;16", "F") else "RGB")
+        side = min(limit, max(im.size))
+        im = im.resize((side, side), Image.BILINEAR if side < max(im.size) else Image.NEAREST)
+        png = io.BytesIO()
+        im.save(png, format="PNG", optimize=True)
+        best, mime = png.getvalue(), "image/png"
+        if len(best) > 2048:
+            jpg = io.BytesIO()
+            im.save(jpg, format="JPEG", quality=85, optimize=True)
+            if len(jpg.getvalue()) < 0.8 * len(best):
+                best, mime = jpg.getvalue(), "image/jpeg"
+    return f"data:{mime};base64," + base64.b64encode(best).decode()
 
 
 def sample_order(ids: list[str], seed: str) -> list[str]:

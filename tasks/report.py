@@ -92,6 +92,12 @@ def heatmap_uri(heatmap: np.ndarray, size: int = THUMB, smooth: bool = True) -> 
     return png_data_uri(_colormap(hm / 255.0))
 
 
+def colour_scale_uri(width: int = 160, height: int = 10) -> str:
+    """Return a PNG data URI of the heatmaps' colour ramp, low (left) to high (right): the maps' legend."""
+    ramp = _colormap(np.linspace(0, 1, width))[None].repeat(height, axis=0)
+    return png_data_uri(ramp, allow_jpeg=False)
+
+
 # --- charts ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -555,7 +561,7 @@ def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
         verdict=validation["verdict"], failed=failed, checks=validation["checks"], slices=slices,
         key_metrics=key_metrics, charts=charts, **quality_context(run_dir, scalar, flagged, cfg),
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
-        gallery=shown_gallery, shortcuts=shortcuts,
+        gallery=shown_gallery, shortcuts=shortcuts, colour_scale=colour_scale_uri(),
         **interactive(audit_browser(run_dir, manifest, pred, expl, scalar, validation["checks"], shown)
                       if browse else None),
         history=history_context(run_dir, manifest["run_id"],
@@ -575,13 +581,13 @@ def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
 
 def _maps_by_example(expl: pd.DataFrame, ids: list[str], stat: str | None = None) -> dict[str, dict[str, Any]]:
     """Return {example_id: {method: (overlay data URI, stat value)}} for `ids` from an explanations table."""
-    from .browser import overlay_png
+    from .browser import map_png
     sub = expl[expl.example_id.isin(ids)]
     out: dict[str, dict[str, Any]] = {}
     for r in sub.itertuples():
-        hm = np.asarray(r.heatmap, dtype=float).reshape(int(r.heatmap_height), int(r.heatmap_width)) / 255.0
+        hm = np.asarray(r.heatmap, dtype=np.uint8).reshape(int(r.heatmap_height), int(r.heatmap_width))
         value = getattr(r, stat, None) if stat else None
-        out.setdefault(r.example_id, {})[r.method] = (overlay_png(hm), None if value is None or pd.isna(value) else float(value))
+        out.setdefault(r.example_id, {})[r.method] = (map_png(hm), None if value is None or pd.isna(value) else float(value))
     return out
 
 
@@ -591,7 +597,7 @@ def audit_browser(run_dir: Path, manifest: dict[str, Any], pred: pd.DataFrame, e
     checks; the examples the report shows (`shown`: id -> why) and a bounded sample, with each method's map."""
     from . import browser as B
     cfg = manifest["config"]
-    metrics = sorted(scalar.metric.unique())
+    metrics = B.metric_names(scalar, checks)
     fields, meta = B.filter_fields(pred, [("label", "true class"), ("prediction", "prediction"), ("outcome", "outcome")])
     ids = B.pick_examples(list(shown), pred.example_id.tolist(), manifest["run_id"])
     images = _load_images(run_dir, ids, cfg["data"]["id_column"], cfg["data"]["image_column"])
@@ -610,10 +616,10 @@ def audit_browser(run_dir: Path, manifest: dict[str, Any], pred: pd.DataFrame, e
         f.update({f"meta:{c}": B._meta_value(r[c]) for c in meta})
         rows.append(dict(id=e, caption=f"label {r.label_name} → {r.prediction_name} ({float(r.confidence):.2f})",
                          wrong=not bool(r.correct), why=shown.get(e, ""), f=f,
-                         image=png_data_uri(_image_rgb(images[e], B.BROWSER_THUMB)),
+                         image=B.thumbnail_uri(images[e], B.BROWSER_THUMB),
                          maps={m: [per[m][0]] for m in methods if m in per},
                          stat={m: per[m][1] for m in methods if m in per}))
-    return dict(kind="audit", metrics=metrics, default_metric="accuracy" if "accuracy" in metrics else metrics[0],
+    return dict(kind="audit", metrics=metrics, default_metric=B.default_metric(checks, metrics, "accuracy"),
                 thresholds=B.thresholds(checks), slices=B.slice_rows(scalar, checks),
                 examples=B.examples_block(rows, fields, methods, [""], len(pred), len(shown), "ROI mass" if stat else None,
                                           "scored examples"))
@@ -627,7 +633,7 @@ def review_browser(rd: Path, manifest: dict[str, Any], examples: pd.DataFrame, d
     from . import browser as B
     cfg = manifest["config"]
     names = manifest["models"]["baseline"]["class_names"]
-    metrics = sorted(scalar.metric.unique())
+    metrics = B.metric_names(scalar, checks)
     fields, meta = B.filter_fields(examples, [("label", "true class"), ("prediction", "candidate prediction"),
                                               ("outcome", "candidate outcome"), ("flip", "flip")])
     flips = examples.example_id[examples.flip_any].tolist()
@@ -653,15 +659,13 @@ def review_browser(rd: Path, manifest: dict[str, Any], examples: pd.DataFrame, d
         rows.append(dict(id=e, caption=f"label {r.label_name} · baseline → {bp} · candidate → {cp} · {flip}",
                          wrong=not bool(r.candidate_correct), why="most changed map" if e in shown else
                          ("prediction flipped" if r.flip_any else ""), f=f,
-                         image=png_data_uri(_image_rgb(images[e], B.BROWSER_THUMB)),
+                         image=B.thumbnail_uri(images[e], B.BROWSER_THUMB),
                          maps={m: [maps[role].get(e, {}).get(m, (None,))[0] for role in ("baseline", "candidate")]
                                for m in methods},
                          stat={m: corr.get((e, m)) for m in methods},
                          role_caption=[f"predicts {bp}", f"predicts {cp}"]))
-    default = next((c["metric"] for c in checks if c["status"] != "PASS" and not c.get("sub_key")), None) \
-        or ("delta.accuracy" if "delta.accuracy" in metrics else metrics[0])
     n_shown = len([e for e in dict.fromkeys(list(shown) + flips[:B.SAMPLE_EXAMPLES])])
-    return dict(kind="review", metrics=metrics, default_metric=default, thresholds=B.thresholds(checks),
+    return dict(kind="review", metrics=metrics, default_metric=B.default_metric(checks, metrics, "delta.accuracy"), thresholds=B.thresholds(checks),
                 slices=B.slice_rows(scalar, checks, extra=("baseline", "candidate")),
                 examples=B.examples_block(rows, fields, methods, ["baseline", "candidate"], len(examples), n_shown,
                                           "rank correlation", "compared examples"))

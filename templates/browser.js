@@ -42,6 +42,7 @@
   function failing(checks) {
     return checks.reduce(function (s, c) { return s + (c.status === "FAIL" ? 2 : c.status === "WARN" ? 1 : 0); }, 0);
   }
+  function nOf(s) { return s.n === null || s.n === undefined ? "–" : String(s.n); }
   function option(value, label, selected) { return el("option", { value: value, selected: selected, text: label }); }
   function field(label, control) { return el("label", { "class": "control" }, [label + " ", control]); }
 
@@ -77,10 +78,10 @@
   root.appendChild(detail);
 
   function shownSlices() {
-    var rows = D.slices.filter(function (s) { return (!S.key || s.key === S.key) && s.n >= S.minN; });
+    var rows = D.slices.filter(function (s) { return (!S.key || s.key === S.key) && (s.n || 0) >= S.minN; });
     function v(s) {
       var m = s.m[S.metric];
-      if (S.sort === "n") { return s.n; }
+      if (S.sort === "n") { return s.n === null ? null : s.n; }
       if (S.sort === "checks") { return failing(s.checks); }
       if (!m || s.suppressed || m[0] === null) { return null; }
       if (S.sort === "width") { return m[1] === null || m[2] === null ? null : m[2] - m[1]; }
@@ -104,8 +105,10 @@
     lines.forEach(function (t) { [t.lower, t.upper].forEach(function (x) { if (x !== null && x !== undefined) { lo = Math.min(lo, x); hi = Math.max(hi, x); } }); });
     if (lo > 0 && lo <= 1 && hi <= 1) { lo = Math.max(0, Math.floor((lo - 0.05) * 10) / 10); } else if (lo > 0) { lo = 0; }
     if (hi <= lo) { hi = lo + 1; }
-    var longest = bars.reduce(function (w, s) { return Math.max(w, s.label.length); }, 8);
-    var left = Math.min(300, Math.max(90, 16 + 5.8 * Math.min(longest, 48))), width = 620, rowH = 20, top = 18;
+    // room on the left for the longest label and its n (about 5.8 px a character at this size; past 48
+    // characters a name is shortened, its full text in the bar's tooltip)
+    var longest = bars.reduce(function (w, s) { return Math.max(w, Math.min(s.label.length, 48) + (" (n=" + nOf(s) + ")").length); }, 8);
+    var left = Math.min(330, Math.max(90, 16 + 5.8 * longest)), width = 640, rowH = 20, top = 18;
     var height = top + bars.length * rowH + 24;
     function x(v) { return left + (v - lo) / (hi - lo) * (width - left - 60); }
     var svg = sv("svg", { width: width, height: height, viewBox: "0 0 " + width + " " + height, role: "img",
@@ -116,8 +119,8 @@
       var g = sv("g", { "class": "bar " + status + (S.open === s ? " open" : ""), "data-slice": s.label, tabindex: 0,
         on: { click: function () { openSlice(s); }, keydown: function (e) { if (e.key === "Enter") { openSlice(s); } } } });
       var name = s.label.length > 48 ? s.label.slice(0, 47) + "…" : s.label;
-      g.appendChild(sv("title", {}, s.label + " (n=" + s.n + "): " + num(m[0]) + " [" + num(m[1]) + ", " + num(m[2]) + "]"));
-      g.appendChild(sv("text", { x: left - 6, y: y + 13, "text-anchor": "end" }, name + " (n=" + s.n + ")"));
+      g.appendChild(sv("title", {}, s.label + " (n=" + nOf(s) + "): " + num(m[0]) + " [" + num(m[1]) + ", " + num(m[2]) + "]"));
+      g.appendChild(sv("text", { x: left - 6, y: y + 13, "text-anchor": "end" }, name + " (n=" + nOf(s) + ")"));
       var x0 = x(Math.max(lo, Math.min(0, hi))), x1 = x(m[0]);
       g.appendChild(sv("rect", { x: Math.min(x0, x1), y: y + 3, width: Math.max(1, Math.abs(x1 - x0)), height: rowH - 7, "class": "fill" }));
       if (m[1] !== null && m[2] !== null) {
@@ -153,7 +156,7 @@
       var m = s.m[S.metric], st = worst(s.checks);
       var bad = s.checks.filter(function (c) { return c.status !== "PASS"; }).length;
       var cells = [el("td", {}, [el("button", { type: "button", "class": "link", text: s.label, on: { click: function () { openSlice(s); } } })]),
-        el("td", { "class": "num", text: String(s.n) }),
+        el("td", { "class": "num", text: s.n === null ? "–" : String(s.n) }),
         el("td", { "class": "num", text: s.suppressed ? "suppressed" : m ? num(m[0]) : "–" }),
         el("td", { "class": "num", text: m && !s.suppressed ? num(m[1]) + "–" + num(m[2]) : "" })];
       if (extra) { cells.push(el("td", { "class": "num", text: m ? num(m[3]) : "–" }), el("td", { "class": "num", text: m ? num(m[4]) : "–" })); }
@@ -168,7 +171,7 @@
     clear(detail);
     detail.hidden = false;
     var st = worst(s.checks);
-    detail.appendChild(el("h4", {}, [s.label + " · n=" + s.n + " · ", el("span", { "class": "status " + st, text: st })]));
+    detail.appendChild(el("h4", {}, [s.label + " · n=" + nOf(s) + " · ", el("span", { "class": "status " + st, text: st })]));
     detail.appendChild(el("button", { type: "button", "class": "close", text: "close", on: { click: function () { detail.hidden = true; S.open = null; drawSlices(); } } }));
     var extra = D.kind === "review";
     var t = el("table", { "class": "compact", id: "sb-detail-metrics" }, [el("thead", {}, [el("tr", {}, ["metric", "value", "interval"].concat(extra ? ["baseline", "candidate"] : []).map(function (h) { return el("th", { text: h }); }))])]);
@@ -238,9 +241,47 @@
       return Object.keys(E.filters).every(function (k) { return r.f[k] === E.filters[k]; });
     });
   }
+  // the maps arrive as greyscale PNGs (0-255, a quarter of the bytes); they are coloured here once each with
+  // the report's ramp, opacity growing with the value (the square root, as the static report's overlays)
+  var LUT = (function () {
+    var a = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], out = new Uint8ClampedArray(1024);
+    for (var v = 0; v < 256; v++) {
+      var x = v / 255 * 4, i = Math.min(Math.floor(x), 3), f = x - i;
+      for (var c = 0; c < 3; c++) { out[v * 4 + c] = Math.round(a[i][c] * (1 - f) + a[i + 1][c] * f); }
+      out[v * 4 + 3] = Math.round(255 * Math.sqrt(v / 255));
+    }
+    return out;
+  }());
+  var coloured = {};
+  function colourise(uri, img) {
+    function show(url) { img.src = url; img.style.visibility = "visible"; }
+    if (coloured[uri]) { show(coloured[uri]); return; }
+    var src = new Image();
+    src.onload = function () {
+      var c = document.createElement("canvas");
+      c.width = src.naturalWidth; c.height = src.naturalHeight;
+      var g = c.getContext("2d");
+      g.drawImage(src, 0, 0);
+      var d = g.getImageData(0, 0, c.width, c.height), px = d.data;
+      for (var k = 0; k < px.length; k += 4) {
+        var v = px[k] * 4;
+        px[k] = LUT[v]; px[k + 1] = LUT[v + 1]; px[k + 2] = LUT[v + 2]; px[k + 3] = LUT[v + 3];
+      }
+      g.putImageData(d, 0, 0);
+      coloured[uri] = c.toDataURL("image/png");
+      show(coloured[uri]);
+    };
+    src.src = image(uri);
+  }
   function stack(base, overlay, label, large) {
     var kids = [el("img", { src: base, alt: "input", "class": "base" })];
-    if (overlay) { var o = el("img", { src: overlay, alt: label, "class": "overlay" }); o.style.opacity = String(E.opacity); kids.push(o); }
+    if (overlay) {
+      var o = el("img", { alt: label, "class": "overlay" });
+      o.style.opacity = String(E.opacity);
+      o.style.visibility = "hidden";
+      colourise(overlay, o);
+      kids.push(o);
+    }
     return el("div", { "class": "stack" + (large ? " large" : "") }, kids);
   }
   function enlarge(r, title, overlay) {

@@ -24,11 +24,30 @@ def _png(arr):
     return buf.getvalue()
 
 
+def _photos(n: int, side: int) -> list[bytes]:
+    """Return `n` RGB PNGs of `side` pixels that look like photographs at a glance: a colour gradient, a few
+    soft blobs and a little noise (their own generator, so the grey images' draws are unchanged)."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    out = []
+    for _ in range(n):
+        a, b = rng.random(3) * 255, rng.random(3) * 255
+        img = a * (1 - yy[..., None]) + b * yy[..., None]
+        for _ in range(3):
+            cy, cx, r = rng.random(), rng.random(), 0.05 + 0.15 * rng.random()
+            blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None]
+            img = img * (1 - blob) + rng.random(3) * 255 * blob
+        out.append(_png(np.clip(img + rng.normal(0, 6, img.shape), 0, 255)))
+    return out
+
+
 def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str = "golden-run",
-          classes: list[str] | None = None, site_names: list[str] | None = None, n: int = 60) -> Path:
+          classes: list[str] | None = None, site_names: list[str] | None = None, n: int = 60,
+          colour: int = 0) -> Path:
     """Write a finished audit of 60 synthetic examples. `degrade` lowers the true class's logit on site
     'south' and moves the heatmaps there (a worse candidate model for review tests); all else is identical.
-    `classes` and `site_names` (three each) replace the class and site names; `n` is the number of examples."""
+    `classes` and `site_names` (three each) replace the class and site names; `n` is the number of examples;
+    `colour` > 0: RGB photo-like images of that side (smooth gradients and blobs) and a matching model card."""
     classes = list(classes or CLASSES)
     rng = np.random.default_rng(42)
     k = 3
@@ -43,7 +62,7 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
     p = np.round(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), 4)
     p = p / p.sum(1, keepdims=True)
     pred = p.argmax(1)
-    images = [_png(rng.integers(0, 255, (16, 16))) for _ in range(n)]
+    images = [_png(rng.integers(0, 255, (16, 16))) for _ in range(n)] if not colour else _photos(n, colour)
     pq.write_table(pa.table({"example_id": ids, "image_png": images, "label": y.tolist(), "site": sites}),
                    run_dir / "inputs" / "shard-00000.parquet")
     names = np.array(classes, dtype=object)
@@ -87,8 +106,8 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
     write_json(run_dir / "validation.json", {"run_id": run_id, "model": "pets@2.0", **result.to_dict(),
                "interval": {"ci_method": ev.method, "ci_replicates": "200", "ci_seed": "0", "ci_level": "0.95"}})
     card = {"name": "pets", "version": "2.0", "factory": "tasks.nets:demo_cnn", "weights": "pets.safetensors",
-            "weights_sha256": "0" * 64, "kwargs": {}, "input_size": [16, 16], "channels": 1, "mean": [0.5],
-            "std": [0.25], "class_names": classes, "target_layer": None, "description": "A pets model.", "extra": {}}
+            "weights_sha256": "0" * 64, "kwargs": {}, "input_size": [colour or 16, colour or 16],
+            "channels": 3 if colour else 1, "mean": [0.5] * (3 if colour else 1), "std": [0.25] * (3 if colour else 1), "class_names": classes, "target_layer": None, "description": "A pets model.", "extra": {}}
     manifest = {
         "schema": "xaudit.manifest/1", "run_id": run_id, "created_utc": "2026-01-02T03:04:05+00:00",
         "finished_utc": "2026-01-02T03:05:00+00:00", "verdict": result.verdict,

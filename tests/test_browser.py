@@ -326,3 +326,21 @@ def test_json_block_cannot_be_closed_by_the_data():
     text = browser.embed_json({"a": "</script><!-- & \u2028", "b": float("nan"), "c": [1.0, float("inf")]})
     assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
     assert json.loads(text) == {"a": "</script><!-- & \u2028", "b": None, "c": [1.0, None]}
+
+
+def test_a_check_on_a_slice_without_metric_rows_is_listed_with_its_statistic(audit):
+    """The shortcut scan gates class × slice cells that metrics.parquet has no row for; the slice browser
+    still lists them (their statistic, interval and n from the check) and opens on the failing metric."""
+    _, run = audit
+    metrics = pq.read_table(run / "metrics.parquet").to_pandas()
+    scalar = metrics[(metrics.sub_key == "") & (metrics.metric != "confusion")]
+    check = dict(slice_key="class&site", slice_value="7&A", metric="saliency.hotspot_lift", sub_key="", kind="hotspot",
+                 gate_on="interval", value=4.2, ci_low=3.1, ci_high=5.0, bound=2.0, severity="fail", status="FAIL",
+                 message="saliency.hotspot_lift on class&site=7&A is 4.2 (95% CI [3.1, 5], n=37); required <= 2: fail")
+    rows = browser.slice_rows(scalar, [check])
+    row = next(r for r in rows if r["key"] == "class&site")
+    assert row["n"] == 37 and row["m"] == {"saliency.hotspot_lift": [4.2, 3.1, 5.0]} and row["checks"][0]["status"] == "FAIL"
+    assert len(rows) == len(scalar.groupby(["slice_key", "slice_value"])) + 1
+    names = browser.metric_names(scalar, [check])
+    assert "saliency.hotspot_lift" in names and browser.default_metric([check], names, "accuracy") == "saliency.hotspot_lift"
+    assert browser.default_metric([], names, "accuracy") == "accuracy"

@@ -141,3 +141,45 @@ def test_long_slice_and_class_names_fit_their_charts_and_warnings_are_not_drawn_
     cm = confusion_chart(metrics, names)
     assert cm["pad"] - 6 >= 5.6 * max(len(n) for n in cm["names"]) and cm["names"][-1].endswith("…")
     assert cm["height"] >= cm["top"] + cm["k"] * cm["cell"] + 0.7 * cm["pad"]       # room for rotated labels
+
+
+GOLDEN_COLOUR = Path(__file__).parent / "golden" / "report_colour.html"
+LONG_CLASSES = ["astronaut on the launch pad", "cat", "coffee cup with a very long descriptive class name"]
+LONG_SITES = ["north", "south", "acquisition-device-with-a-very-long-unbroken-identifier-0123456789abcdef"]
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory):
+    """A run on 224² colour photos with long class names and an unbroken long slice value (what users bring,
+    unlike the demo's 16² grey digits)."""
+    return build(tmp_path_factory.mktemp("colour") / "colour-run", classes=LONG_CLASSES, site_names=LONG_SITES,
+                 n=30, colour=224, run_id="colour-run")
+
+
+def test_colour_report_matches_reviewed_golden_file(colour_run):
+    html = render_html(colour_run)
+    if os.environ.get("XAUDIT_UPDATE_GOLDEN"):
+        GOLDEN_COLOUR.write_text(html)
+    assert html == GOLDEN_COLOUR.read_text(), "colour report HTML changed: review it, then XAUDIT_UPDATE_GOLDEN=1 ..."
+
+
+def test_colour_report_pdf_keeps_every_word_on_the_page_and_every_reason_whole(colour_run):
+    """No word of the PDF may run off the page's right edge (long slice values, long class names, the reasons
+    a signer reads), and every reason of a check that did not pass is printed whole."""
+    import json
+    if not shutil.which("pdftotext"):
+        pytest.skip("poppler-utils (pdftotext) not installed")
+    pdf = Path(render_report(colour_run, ("pdf",))["pdf"])
+    bbox = subprocess.run(["pdftotext", "-bbox", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    pages = re.findall(r'<page width="([\d.]+)" height="[\d.]+">(.*?)</page>', bbox, re.S)
+    assert pages
+    for number, (width, body) in enumerate(pages, 1):
+        for x_max, word in re.findall(r'<word xMin="[\d.]+" yMin="[\d.]+" xMax="([\d.]+)" yMax="[\d.]+">([^<]*)</word>', body):
+            assert float(x_max) <= float(width) - 20, f"page {number}: {word!r} ends at {x_max} of {width}"
+    text = " ".join(subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout.split())
+    failed = [c for c in json.loads((colour_run / "validation.json").read_text())["checks"] if c["status"] != "PASS"]
+    assert any(LONG_SITES[2] in c["message"] for c in failed) and any(c["status"] == "WARN" for c in failed)
+    # a line may break inside the long value (pdftotext joins a break after '-' without it), but nothing is cut
+    flat = text.replace(" ", "").replace("-", "")
+    for c in failed:
+        assert c["message"].replace(" ", "").replace("-", "") in flat, c["message"]
