@@ -197,13 +197,36 @@ FIXED_COLUMNS = {"example_id", "label", "label_name", "prediction", "prediction_
 MAX_FIELD_VALUES = 60
 
 
-def filter_fields(frame: pd.DataFrame, fixed: list[tuple[str, str]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Return the example browser's filters — `fixed` (id, label) first, then each metadata column with at most
-    MAX_FIELD_VALUES distinct values — with their values, and the metadata columns used."""
-    meta = [c for c in frame.columns if c not in FIXED_COLUMNS and not c.startswith("_")
+def slice_memberships(frame: pd.DataFrame, specs: list[list[str]]) -> tuple[list[str], list[dict[str, str]]]:
+    """Return the slice keys of `specs` (overall left out) and, per row of `frame`, {slice_key: slice_value}
+    — computed over every row with the metrics' own slicing (quantile edges, bins, crosses, filters), so the
+    example browser's slice filters name exactly the slices of the slice browser."""
+    from .errors import XAuditError
+    from .metrics import slice_groups
+    from .outputs import sliceable_columns
+    member: list[dict[str, str]] = [{} for _ in range(len(frame))]
+    try:
+        groups = slice_groups(frame[sliceable_columns(frame.columns)].reset_index(drop=True), [s for s in specs if s])
+    except XAuditError:             # a slice column these rows lack: no slice filters rather than no report
+        return [], member
+    keys: list[str] = []
+    for key, value, idx in groups:
+        if key not in keys:
+            keys.append(key)
+        for i in idx:
+            member[int(i)][key] = value
+    return keys, member
+
+
+def filter_fields(frame: pd.DataFrame, fixed: list[tuple[str, str]], slice_keys: list[str] = ()
+                  ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Return the example browser's filters — `fixed` (id, label) first, then each slice key, then each other
+    metadata column with at most MAX_FIELD_VALUES distinct values — and the metadata columns used."""
+    meta = [c for c in frame.columns if c not in FIXED_COLUMNS and not c.startswith("_") and c not in slice_keys
             and frame[c].map(lambda v: isinstance(v, (str, int, float, bool, np.integer, np.floating, np.bool_))
                              or v is None).all() and frame[c].nunique(dropna=False) <= MAX_FIELD_VALUES]
     fields = [dict(id=i, label=label, values=[]) for i, label in fixed]
+    fields += [dict(id=f"slice:{k}", label=f"slice {k}", values=[]) for k in slice_keys]
     fields += [dict(id=f"meta:{c}", label=c, values=[]) for c in meta]
     return fields, meta
 

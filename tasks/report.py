@@ -598,7 +598,10 @@ def audit_browser(run_dir: Path, manifest: dict[str, Any], pred: pd.DataFrame, e
     from . import browser as B
     cfg = manifest["config"]
     metrics = B.metric_names(scalar, checks)
-    fields, meta = B.filter_fields(pred, [("label", "true class"), ("prediction", "prediction"), ("outcome", "outcome")])
+    keys, member = B.slice_memberships(pred, cfg["metrics"]["slices"])
+    fields, meta = B.filter_fields(pred, [("label", "true class"), ("prediction", "prediction"), ("outcome", "outcome")],
+                                   keys)
+    position = {e: i for i, e in enumerate(pred.example_id)}
     ids = B.pick_examples(list(shown), pred.example_id.tolist(), manifest["run_id"])
     images = _load_images(run_dir, ids, cfg["data"]["id_column"], cfg["data"]["image_column"])
     stat = "roi_mass" if "roi_mass" in expl and expl.roi_mass.notna().any() else None
@@ -613,6 +616,7 @@ def audit_browser(run_dir: Path, manifest: dict[str, Any], pred: pd.DataFrame, e
         per = maps.get(e, {})
         f = {"label": str(r.label_name), "prediction": str(r.prediction_name),
              "outcome": "correct" if r.correct else "misclassified"}
+        f.update({f"slice:{k}": v for k, v in member[position[e]].items()})
         f.update({f"meta:{c}": B._meta_value(r[c]) for c in meta})
         rows.append(dict(id=e, caption=f"label {r.label_name} → {r.prediction_name} ({float(r.confidence):.2f})",
                          wrong=not bool(r.correct), why=shown.get(e, ""), f=f,
@@ -634,8 +638,10 @@ def review_browser(rd: Path, manifest: dict[str, Any], examples: pd.DataFrame, d
     cfg = manifest["config"]
     names = manifest["models"]["baseline"]["class_names"]
     metrics = B.metric_names(scalar, checks)
+    keys, member = B.slice_memberships(examples, cfg["metrics"]["slices"])
     fields, meta = B.filter_fields(examples, [("label", "true class"), ("prediction", "candidate prediction"),
-                                              ("outcome", "candidate outcome"), ("flip", "flip")])
+                                              ("outcome", "candidate outcome"), ("flip", "flip")], keys)
+    position = {e: i for i, e in enumerate(examples.example_id)}
     flips = examples.example_id[examples.flip_any].tolist()
     ids = B.pick_examples(list(shown) + B.sample_order(flips, manifest["run_id"])[:B.SAMPLE_EXAMPLES],
                           examples.example_id.tolist(), manifest["run_id"])
@@ -655,6 +661,7 @@ def review_browser(rd: Path, manifest: dict[str, Any], examples: pd.DataFrame, d
             else "no change"
         f = {"label": str(r.label_name), "prediction": cp, "outcome": "correct" if r.candidate_correct else "misclassified",
              "flip": flip}
+        f.update({f"slice:{k}": v for k, v in member[position[e]].items()})
         f.update({f"meta:{c}": B._meta_value(r[c]) for c in meta})
         rows.append(dict(id=e, caption=f"label {r.label_name} · baseline → {bp} · candidate → {cp} · {flip}",
                          wrong=not bool(r.candidate_correct), why="most changed map" if e in shown else

@@ -173,6 +173,11 @@
     var st = worst(s.checks);
     detail.appendChild(el("h4", {}, [s.label + " · n=" + nOf(s) + " · ", el("span", { "class": "status " + st, text: st })]));
     detail.appendChild(el("button", { type: "button", "class": "close", text: "close", on: { click: function () { detail.hidden = true; S.open = null; drawSlices(); } } }));
+    var own = "slice:" + s.key;
+    if (s.key === "overall" || fieldSel[own]) {
+      detail.appendChild(el("p", {}, [el("button", { type: "button", id: "sb-show-examples", text: "show this slice's embedded examples",
+        on: { click: function () { showSliceExamples(s); } } })]));
+    }
     var extra = D.kind === "review";
     var t = el("table", { "class": "compact", id: "sb-detail-metrics" }, [el("thead", {}, [el("tr", {}, ["metric", "value", "interval"].concat(extra ? ["baseline", "candidate"] : []).map(function (h) { return el("th", { text: h }); }))])]);
     var b = el("tbody");
@@ -206,8 +211,9 @@
   root.appendChild(el("h3", { text: "Examples" }));
   root.appendChild(el("p", { "class": "note", id: "eb-embedded", text: X.note }));
   var filterBox = el("div", { "class": "controls" });
+  var fieldSel = {};
   X.fields.forEach(function (f) {
-    var sel = el("select", { id: "eb-" + f.id, "data-field": f.id, on: { change: function () {
+    var sel = fieldSel[f.id] = el("select", { id: "eb-" + f.id, "data-field": f.id, on: { change: function () {
       if (this.value === "") { delete E.filters[f.id]; } else { E.filters[f.id] = this.value; }
       E.page = 0; drawExamples(); } } },
       [option("", "any", true)].concat(f.values.map(function (v) { return option(v, v, false); })));
@@ -232,6 +238,14 @@
   root.appendChild(box);
   document.addEventListener("keydown", function (e) { if (e.key === "Escape") { box.hidden = true; } });
 
+  function showSliceExamples(s) {   // the example browser, filtered to this slice alone
+    E.filters = {};
+    Object.keys(fieldSel).forEach(function (k) { fieldSel[k].value = ""; });
+    if (s.key !== "overall") { E.filters["slice:" + s.key] = s.value; fieldSel["slice:" + s.key].value = s.value; }
+    E.page = 0;
+    drawExamples();
+    grid.scrollIntoView({ block: "start" });
+  }
   function applyOpacity() {
     opacityText.textContent = Math.round(E.opacity * 100) + "%";
     Array.prototype.forEach.call(root.querySelectorAll("img.overlay"), function (img) { img.style.opacity = String(E.opacity); });

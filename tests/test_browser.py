@@ -172,6 +172,19 @@ def test_slice_browser_follows_the_chosen_metric_sort_and_filter_and_opens_a_sli
     shown = d.execute_script("return Array.from(document.querySelectorAll('#sb-detail-checks tbody tr'))"
                              ".map(r => r.children[0].textContent + '|' + r.children[1].textContent)")
     assert shown == [f"{c['status']}|{c['metric']}" for c in checks]
+
+    # and shows its examples: the example browser filtered to exactly the slice's rows
+    by_id(d, "sb-show-examples").click()
+    pred = pq.read_table(run / "predictions.parquet").to_pandas()
+    expect = set(pred.example_id[pred[key] == value])
+    seen = []
+    while True:
+        seen += d.execute_script("return Array.from(document.querySelectorAll('#eb-grid .eb-card')).map(c => c.dataset.example)")
+        if not by_id(d, "eb-next").is_enabled():
+            break
+        by_id(d, "eb-next").click()
+    assert set(seen) == expect and len(seen) == len(expect) == sizes[(key, value)]
+    assert by_id(d, f"eb-slice:{key}").get_attribute("value") == value
     assert_quiet_and_offline(d, path)
 
 
@@ -192,7 +205,7 @@ def test_example_browser_filters_pages_enlarges_and_the_slider_sets_the_maps_opa
 
     # filters: misclassified examples of one site, exactly those of predictions.parquet
     choose(d, "eb-outcome", "misclassified")
-    choose(d, "eb-meta:site", "south")
+    choose(d, "eb-slice:site", "south")
     expect = pred[~pred.correct & (pred.site == "south")].example_id
     seen = []
     while True:
@@ -240,7 +253,7 @@ def test_hostile_labels_and_metadata_are_shown_as_text_run_nothing_and_fetch_not
     d = open_report(chrome, path)
     # use every control so that every hostile string is put on the page
     from selenium.webdriver.support.ui import Select
-    for sid in ("eb-label", "eb-prediction", "eb-meta:site"):
+    for sid in ("eb-label", "eb-prediction", "eb-slice:site"):
         for v in [o.get_attribute("value") for o in Select(by_id(d, sid)).options]:
             choose(d, sid, v)
         choose(d, sid, "")
