@@ -26,6 +26,8 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     """Audit one model on one dataset slice; returns the run directory, verdict and counts (raises
     `VerdictFailed`, carrying them, when the verdict reaches `config.flow_run_fails_on`)."""
     card = steps.preflight(config)          # bad config, model or data fails before a run directory exists
+    staged = steps.stage_output(config)     # an output_dir URL: staged locally, a named run pulled to resume
+    config, remote = staged["config"], staged["remote"]
     run = steps.prepare_run(config)
     data = steps.ingest_data(config, run["run_dir"])
     futures = [steps.score.submit(shard, card, config, run["run_dir"]) for shard in data["shards"]]
@@ -37,14 +39,15 @@ def audit(config: AuditConfig) -> dict[str, Any]:
         steps.permutation(data["shards"], card, config, run["run_dir"])
     summary = steps.compute_metrics(run["run_dir"], config, card, run["run_id"])
     steps.snapshot_history(run, config, card, data, summary["verdict"])
-    steps.write_manifest(run, config, card, data, summary["verdict"])
+    steps.write_manifest(run, config, card, data, summary["verdict"], remote)
     reports = steps.render(run["run_dir"], list(config.report.formats))
     steps.seal_manifest(run["run_dir"])
     if config.signing:
         steps.sign_run(run["run_dir"], config)
     steps.append_history(run["run_dir"], config)
-    steps.publish_artifacts(run["run_dir"], run["run_id"], name=steps.history_name(config))
-    result = {"run_id": run["run_id"], "run_dir": run["run_dir"], "verdict": summary["verdict"],
+    steps.publish_artifacts(run["run_dir"], run["run_id"], name=steps.history_name(config), remote=remote)
+    published = steps.publish_run(run["run_id"], config, remote)      # manifest.json last
+    result = {"run_id": run["run_id"], "run_dir": published or run["run_dir"], "verdict": summary["verdict"],
               "accuracy": summary["accuracy"], "failed_checks": summary["n_failed"], **counts,
               "cached_shards": sum(bool(s["cached"]) for s in shard_outputs),
               "task_seconds": sum(s.get("seconds", 0.0) for s in shard_outputs), "reports": reports,

@@ -172,15 +172,17 @@ def _trust(prefixes: list[str]) -> None:
 def _settled(config, new_id):
     """Return the config with an absolute output_dir (workers elsewhere resolve relative paths in their own
     working directory) and a run id chosen now, so a run that stops part-way can be named and resumed."""
-    return config.model_copy(update={"output_dir": Path(config.output_dir).resolve(),
-                                     "run_id": config.run_id or new_id()})
+    from tasks.storage import is_url
+    out = config.output_dir if is_url(config.output_dir) else Path(config.output_dir).resolve()
+    return config.model_copy(update={"output_dir": out, "run_id": config.run_id or new_id()})
 
 
 def _flow_call(fn, config):
     """Run a flow; an input error is re-raised as is, any other failure of a started run as `RunStopped`
     naming its kept run directory."""
     from tasks.stopping import STOP, reason
-    run_dir = Path(config.output_dir) / config.run_id
+    from tasks.storage import local_output_dir
+    run_dir = local_output_dir(config.output_dir) / config.run_id       # a URL's run: its staged copy
     try:
         try:
             with local_run_settings(), quiet_input_errors():
@@ -237,6 +239,7 @@ def _preflight_all(paths: list[str], configs: list) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tasks.storage import is_url
     configs = _loaded_configs(args)
     _preflight_all(args.configs, configs)
     import flows.audit as audit_flow
@@ -254,7 +257,8 @@ def _run(args: argparse.Namespace) -> int:
               f"{result['rejected']} rejected · {took:.1f} s")
         if line := cost_line(result.get("cost_per_image")):
             print(line)
-        print(f"run directory: {Path(result['run_dir']).resolve()}")
+        where = result["run_dir"]
+        print(f"run directory: {where if is_url(where) else Path(where).resolve()}")
         if args.gate and (result["verdict"] == "FAIL" or failed_run):
             worst = EXIT_FAIL
     return worst
@@ -339,7 +343,38 @@ def _review(args: argparse.Namespace) -> int:
     return EXIT_FAIL if result["verdict"] == "FAIL" or failed_run else EXIT_OK
 
 
+def _on_remote_run(args: argparse.Namespace) -> int:
+    """`verify` / `render` of a run in a store: copy it into a temporary folder, do the same there, and for
+    `render` upload the new reports and manifest.json (last) back."""
+    import tempfile
+    from tasks import storage
+    url = args.run_dir.rstrip("/")
+    storage.check_url(url, "RUN_DIR", write=args.command == "render")
+    with tempfile.TemporaryDirectory(prefix="xaudit-remote-") as tmp:
+        local = Path(tmp) / url.rsplit("/", 1)[-1]
+        if storage.pull(url, local, "RUN_DIR") == 0 or not (local / "manifest.json").is_file():
+            raise XAuditError(f"{args.command}: {url!r} holds no finished run (no manifest.json there)")
+        code = _again(args, local)
+        if args.command == "render" and code == EXIT_OK:
+            storage.publish(local, url, "RUN_DIR")
+            print(f"published: {url}")
+        return code
+
+
+def _again(args: argparse.Namespace, local: Path) -> int:
+    """Run the same command on the local copy (its messages name the copy's files by their names)."""
+    argv = [args.command, str(local)]
+    if args.command == "render" and args.formats:
+        for f in args.formats:
+            argv += ["--format", f]
+    if args.command == "verify" and getattr(args, "trust", None) is not None:
+        for t in args.trust:
+            argv += ["--trust", t]
+    return main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from tasks.storage import is_url
     args = _parser().parse_args(argv)
     from tasks.devices import keep_cpu_buffers
     keep_cpu_buffers()            # large CPU buffers are reused instead of page-faulted afresh per model call
@@ -350,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "review":
             _install_stop_handlers()
             return _review(args)
+        if args.command in ("render", "verify") and is_url(args.run_dir):
+            return _on_remote_run(args)
         if args.command == "render":
             from tasks.outputs import REPORTS, seal, verify_run
             from tasks.report import render_report, render_review

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import XAuditError
+from .storage import is_url
 
 
 class _Strict(BaseModel):
@@ -25,6 +26,16 @@ class _Strict(BaseModel):
 MAX_SIDE = 16384
 MAX_PIXELS = 64_000_000
 Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+
+
+def _location(value: Any) -> Any:
+    """A URL (`s3://bucket/key`) stays text; anything else is a local path (pathlib would fold 's3://b' into
+    's3:/b', a local folder)."""
+    return value if value is None or isinstance(value, Path) or is_url(value) else Path(value)
+
+
+# a local path or a URL read (and, for output_dir, written) through fsspec: see tasks/storage.py
+Location = Annotated[Path | str, BeforeValidator(_location)]
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
 
@@ -46,11 +57,12 @@ def _finite(values: list[float] | None, name: str) -> list[float] | None:
 class ModelSpec(_Strict):
     """Which model to audit. `card` names a JSON model card whose fields are the defaults for the others."""
 
-    card: Path | None = None
+    card: Location | None = None
     name: str | None = None
     version: str | None = None
     factory: str | None = Field(None, description="import path 'package.module:callable' that builds the nn.Module")
-    weights: Path | None = Field(None, description="safetensors file, or a weights-only torch state dict")
+    weights: Location | None = Field(None, description="safetensors file, or a weights-only torch state dict "
+                                                        "(a path or a URL: s3://, gs://, az://, https://)")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     input_size: tuple[Side, Side] | None = Field(None, description="(height, width) the model takes")
     channels: Literal[1, 3, 4] | None = Field(None, description="1 (grey), 3 (RGB) or 4 (RGBA); default 3")
@@ -92,7 +104,8 @@ class ModelSpec(_Strict):
 class DataSpec(_Strict):
     """Which examples to audit: a Parquet file of encoded images, or an ImageFolder directory."""
 
-    path: Path
+    path: Location = Field(description="a Parquet file or folder, or an ImageFolder directory; a path, or for "
+                                       "Parquet a URL (s3://, gs://, az://, https://)")
     format: Literal["parquet", "imagefolder", "auto"] = "auto"
     filter: dict[str, Any] = Field(default_factory=dict, description="column: value, or column: [values]")
     id_column: str = "example_id"
@@ -281,7 +294,9 @@ class AuditConfig(_RunChecks):
     report: ReportSpec = Field(default_factory=ReportSpec)
     history: HistorySpec = Field(default_factory=HistorySpec)
     signing: SigningSpec | None = Field(None, description="sign the run when it ends (default: unsigned)")
-    output_dir: Path = Path("runs")
+    output_dir: Location = Field(Path("runs"), description="folder of the run directories: a path, or a URL "
+                                                            "(s3://, gs://, az://): the run is staged locally and "
+                                                            "published there when it ends, manifest.json last")
     run_id: str | None = Field(None, description="fixed id: a rerun with the same id resumes")
     seed: int = 0
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'")
@@ -336,8 +351,8 @@ def check_size(obj: Any, where: str, limit: int = MAX_CONFIG_NODES) -> None:
 
 
 def _resolve(base: Path, value: Any) -> Any:
-    if value is None:
-        return None
+    if value is None or is_url(value):
+        return value
     p = Path(value).expanduser()
     return os.path.normpath(p if p.is_absolute() else (base / p))     # no 'configs/../data' in reports
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageFile
 
+from . import storage
 from .config import MAX_PIXELS, DataSpec
 from .errors import XAuditError
 from .io import write_parquet
@@ -119,7 +120,13 @@ def _filter_expression(spec: DataSpec, schema: pa.Schema):
     return expr
 
 
-def _source_format(spec: DataSpec) -> tuple[Path, str]:
+def _source_format(spec: DataSpec) -> tuple[Path | str, str]:
+    if storage.is_url(spec.path):
+        if spec.format == "imagefolder":
+            raise XAuditError(f"ingest: 'data.format' imagefolder needs a local directory; {spec.path!r} is a URL "
+                              f"(store the images as Parquet there, or copy the folder here)")
+        storage.info(spec.path, "data.path")          # exists, reachable, with credentials
+        return spec.path, "parquet"
     path = Path(spec.path)
     if not path.exists():
         raise XAuditError(f"ingest: 'data.path' must be a Parquet file or an ImageFolder directory; "
@@ -132,7 +139,9 @@ def _source_format(spec: DataSpec) -> tuple[Path, str]:
     return path, fmt
 
 
-def _parquet_dataset(path: Path) -> ds.Dataset:
+def _parquet_dataset(path: Path | str) -> ds.Dataset:
+    if storage.is_url(path):
+        return storage.parquet_dataset(path, "data.path")
     try:
         return ds.dataset(str(path), format="parquet")
     except (pa.ArrowException, OSError) as exc:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 import torch
 from torch import nn
 
+from . import storage
 from .config import MAX_CONFIG_BYTES, ModelSpec, describe_error
 from .errors import XAuditError
 from .io import sha256_file
@@ -63,10 +64,10 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
     fields are validated by the same rules as the config's `model` block."""
     where = "load_model"
     values: dict[str, Any] = {}
-    base = Path.cwd()
+    base: Path | str = Path.cwd()
     source = "the config's 'model'"
     if spec.card is not None:
-        card_path = Path(spec.card)
+        card_path = storage.local(spec.card, "model.card")          # a URL: its cached copy
         if not card_path.is_file():
             raise XAuditError(f"{where}: 'model.card' must be an existing JSON model card; got {str(card_path)!r}")
         if card_path.stat().st_size > MAX_CONFIG_BYTES:
@@ -78,8 +79,9 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
             raise XAuditError(f"{where}: model card {card_path} is not valid JSON: {str(exc)[:300]}") from None
         if not isinstance(values, dict):
             raise XAuditError(f"{where}: model card {card_path} must hold a JSON object; got {type(values).__name__}")
-        base = card_path.resolve().parent
-        source = f"model card {card_path}"
+        # relative weights are next to the card: in its folder, or under the card's URL
+        base = storage.join(spec.card.rsplit("/", 1)[0]) if storage.is_url(spec.card) else card_path.resolve().parent
+        source = f"model card {spec.card}"
     values.update({k: v for k, v in spec.model_dump(exclude={"card"}).items() if v not in (None, {}, [])})
     known = set(ModelSpec.model_fields) - {"card"}
     try:
@@ -91,8 +93,11 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
     if missing:
         raise XAuditError(f"{where}: the model spec (or its card) must give {', '.join(map(repr, missing))}")
     check_factory(str(values["factory"]))
-    weights = Path(values["weights"])
-    weights = weights if weights.is_absolute() else Path(os.path.normpath(base / weights))
+    weights_ref = values["weights"]
+    if not storage.is_url(weights_ref) and not Path(weights_ref).is_absolute():
+        weights_ref = storage.join(base, str(weights_ref)) if storage.is_url(base) \
+            else str(Path(os.path.normpath(Path(base) / weights_ref)))
+    weights = storage.local(weights_ref, "model.weights")             # a URL: fetched once, hashed below
     if not weights.is_file():
         raise XAuditError(f"{where}: 'weights' must be an existing safetensors or state-dict file; got {str(weights)!r}")
     channels = int(values.get("channels") or 3)
@@ -103,10 +108,10 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
                           f"got mean={list(mean)}, std={list(std)}")
     card_fields = {f for f in ModelCard.__dataclass_fields__}
     return ModelCard(
-        name=str(values.get("name") or weights.stem),
+        name=str(values.get("name") or Path(str(weights_ref).rsplit("/", 1)[-1]).stem),
         version=str(values.get("version") or "unversioned"),
         factory=str(values["factory"]),
-        weights=str(weights.resolve()),
+        weights=weights_ref if storage.is_url(weights_ref) else str(weights.resolve()),
         weights_sha256=sha256_file(weights),
         kwargs=dict(values.get("kwargs") or {}),
         input_size=tuple(int(s) for s in values["input_size"]),  # type: ignore[arg-type]
@@ -262,7 +267,12 @@ def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Modul
     if not isinstance(model, nn.Module):
         raise XAuditError(f"load_model: factory {card.factory!r} must return a torch.nn.Module; "
                           f"got {type(model).__name__}")
-    state = read_state_dict(card.weights)
+    path = storage.local(card.weights, "model.weights")
+    if storage.is_url(card.weights) and storage.FETCHED[card.weights]["sha256"] != card.weights_sha256:
+        raise XAuditError(f"load_model: the weights at {card.weights!r} changed since the audit began (sha256 "
+                          f"{storage.FETCHED[card.weights]['sha256'][:12]}…, the card records "
+                          f"{card.weights_sha256[:12]}…); rerun")
+    state = read_state_dict(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from . import storage
 from .attribution import METHODS, get_method
 from .attribution._registry import resolve_params
 from .config import AttributionSpec, AuditConfig, ModelSpec, ReviewConfig, Threshold
@@ -46,6 +47,9 @@ class Preflight:
 def check_output_location(output_dir: str | Path, run_id: str | None) -> None:
     """Raise unless run directories can be created under `output_dir` (a folder, or a path whose nearest
     existing parent is a writable folder), and `output_dir/run_id`, if it exists, is a folder."""
+    if storage.is_url(output_dir):
+        storage.check_output_url(str(output_dir), run_id)
+        return
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise XAuditError(f"preflight: 'output_dir' {str(out)!r} must be a folder; it is a file")
@@ -211,6 +215,9 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
 def _run_basics(config: AuditConfig | ReviewConfig) -> tuple[torch.device, SourceInfo, list[str]]:
     """The checks an audit and a review share before their models: output location, device, method, check
     and metric names, the data source, and the slice keys `metrics.slices` makes (with 'overall')."""
+    if isinstance(config, ReviewConfig) and storage.is_url(config.output_dir):
+        raise XAuditError(f"config: 'output_dir' {config.output_dir!r}: a review writes to a local folder (or a "
+                          f"shared disk) for now; its audits' outputs can be published with 'xaudit run'")
     check_output_location(config.output_dir, config.run_id)
     device = pick_device(config.device)
     a, q, m = config.attribution, config.quality, config.metrics
@@ -246,6 +253,8 @@ def check_history(config: AuditConfig | ReviewConfig) -> None:
     if h is None or not h.enabled:
         return
     from .history import folder_for, history_files
+    if h.path is None and storage.is_url(config.output_dir):
+        return                        # the store's history is pulled with the run and read when it snapshots
     folder = folder_for(config.output_dir, h.path)
     if folder.exists() and not folder.is_dir():
         raise XAuditError(f"config: 'history.path' {str(folder)!r} must be a folder")

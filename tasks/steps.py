@@ -15,7 +15,7 @@ import torch
 from prefect import task
 from prefect.runtime import flow_run
 
-from . import outputs, progress, report
+from . import outputs, progress, report, storage
 from . import preflight as checks
 from .config import AuditConfig, ReviewConfig, new_run_id
 from .data import REJECT_SCHEMA, ingest, shard_rows
@@ -50,6 +50,25 @@ def prepare_run(config: AuditConfig) -> dict[str, str]:
     outputs.clear_previous_outputs(run_dir)
     return {"run_id": run_id, "run_dir": str(run_dir), "started": started.isoformat(),
             "flow_run_id": str(flow_run.get_id()) if flow_run.get_id() else None}
+
+
+@task(name="stage-output", **IO_RETRIES)
+def stage_output(config: AuditConfig) -> dict[str, Any]:
+    """For an `output_dir` URL: stage the run in a local folder (a named run and the history pulled from the
+    store first); returns {config: the config writing to that folder, remote: the URL or None}."""
+    if not storage.is_url(config.output_dir):
+        return {"config": config, "remote": None}
+    history = config.history.enabled and config.history.path is None
+    local = storage.stage_run(str(config.output_dir), config.run_id, history)
+    return {"config": config.model_copy(update={"output_dir": local}), "remote": str(config.output_dir)}
+
+
+@task(name="publish-run", **IO_RETRIES)
+def publish_run(run_id: str, config: AuditConfig, remote: str | None) -> str | None:
+    """Upload a staged run to its `output_dir` URL (manifest.json last) and the history; returns its URL."""
+    if remote is None:
+        return None
+    return storage.publish_run(remote, run_id, config.history.enabled and config.history.path is None)
 
 
 @task(name="preflight")
@@ -171,8 +190,9 @@ def compute_metrics(run_dir: str, config: AuditConfig, card: dict[str, Any], run
 
 @task(name="write-manifest", **IO_RETRIES)
 def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any], data: dict[str, Any],
-                   verdict: str) -> str:
-    """Write manifest.json with the hash of every artifact present; returns its path."""
+                   verdict: str, remote: str | None = None) -> str:
+    """Write manifest.json with the hash of every artifact present (and, for inputs and outputs in a store,
+    their URLs, ETags/version ids and sha256); returns its path."""
     data_identity = {k: data[k] for k in ("source", "source_format", "fingerprint", "n_rows", "metadata_columns")}
     data_identity["format"] = data_identity.pop("source_format")
     if Path(data["source"]).is_file():
@@ -181,6 +201,14 @@ def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any
                                       ModelCard.from_dict(card),
                                       data_identity, run["flow_run_id"], str(pick_device(config.device)),
                                       run["run_dir"], verdict)
+    inputs = [(data["source"], "data.path"), (card["weights"], "model.weights")]
+    if config.model.card is not None:
+        inputs.append((str(config.model.card), "model.card"))
+    remote_inputs = [storage.remote_identity(u, f) for u, f in inputs if storage.is_url(u)]
+    if remote_inputs:
+        manifest["remote_inputs"] = remote_inputs
+    if remote:
+        manifest["published_to"] = storage.join(remote, run["run_id"])
     return str(write_json(Path(run["run_dir"]) / "manifest.json", manifest))
 
 
@@ -268,7 +296,8 @@ def sign_run(run_dir: str, config: AuditConfig | ReviewConfig) -> dict[str, Any]
 
 
 @task(name="publish-artifacts")
-def publish_artifacts(run_dir: str, run_id: str, kind: str = "audit", name: str | None = None) -> None:
+def publish_artifacts(run_dir: str, run_id: str, kind: str = "audit", name: str | None = None,
+                      remote: str | None = None) -> None:
     """Publish to Prefect: a markdown summary (verdict, failed checks, key metrics), a table of per-slice
     metrics, and a link to the report. The keys come from the audit's name (its history name), so each
     scheduled run adds a version under the same keys and the Prefect UI shows their history."""
@@ -278,4 +307,5 @@ def publish_artifacts(run_dir: str, run_id: str, kind: str = "audit", name: str 
     key = "-".join(p for p in key.split("-") if p)[:60] or "run"
     create_markdown_artifact(key=f"{kind}-summary-{key}", markdown=markdown, description=f"{kind} verdict")
     create_table_artifact(key=f"{kind}-slices-{key}", table=rows, description="per-slice metrics")
-    create_link_artifact(key=f"{kind}-report-{key}", link=report_path.as_uri(), link_text=report_path.name)
+    link = storage.join(remote, run_id, report_path.name) if remote else report_path.as_uri()
+    create_link_artifact(key=f"{kind}-report-{key}", link=link, link_text=report_path.name)

@@ -1,0 +1,289 @@
+"""Where inputs and outputs live: local paths, or URLs read and written through fsspec (`s3://` with s3fs;
+`gs://`, `az://`/`abfs://` where their packages are installed; `https://` read-only).
+
+- **Inputs** given as URLs: Parquet data is read through `pyarrow.dataset` over the fsspec filesystem, so
+  column projection and the row filter push down to the store; model cards and weights are copied once into
+  a content cache (`XAUDIT_CACHE`, default `~/.cache/xaudit`), the copy's sha256 checked against the store's
+  object, and recorded with the URL and the store's ETag / version id (`remote_inputs`).
+- **Outputs** under a URL: a run is staged in a local folder (the same layout as a local run), pulled from
+  the store first when it already exists there (so a rerun with the same run id resumes), and published when
+  it ends: every file uploaded, `manifest.json` last, so a run whose manifest is present in the store is
+  complete; an interrupted upload leaves no manifest and the run is resumed by rerunning it.
+
+Credentials come from the standard environment and configuration files of each store (for S3:
+AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws, AWS_ENDPOINT_URL for a private endpoint); they
+are never written to a config, a manifest or a report. Nothing here imports Prefect.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import XAuditError
+
+URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+WRITABLE = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "file")
+READABLE = WRITABLE + ("http", "https")
+PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+            "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+MANIFEST = "manifest.json"
+
+# what this process fetched: URL -> {url, etag, version_id, sha256, bytes}; written to the manifest
+FETCHED: dict[str, dict[str, Any]] = {}
+
+
+def is_url(value: Any) -> bool:
+    """True for a string with a scheme (`s3://...`); a Windows drive letter is not one."""
+    return isinstance(value, str) and bool(URL.match(value)) and len(URL.match(value)["scheme"]) > 1
+
+
+def scheme(url: str) -> str:
+    return URL.match(url)["scheme"].lower()
+
+
+def check_url(url: str, field: str, write: bool = False) -> None:
+    """Raise unless `url`'s scheme is supported (for writing, when `write`) and its package is installed."""
+    s = scheme(url)
+    allowed = WRITABLE if write else READABLE
+    if s not in allowed:
+        raise XAuditError(f"'{field}' {url!r}: the scheme {s}:// is not supported{' for outputs' if write else ''}; "
+                          f"use a local path or one of {', '.join(x + '://' for x in allowed if x != 'file')}")
+    try:
+        import fsspec
+        fsspec.get_filesystem_class(s)
+    except (ImportError, ValueError) as exc:
+        package = PACKAGES.get(s, "its fsspec backend")
+        raise XAuditError(f"'{field}' {url!r} needs the package {package} (pip install {package}): "
+                          f"{str(exc)[:120]}") from None
+
+
+def filesystem(url: str, field: str):
+    """Return (fsspec filesystem, path inside it) for `url`."""
+    check_url(url, field)
+    from fsspec.core import url_to_fs
+    try:
+        return url_to_fs(url)
+    except Exception as exc:                       # a bad bucket name, missing credentials, ...
+        raise XAuditError(f"'{field}' {url!r} cannot be opened: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+
+
+def info(url: str, field: str) -> dict[str, Any]:
+    """Return the store's facts about the object at `url` (size, ETag, version id); raise when it is absent."""
+    fs, path = filesystem(url, field)
+    try:
+        meta = fs.info(path)
+    except FileNotFoundError:
+        raise XAuditError(f"'{field}' {url!r} does not exist") from None
+    except Exception as exc:
+        raise XAuditError(f"'{field}' {url!r} cannot be read: {_reason(exc)}") from None
+    etag = meta.get("ETag") or meta.get("etag")
+    return dict(type=meta.get("type", "file"), size=meta.get("size"), etag=etag.strip('"') if isinstance(etag, str) else etag,
+                version_id=meta.get("VersionId") or meta.get("version_id") or meta.get("generation"))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("XAUDIT_CACHE") or Path.home() / ".cache" / "xaudit")
+
+
+def fetch(url: str, field: str) -> Path:
+    """Return a local copy of the file at `url`, downloaded once into the content cache (keyed by the URL and
+    the object's ETag/version, so a changed object is fetched again), written atomically; record it."""
+    facts = info(url, field)
+    if facts["type"] == "directory":
+        raise XAuditError(f"'{field}' {url!r} is a folder; it must name a file")
+    key = hashlib.sha256(f"{url}\0{facts['etag']}\0{facts['version_id']}\0{facts['size']}".encode()).hexdigest()[:32]
+    target = cache_root() / "fetch" / key / (posixpath.basename(url.rstrip("/")) or "object")
+    if not target.is_file():
+        fs, path = filesystem(url, field)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".part-{os.getpid()}")
+        try:
+            fs.get_file(path, str(tmp))
+            os.replace(tmp, target)
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            raise XAuditError(f"'{field}' {url!r} could not be downloaded: {_reason(exc)}") from None
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if facts["size"] is not None and target.stat().st_size != facts["size"]:
+        target.unlink(missing_ok=True)
+        raise XAuditError(f"'{field}' {url!r}: the copy has {target.stat().st_size} bytes, the store says "
+                          f"{facts['size']}; run again")
+    FETCHED[url] = dict(url=url, etag=facts["etag"], version_id=facts["version_id"], sha256=digest.hexdigest(),
+                        bytes=target.stat().st_size)
+    return target
+
+
+def local(value: str | Path, field: str) -> Path:
+    """Return `value` as a local path: itself, or for a URL its cached copy."""
+    return fetch(value, field) if is_url(value) else Path(value)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL path parts (`s3://b/runs` + `id` -> `s3://b/runs/id`)."""
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def parquet_dataset(url: str, field: str):
+    """Return a `pyarrow.dataset` over the Parquet file or folder at `url`, read through fsspec (filters and
+    column selection push down: only the row groups and columns needed are fetched)."""
+    import pyarrow.dataset as ds
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    fs, path = filesystem(url, field)
+    facts = info(url, field)
+    try:
+        dataset = ds.dataset(path, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
+    except Exception as exc:
+        raise XAuditError(f"'{field}' {url!r} is not readable Parquet: {_reason(exc)}") from None
+    if facts["type"] != "directory":
+        FETCHED.setdefault(url, dict(url=url, etag=facts["etag"], version_id=facts["version_id"], sha256=None,
+                                     bytes=facts["size"]))
+    return dataset
+
+
+# --- outputs under a URL ---------------------------------------------------------------------------------
+
+def staging_dir(output_url: str) -> Path:
+    """Return the local folder where runs under `output_url` are staged (one per URL, under the cache)."""
+    return cache_root() / "staging" / hashlib.sha256(output_url.rstrip("/").encode()).hexdigest()[:24]
+
+
+def check_output_url(url: str, run_id: str | None) -> None:
+    """Raise unless `url` is a writable store location this process can list (checked before any work)."""
+    check_url(url, "output_dir", write=True)
+    fs, path = filesystem(url, "output_dir")
+    try:
+        if fs.isfile(path):
+            raise XAuditError(f"preflight: 'output_dir' {url!r} must be a folder; it is a file")
+        fs.ls(path.split("/", 1)[0]) if scheme(url) != "file" else None
+    except XAuditError:
+        raise
+    except FileNotFoundError:
+        raise XAuditError(f"preflight: 'output_dir' {url!r}: its bucket does not exist") from None
+    except Exception as exc:
+        raise XAuditError(f"preflight: 'output_dir' {url!r} cannot be reached: {_reason(exc)}") from None
+    if run_id and fs.isfile(f"{path.rstrip('/')}/{run_id}"):
+        raise XAuditError(f"preflight: 'output_dir' {url!r}: {run_id!r} there is a file, not a run folder")
+
+
+def pull(url: str, local_dir: Path, field: str = "output_dir") -> int:
+    """Copy every file under `url` into `local_dir` (missing or different-size files only); returns how many."""
+    fs, path = filesystem(url, field)
+    try:
+        if not fs.exists(path):
+            return 0
+        found = fs.find(path, detail=True)
+    except Exception as exc:
+        raise XAuditError(f"'{field}' {url!r} cannot be listed: {_reason(exc)}") from None
+    n = 0
+    root = path.rstrip("/")
+    for name, meta in sorted(found.items()):
+        rel = name[len(root):].lstrip("/")
+        if not rel or meta.get("type") == "directory":
+            continue
+        target = local_dir / rel
+        if target.is_file() and target.stat().st_size == meta.get("size"):
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".part-{os.getpid()}")
+        fs.get_file(name, str(tmp))
+        os.replace(tmp, target)
+        n += 1
+    return n
+
+
+def publish(local_dir: Path, url: str, field: str = "output_dir") -> int:
+    """Upload every file of `local_dir` to `url` whose size or content differs there, `manifest.json` last
+    (the run's completion marker); returns how many were uploaded."""
+    fs, path = filesystem(url, field)
+    root = path.rstrip("/")
+    try:
+        remote = {name[len(root):].lstrip("/"): meta for name, meta in fs.find(root, detail=True).items()} \
+            if fs.exists(root) else {}
+    except Exception as exc:
+        raise XAuditError(f"'{field}' {url!r} cannot be listed: {_reason(exc)}") from None
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and ".part-" not in p.name)
+    files.sort(key=lambda p: p.relative_to(local_dir).as_posix() == MANIFEST)      # the manifest last
+    n = 0
+    for p in files:
+        rel = p.relative_to(local_dir).as_posix()
+        there = remote.get(rel)
+        if there is not None and there.get("size") == p.stat().st_size and rel != MANIFEST and not _changed(there, p):
+            continue
+        try:
+            fs.put_file(str(p), f"{root}/{rel}")
+        except Exception as exc:
+            raise XAuditError(f"'{field}' {url!r}: uploading {rel} failed: {_reason(exc)}; the run is complete "
+                              f"in {local_dir}: rerun to publish it") from None
+        n += 1
+    return n
+
+
+def _changed(meta: dict[str, Any], path: Path) -> bool:
+    """True when the store's single-part ETag (an MD5) says the object differs from the local file."""
+    etag = str(meta.get("ETag") or meta.get("etag") or "").strip('"')
+    if not re.fullmatch(r"[0-9a-f]{32}", etag):
+        return True                      # multipart or unknown: upload again rather than guess
+    return hashlib.md5(path.read_bytes()).hexdigest() != etag
+
+
+def remove_local(local_dir: Path) -> None:
+    shutil.rmtree(local_dir, ignore_errors=True)
+
+
+HISTORY = "_history"
+
+
+def local_output_dir(output_dir: str | Path) -> Path:
+    """Return the local folder runs are written to: `output_dir` itself, or the staging folder of a URL."""
+    return staging_dir(output_dir) if is_url(output_dir) else Path(output_dir)
+
+
+def stage_run(output_url: str, run_id: str | None, history: bool) -> Path:
+    """Prepare the staging folder of `output_url`: the run `run_id` (when named) and the audit history pulled
+    fresh from the store, so a rerun resumes from what was published and compares with the published history;
+    returns the local output folder."""
+    local_root = staging_dir(output_url)
+    local_root.mkdir(parents=True, exist_ok=True)
+    names = ([run_id] if run_id else []) + ([HISTORY] if history else [])
+    for name in names:
+        remove_local(local_root / name)
+        pull(join(output_url, name), local_root / name)
+    return local_root
+
+
+def publish_run(output_url: str, run_id: str, history: bool) -> str:
+    """Upload the staged run (manifest last) and the history to `output_url`, then drop the staged run;
+    returns the run's URL."""
+    local_root = staging_dir(output_url)
+    if history and (local_root / HISTORY).is_dir():
+        publish(local_root / HISTORY, join(output_url, HISTORY))
+    publish(local_root / run_id, join(output_url, run_id))
+    remove_local(local_root / run_id)
+    return join(output_url, run_id)
+
+
+def remote_identity(url: str, field: str, content: bool = True) -> dict[str, Any]:
+    """Return {url, etag, version_id, bytes, sha256} of the object at `url` (sha256 of its content when
+    `content`: from the cached copy where there is one, else read once through)."""
+    facts = info(url, field)
+    digest = (FETCHED.get(url) or {}).get("sha256")
+    if digest is None and content and facts["type"] != "directory":
+        fs, path = filesystem(url, field)
+        h = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        digest = h.hexdigest()
+    return dict(url=url, etag=facts["etag"], version_id=facts["version_id"], bytes=facts["size"], sha256=digest)
