@@ -251,15 +251,16 @@ def local_output_dir(output_dir: str | Path) -> Path:
 
 
 def stage_run(output_url: str, run_id: str | None, history: bool) -> Path:
-    """Prepare the staging folder of `output_url`: the run `run_id` (when named) and the audit history pulled
-    fresh from the store, so a rerun resumes from what was published and compares with the published history;
-    returns the local output folder."""
+    """Prepare the staging folder of `output_url` and return it. The audit history is pulled fresh from the
+    store. The run `run_id` (when named) resumes from its staged copy where a run here stopped before it was
+    published (a published run's staged copy is removed), else from what the store holds."""
     local_root = staging_dir(output_url)
     local_root.mkdir(parents=True, exist_ok=True)
-    names = ([run_id] if run_id else []) + ([HISTORY] if history else [])
-    for name in names:
-        remove_local(local_root / name)
-        pull(join(output_url, name), local_root / name)
+    if history:
+        remove_local(local_root / HISTORY)
+        pull(join(output_url, HISTORY), local_root / HISTORY)
+    if run_id and not (local_root / run_id).is_dir():
+        pull(join(output_url, run_id), local_root / run_id)
     return local_root
 
 
