@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
@@ -159,9 +160,29 @@ def _check_columns(spec: DataSpec, schema: pa.Schema) -> None:
                           f"columns are {names}")
     for role in ("image_column", "roi_column"):
         col = getattr(spec, role)
-        if col and not (pa.types.is_binary(schema.field(col).type) or pa.types.is_large_binary(schema.field(col).type)):
-            raise XAuditError(f"ingest: 'data.{role}' {col!r} must hold encoded image bytes (binary); it holds "
-                              f"{schema.field(col).type}")
+        if col and not (_is_binary(schema.field(col).type) or _image_struct(schema.field(col).type)):
+            raise XAuditError(f"ingest: 'data.{role}' {col!r} must hold encoded image bytes (binary, or a Hugging "
+                              f"Face image struct {{bytes, path}}); it holds {schema.field(col).type}")
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _image_struct(t: pa.DataType) -> bool:
+    """True for the Hugging Face `datasets` Image feature as Parquet stores it: struct<bytes: binary, path: string>."""
+    return pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and _is_binary(t.field("bytes").type)
+
+
+def _image_bytes(batches: Iterator[pa.RecordBatch], spec: DataSpec) -> Iterator[pa.RecordBatch]:
+    """Yield `batches` with a Hugging Face image struct column replaced by its `bytes` (an image given only by
+    its `path` has no bytes in the file: its row is rejected as an empty image, with that reason)."""
+    for batch in batches:
+        for col in (spec.image_column, spec.roi_column):
+            if col and col in batch.schema.names and _image_struct(batch.schema.field(col).type):
+                i = batch.schema.get_field_index(col)
+                batch = batch.set_column(i, col, pc.struct_field(batch.column(i), "bytes"))
+        yield batch
 
 
 @dataclass(frozen=True)
@@ -219,7 +240,7 @@ def _source_batches(spec: DataSpec) -> tuple[Iterator[pa.RecordBatch], str, list
     dataset = _parquet_dataset(path)
     _check_columns(spec, dataset.schema)
     expr = _filter_expression(spec, dataset.schema)
-    return dataset.to_batches(filter=expr, batch_size=256), fmt, dataset.schema.names
+    return _image_bytes(dataset.to_batches(filter=expr, batch_size=256), spec), fmt, dataset.schema.names
 
 
 _SCALAR = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer, pa.types.is_floating,
