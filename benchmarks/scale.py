@@ -1,10 +1,14 @@
 """Benchmark: the audit flow at 1x, 2x, 4x and 8x the demo's test split (augmented copies).
 
-    python benchmarks/scale.py [--scales 1 2 4 8] [--shard-size 256]
+    python benchmarks/scale.py [--scales 1 2 4 8] [--shard-size 256] [--s3]
 
 Each scale runs in a fresh process (so peak memory is its own), after a warm-up flow that pays Prefect's
 start-up. Orchestration overhead = the flow's wall time - the sum of its task runs' run time, as recorded
 by Prefect. Settings: saliency + Grad-CAM, localisation only, 200 bootstrap replicates, HTML + PDF report.
+
+`--s3` also runs every scale with the data, the model card and weights, and the outputs in S3 (moto's S3
+server, started here as a process on 127.0.0.1): the second table gives its time and peak memory against the
+local run of the same data (goal: <= 1.2x the time, the same memory).
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ from prefect.client.orchestration import get_client
 from uuid import UUID
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
 from prefect.client.schemas.sorting import TaskRunSort
-manifest = json.load(open(result["run_dir"] + "/manifest.json"))
+import fsspec
+with fsspec.open(result["run_dir"] + "/manifest.json", "rb") as f:     # a local path or the run's URL
+    manifest = json.loads(f.read())
 async def task_runs():
     async with get_client() as client:
         return await client.read_task_runs(
@@ -77,31 +83,79 @@ def make_data(scale: int, path: Path) -> None:
     writer.close()
 
 
+def start_s3(tmp: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Start moto's S3 server on a free port of 127.0.0.1; return it and the environment that points at it."""
+    import socket
+    import time
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
+            break
+        except Exception:
+            time.sleep(0.3)
+    env = dict(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+               AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", XAUDIT_CACHE=str(tmp / "cache"))
+    return proc, env
+
+
+def run_child(tmp: Path, overrides: dict, extra_env: dict[str, str]) -> dict:
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "PREFECT_LOGGING_LEVEL": "ERROR", **extra_env}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ROOT / "data" / "demo_audit.yaml"),
+                          json.dumps(overrides)], capture_output=True, text=True, env=env, cwd=tmp)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--shard-size", type=int, default=256)
+    ap.add_argument("--s3", action="store_true", help="also run each scale from and to S3 (moto's server)")
     args = ap.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for scale in args.scales:
-            data = Path(tmp) / f"digits-x{scale}.parquet"
-            make_data(scale, data)
-            overrides = {"data": {"path": str(data), "roi_column": "roi_png", "metadata_columns": ["site"]},
-                         "output_dir": str(Path(tmp) / "runs"), "run_id": f"scale-{scale}",
-                         "shard_size": args.shard_size,
-                         "attribution": {"methods": ["saliency", "gradcam"]},
-                         "quality": {"checks": ["localisation"], "sanity_images": 0},
-                         "permutation": {"enabled": False},
-                         "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200}}
-            env = {**os.environ, "PREFECT_HOME": str(Path(tmp) / "prefect"), "PREFECT_LOGGING_LEVEL": "ERROR"}
-            out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(ROOT / "data" / "demo_audit.yaml"),
-                                  json.dumps(overrides)], capture_output=True, text=True, env=env, cwd=tmp)
-            if out.returncode:
-                sys.exit(out.stderr[-3000:])
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append((scale, r))
-            print(f"scale {scale}: {r}", file=sys.stderr)
+    rows, remote_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        server, s3_env = start_s3(tmp) if args.s3 else (None, {})
+        try:
+            if server:
+                import fsspec
+                os.environ.update(s3_env)
+                fs = fsspec.filesystem("s3", skip_instance_cache=True)
+                fs.mkdir("xaudit-bench")
+                for name in ("baseline.json", "baseline.safetensors"):
+                    fs.put_file(str(ROOT / "data" / "models" / name), f"xaudit-bench/models/{name}")
+            for scale in args.scales:
+                data = tmp / f"digits-x{scale}.parquet"
+                make_data(scale, data)
+                overrides = {"data": {"path": str(data), "roi_column": "roi_png", "metadata_columns": ["site"]},
+                             "output_dir": str(tmp / "runs"), "run_id": f"scale-{scale}",
+                             "shard_size": args.shard_size,
+                             "attribution": {"methods": ["saliency", "gradcam"]},
+                             "quality": {"checks": ["localisation"], "sanity_images": 0},
+                             "permutation": {"enabled": False},
+                             "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200}}
+                r = run_child(tmp, overrides, {})
+                rows.append((scale, r))
+                print(f"scale {scale}: {r}", file=sys.stderr)
+                if server:
+                    fs.put_file(str(data), f"xaudit-bench/data/{data.name}")
+                    remote = {**overrides, "data": {**overrides["data"], "path": f"s3://xaudit-bench/data/{data.name}"},
+                              "model": {"card": "s3://xaudit-bench/models/baseline.json"},
+                              "output_dir": "s3://xaudit-bench/runs"}
+                    rs = run_child(tmp, remote, s3_env)
+                    remote_rows.append((scale, r, rs))
+                    print(f"scale {scale} on S3: {rs}", file=sys.stderr)
+        finally:
+            if server:
+                server.terminate()
+                server.wait(10)
     base = rows[0][1]
     print("| scale | images | shards | wall (s) | s per 1,000 images | task time (s) | overhead (s) | overhead % | "
           "peak RSS (MB) | peak / 1x |")
@@ -112,6 +166,14 @@ def main() -> None:
         print(f"| {scale}x | {r['scored']:,} | {shards} | {r['wall']:.1f} | {1000 * r['wall'] / r['scored']:.1f} | "
               f"{r['tasks']:.1f} | {over:.1f} | {100 * over / r['wall']:.1f}% | {r['peak_mb']:.0f} | "
               f"{r['peak_mb'] / base['peak_mb']:.2f} |")
+    if remote_rows:
+        print()
+        print("| scale | images | local wall (s) | S3 wall (s) | S3 / local time | local peak RSS (MB) | S3 peak RSS (MB) | "
+              "S3 / local memory |")
+        print("|---|---|---|---|---|---|---|---|")
+        for scale, r, rs in remote_rows:
+            print(f"| {scale}x | {r['scored']:,} | {r['wall']:.1f} | {rs['wall']:.1f} | {rs['wall'] / r['wall']:.2f} | "
+                  f"{r['peak_mb']:.0f} | {rs['peak_mb']:.0f} | {rs['peak_mb'] / r['peak_mb']:.2f} |")
 
 
 if __name__ == "__main__":
