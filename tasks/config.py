@@ -102,11 +102,18 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """Which examples to audit: a Parquet file of encoded images, or an ImageFolder directory."""
+    """Which examples to audit: a Parquet file of encoded images, an ImageFolder directory, or a manifest
+    (CSV or Parquet) of image paths or URLs."""
 
-    path: Location = Field(description="a Parquet file or folder, or an ImageFolder directory; a path, or for "
-                                       "Parquet a URL (s3://, gs://, az://, https://)")
-    format: Literal["parquet", "imagefolder", "auto"] = "auto"
+    path: Location = Field(description="a Parquet file or folder, an ImageFolder directory, or a manifest; a "
+                                       "path, or for Parquet and manifests a URL (s3://, gs://, az://, https://)")
+    format: Literal["parquet", "imagefolder", "manifest", "auto"] = Field(
+        "auto", description="'auto': a directory is an ImageFolder unless it holds Parquet, a .csv file a "
+                            "manifest, anything else Parquet")
+    path_column: str = Field("path", description="manifest: the column of image paths (relative to the "
+                                                 "manifest's folder) or URLs")
+    metadata_file: Location | None = Field(None, description="ImageFolder: a CSV or Parquet of metadata keyed "
+                                                             "by 'id_column' (the image's path under the folder)")
     filter: dict[str, Any] = Field(default_factory=dict, description="column: value, or column: [values]")
     id_column: str = "example_id"
     image_column: str = "image_png"
@@ -381,8 +388,9 @@ def _read_config_file(path: str | Path, where: str, model_keys: tuple[str, ...])
                 spec[key] = _resolve(base, spec[key])
         raw[role] = spec
     data = dict(raw.get("data") or {})
-    if "path" in data:
-        data["path"] = _resolve(base, data["path"])
+    for key in ("path", "metadata_file"):
+        if key in data:
+            data[key] = _resolve(base, data[key])
     raw["data"] = data
     if isinstance(raw.get("signing"), dict):
         signing = dict(raw["signing"])

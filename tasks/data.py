@@ -83,10 +83,43 @@ def _imagefolder_files(root: Path) -> list[tuple[str, Path]]:
     return files
 
 
+def _sidecar(spec: DataSpec) -> tuple[dict[str, dict[str, Any]], list[pa.Field]]:
+    """Return an ImageFolder's metadata file (CSV or Parquet, keyed by `id_column`: each image's path under the
+    folder) as {id: row} and its other columns' fields; ({}, []) without one."""
+    if spec.metadata_file is None:
+        return {}, []
+    ref = spec.metadata_file
+    csv = str(ref).lower().endswith(".csv")
+    import pyarrow.csv as pacsv
+    try:
+        with storage.open_binary(ref, "data.metadata_file") as f:
+            table = pacsv.read_csv(f) if csv else pq.read_table(f)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise XAuditError(f"ingest: 'data.metadata_file' {str(ref)!r} is not a readable {'CSV' if csv else 'Parquet'} "
+                          f"file: {_reason(exc)}") from None
+    if spec.id_column not in table.column_names:
+        raise XAuditError(f"ingest: 'data.metadata_file' {str(ref)!r} must have the id column {spec.id_column!r} "
+                          f"(each image's path under the folder, e.g. 'cat/0001.jpg'); columns are {table.column_names}")
+    taken = {spec.id_column, spec.image_column, spec.label_column, "folder"}
+    clash = [c for c in table.column_names if c in taken - {spec.id_column}]
+    if clash:
+        raise XAuditError(f"ingest: 'data.metadata_file' {str(ref)!r} has column(s) {clash}, which the ImageFolder "
+                          f"already gives; rename them")
+    ids = [str(v) for v in table.column(spec.id_column).to_pylist()]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise XAuditError(f"ingest: 'data.metadata_file' {str(ref)!r} repeats ids {dup}; one row per image")
+    fields = [f for f in table.schema if f.name != spec.id_column]
+    rows = table.drop_columns([spec.id_column]).to_pylist()
+    return dict(zip(ids, rows)), fields
+
+
 def _imagefolder_batches(root: Path, spec: DataSpec, with_bytes: bool = True) -> Iterator[pa.RecordBatch]:
     rows: list[dict[str, Any]] = []
+    side, extra = _sidecar(spec)
     schema = pa.schema([(spec.id_column, pa.string()), (spec.image_column, pa.binary()),
-                        (spec.label_column, pa.string()), ("folder", pa.string())])
+                        (spec.label_column, pa.string()), ("folder", pa.string()), *extra])
+    empty = {f.name: None for f in extra}
     for cls, f in _imagefolder_files(root):
         rid = f.relative_to(root).as_posix()
         try:
@@ -95,12 +128,89 @@ def _imagefolder_batches(root: Path, spec: DataSpec, with_bytes: bool = True) ->
             data = None            # unreadable file: a reject at decode ("missing or empty")
         rows.append({spec.id_column: rid.encode("utf-8", "backslashreplace").decode("utf-8")
                      if any(unicodedata.category(c) == "Cs" for c in rid) else rid,
-                     spec.image_column: data, spec.label_column: cls, "folder": cls})
+                     spec.image_column: data, spec.label_column: cls, "folder": cls, **side.get(rid, empty)})
         if len(rows) == 256:
             yield pa.RecordBatch.from_pylist(rows, schema=schema)
             rows = []
     if rows:
         yield pa.RecordBatch.from_pylist(rows, schema=schema)
+
+
+READ_ERROR = "__xaudit_read_error"      # a manifest row whose image could not be read: why (then an ingest reject)
+
+
+def _manifest_table(path: Path | str, spec: DataSpec) -> pa.Table:
+    """Return a manifest (CSV, or Parquet) as a table, checked: id, path and label columns present, and no
+    image column of its own (the images are the files it names)."""
+    import pyarrow.csv as pacsv
+    where = str(path)
+    is_csv = str(path).lower().endswith(".csv")
+    try:
+        with storage.open_binary(path, "data.path") as f:
+            table = pacsv.read_csv(f) if is_csv else pq.read_table(f)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise XAuditError(f"ingest: 'data.path' {where!r} is not a readable {'CSV' if is_csv else 'Parquet'} "
+                          f"manifest: {_reason(exc)}") from None
+    names = table.column_names
+    for role in ("id_column", "path_column", "label_column"):
+        col = getattr(spec, role)
+        if col not in names:
+            raise XAuditError(f"ingest: 'data.{role}' is {col!r}, which the manifest does not have; columns are {names}")
+    if spec.image_column in names:
+        raise XAuditError(f"ingest: the manifest {where!r} names its images in 'data.path_column' {spec.path_column!r}; "
+                          f"it must not also have the image column {spec.image_column!r}")
+    if spec.roi_column:
+        raise XAuditError("ingest: 'data.roi_column' cannot be read from a manifest; give masks in a Parquet file")
+    if not (pa.types.is_string(table.schema.field(spec.path_column).type)
+            or pa.types.is_large_string(table.schema.field(spec.path_column).type)):
+        raise XAuditError(f"ingest: 'data.path_column' {spec.path_column!r} must hold text (paths or URLs); it "
+                          f"holds {table.schema.field(spec.path_column).type}")
+    # ids are text in every other format: a CSV of numeric ids is read as integers, so cast them
+    i = names.index(spec.id_column)
+    if not pa.types.is_string(table.schema.field(i).type):
+        table = table.set_column(i, spec.id_column, pc.cast(table.column(i), pa.string()))
+    return table
+
+
+def _read_member(ref: str | None, base: Path | str) -> tuple[bytes | None, str | None]:
+    """Return (the bytes of the image a manifest row names, None) or (None, why it cannot be read). A relative
+    path is under the manifest's folder (no '..' out of it); absolute paths and URLs are read as given."""
+    if ref is None or not str(ref).strip():
+        return None, "missing image path"
+    ref = str(ref)
+    try:
+        if storage.is_url(ref) or storage.is_url(base) and not Path(ref).is_absolute():
+            url = ref if storage.is_url(ref) else storage.join(str(base), ref)
+            if ".." in url.split("://", 1)[1].split("/"):
+                return None, f"image path {ref!r} leaves the manifest's folder"
+            fs, inner = storage.filesystem(url, "data.path")
+            return fs.cat_file(inner), None
+        p = Path(ref)
+        if not p.is_absolute():
+            if ".." in p.parts:
+                return None, f"image path {ref!r} leaves the manifest's folder"
+            p = Path(base) / p
+        return p.read_bytes(), None
+    except XAuditError as exc:
+        return None, str(exc)[:200]
+    except (OSError, ValueError) as exc:
+        return None, f"image {ref!r} cannot be read: {type(exc).__name__}"
+
+
+def _manifest_batches(table: pa.Table, base: Path | str, spec: DataSpec, batch_size: int = 64
+                      ) -> Iterator[pa.RecordBatch]:
+    """Yield the manifest's rows with the image bytes of each (read in threads) and why a row's could not be."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for batch in table.to_batches(max_chunksize=batch_size):
+            refs = batch.column(spec.path_column).to_pylist()
+            got = list(pool.map(lambda r: _read_member(r, base), refs))
+            batch = batch.append_column(pa.field(spec.image_column, pa.binary()), pa.array([g[0] for g in got], pa.binary()))
+            yield batch.append_column(pa.field(READ_ERROR, pa.string()), pa.array([g[1] for g in got], pa.string()))
+
+
+def _manifest_base(path: Path | str) -> Path | str:
+    return str(path).rsplit("/", 1)[0] if storage.is_url(path) else Path(path).resolve().parent
 
 
 def _filter_expression(spec: DataSpec, schema: pa.Schema):
@@ -125,16 +235,20 @@ def _source_format(spec: DataSpec) -> tuple[Path | str, str]:
     if storage.is_url(spec.path):
         if spec.format == "imagefolder":
             raise XAuditError(f"ingest: 'data.format' imagefolder needs a local directory; {spec.path!r} is a URL "
-                              f"(store the images as Parquet there, or copy the folder here)")
+                              f"(store the images as Parquet there, or list them in a manifest)")
         storage.info(spec.path, "data.path")          # exists, reachable, with credentials
-        return spec.path, "parquet"
+        manifest = spec.format == "manifest" or (spec.format == "auto" and spec.path.lower().endswith(".csv"))
+        return spec.path, "manifest" if manifest else "parquet"
     path = Path(spec.path)
     if not path.exists():
-        raise XAuditError(f"ingest: 'data.path' must be a Parquet file or an ImageFolder directory; "
-                          f"{str(path)!r} does not exist")
+        raise XAuditError(f"ingest: 'data.path' must be a Parquet file or folder, an ImageFolder directory or a "
+                          f"manifest; {str(path)!r} does not exist")
     fmt = spec.format
     if fmt == "auto":
-        fmt = "imagefolder" if path.is_dir() and not any(path.glob("*.parquet")) else "parquet"
+        fmt = "imagefolder" if path.is_dir() and not any(path.glob("*.parquet")) else \
+            "manifest" if path.suffix.lower() == ".csv" else "parquet"
+    if fmt == "manifest" and path.is_dir():
+        raise XAuditError(f"ingest: 'data.format' manifest needs a CSV or Parquet file; {str(path)!r} is a directory")
     if fmt == "imagefolder" and not path.is_dir():
         raise XAuditError(f"ingest: 'data.format' imagefolder needs a directory; {str(path)!r} is a file")
     return path, fmt
@@ -208,6 +322,11 @@ def inspect_source(spec: DataSpec) -> SourceInfo:
                               f"(it has only {schema.names}); convert the data to Parquet to give masks")
         expr = _filter_expression(spec, schema)
         n = (table.filter(expr) if expr is not None else table).num_rows
+    elif fmt == "manifest":
+        table = _manifest_table(path, spec)
+        schema = table.schema.append(pa.field(spec.image_column, pa.binary()))
+        expr = _filter_expression(spec, table.schema)
+        n = (table.filter(expr) if expr is not None else table).num_rows
     else:
         dataset = _parquet_dataset(path)
         schema = dataset.schema
@@ -237,6 +356,11 @@ def _source_batches(spec: DataSpec) -> tuple[Iterator[pa.RecordBatch], str, list
         expr = _filter_expression(spec, schema)
         source = chained() if expr is None else (b.filter(expr) for b in chained())
         return source, fmt, schema.names
+    if fmt == "manifest":
+        table = _manifest_table(path, spec)
+        expr = _filter_expression(spec, table.schema)
+        table = table.filter(expr) if expr is not None else table
+        return _manifest_batches(table, _manifest_base(path), spec), fmt, [*table.column_names, spec.image_column]
     dataset = _parquet_dataset(path)
     _check_columns(spec, dataset.schema)
     expr = _filter_expression(spec, dataset.schema)
@@ -252,7 +376,7 @@ def metadata_columns(schema: pa.Schema, spec: DataSpec) -> list[str]:
 
     A metadata column may not be named like a column xaudit adds to predictions.parquet (`RESERVED_COLUMNS`),
     and a configured one must be a scalar column."""
-    reserved = {spec.id_column, spec.image_column, spec.label_column, spec.roi_column}
+    reserved = {spec.id_column, spec.image_column, spec.label_column, spec.roi_column, READ_ERROR}
     if spec.metadata_columns is not None:
         missing = [c for c in spec.metadata_columns if c not in schema.names]
         if missing:
@@ -359,6 +483,7 @@ def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult
             meta_cols = metadata_columns(batch.schema, spec)
             columns = [c for c in dict.fromkeys([spec.id_column, spec.image_column, spec.label_column,
                                                  spec.roi_column, *meta_cols]) if c]
+        unreadable = batch.column(READ_ERROR).to_pylist() if READ_ERROR in batch.schema.names else None
         batch = batch.select(columns)
         if spec.limit is not None:
             batch = batch.slice(0, max(0, spec.limit - n_rows))
@@ -366,6 +491,9 @@ def ingest(spec: DataSpec, out_dir: str | Path, shard_size: int) -> IngestResult
         for i, row in enumerate(batch.to_pylist()):
             fingerprint.update(_row_digest(row))
             eid, problem = _example_id(row[spec.id_column], spec.id_column)
+            if not problem and unreadable is not None and unreadable[i]:
+                problem = unreadable[i]
+                seen.add(eid)            # a later row with the same id is still a duplicate
             if problem:
                 rejects.append({"example_id": eid or f"<row {n_rows + i}>", "stage": "ingest", "reason": problem})
             elif eid in seen:

@@ -288,3 +288,11 @@ def remote_identity(url: str, field: str, content: bool = True) -> dict[str, Any
                 h.update(block)
         digest = h.hexdigest()
     return dict(url=url, etag=facts["etag"], version_id=facts["version_id"], bytes=facts["size"], sha256=digest)
+
+
+def open_binary(ref: str | Path, field: str):
+    """Open a local path or a URL for reading bytes (a context manager)."""
+    if is_url(ref):
+        fs, path = filesystem(str(ref), field)
+        return fs.open(path, "rb")
+    return open(ref, "rb")

@@ -52,3 +52,70 @@ def test_a_struct_without_bytes_is_refused_by_name(rows, tmp_path):
                              "image": pa.array([{"path": "x"}] * len(rows), pa.struct([("path", pa.string())]))}), path)
     with pytest.raises(XAuditError, match=r"'data.image_column' 'image' must hold encoded image bytes"):
         inspect_source(DataSpec(path=path, image_column="image"))
+
+
+def _write_images(rows, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for e, b in zip(rows.example_id, rows.image_png):
+        (folder / f"{e}.png").write_bytes(b)
+
+
+def test_a_manifest_of_image_paths_and_urls_decodes_as_the_images_do_and_bad_members_are_rejects(rows, tmp_path):
+    import fsspec
+    import pandas as pd
+    card = resolve_card(ModelSpec(card=DATA / "models" / "baseline.json"))
+    _write_images(rows, tmp_path / "imgs")
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/xaudit-formats/remote.png", rows.image_png[1])
+    paths = [f"imgs/{e}.png" for e in rows.example_id]
+    paths[1] = "memory://xaudit-formats/remote.png"                   # a URL member
+    paths[2] = "imgs/missing.png"                                      # no such file
+    paths[4] = "../outside.png"                                        # leaves the manifest's folder
+    paths[6] = ""                                                      # no path
+    manifest = pd.DataFrame({"example_id": rows.example_id, "path": paths, "label": rows.label, "site": rows.site})
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    spec = DataSpec(path=tmp_path / "manifest.csv")
+    info = inspect_source(spec)
+    assert info.format == "manifest" and info.n_rows == 12 and set(info.metadata_columns) == {"path", "site"}
+    result = ingest(spec, tmp_path / "a", 64)
+    rejects = pq.read_table(tmp_path / "a" / "ingest-rejects.parquet").to_pylist()
+    assert [(r["example_id"], r["reason"]) for r in rejects] == [
+        (rows.example_id[2], "image 'imgs/missing.png' cannot be read: FileNotFoundError"),
+        (rows.example_id[4], "image path '../outside.png' leaves the manifest's folder"),
+        (rows.example_id[6], "missing image path")]
+    got = decode_shard(result.shards[0], card, spec)
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"example_id": rows.example_id, "image_png": rows.image_png, "label": rows.label}), plain)
+    want = decode_shard(ingest(DataSpec(path=plain), tmp_path / "b", 64).shards[0], card, DataSpec(path=plain))
+    keep = [i for i in range(12) if i not in (2, 4, 6)]
+    assert got.example_ids == [want.example_ids[i] for i in keep] and got.rejects == []
+    assert torch.equal(got.inputs, want.inputs[keep])
+    assert got.metadata.column("site").to_pylist() == [rows.site[i] for i in keep]
+
+
+def test_a_manifest_missing_its_path_column_is_refused_by_name(rows, tmp_path):
+    import pandas as pd
+    pd.DataFrame({"example_id": rows.example_id, "file": "x.png", "label": rows.label}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(XAuditError, match=r"'data.path_column' is 'path', which the manifest does not have"):
+        inspect_source(DataSpec(path=tmp_path / "m.csv"))
+
+
+def test_an_imagefolder_takes_its_metadata_from_a_sidecar_keyed_by_path(rows, tmp_path):
+    import pandas as pd
+    for i, (e, b) in enumerate(zip(rows.example_id, rows.image_png)):
+        folder = tmp_path / "folder" / ("even" if i % 2 == 0 else "odd")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{e}.png").write_bytes(b)
+    ids = [f"{'even' if i % 2 == 0 else 'odd'}/{e}.png" for i, e in enumerate(rows.example_id)]
+    side = pd.DataFrame({"example_id": ids[:-1], "camera": [f"cam{i % 3}" for i in range(11)]})  # last one absent
+    side.to_csv(tmp_path / "meta.csv", index=False)
+    spec = DataSpec(path=tmp_path / "folder", metadata_file=tmp_path / "meta.csv")
+    info = inspect_source(spec)
+    assert info.format == "imagefolder" and "camera" in info.metadata_columns
+    ingest(spec, tmp_path / "out", 64)
+    shard = pq.read_table(tmp_path / "out" / "shard-00000.parquet").to_pandas().set_index("example_id")
+    assert shard.loc[ids[0], "camera"] == "cam0" and shard.loc[ids[10], "camera"] == "cam1"
+    assert pd.isna(shard.loc[ids[11], "camera"]) and shard.loc[ids[1], "folder"] == "odd"
+    side.assign(folder="x").to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(XAuditError, match=r"'data.metadata_file' .* has column\(s\) \['folder'\]"):
+        inspect_source(DataSpec(path=tmp_path / "folder", metadata_file=tmp_path / "bad.csv"))
