@@ -107,9 +107,9 @@ class DataSpec(_Strict):
 
     path: Location = Field(description="a Parquet file or folder, an ImageFolder directory, or a manifest; a "
                                        "path, or for Parquet and manifests a URL (s3://, gs://, az://, https://)")
-    format: Literal["parquet", "imagefolder", "manifest", "auto"] = Field(
-        "auto", description="'auto': a directory is an ImageFolder unless it holds Parquet, a .csv file a "
-                            "manifest, anything else Parquet")
+    format: Literal["parquet", "imagefolder", "manifest", "webdataset", "auto"] = Field(
+        "auto", description="'auto': a directory is an ImageFolder unless it holds Parquet (or .tar shards: "
+                            "WebDataset), a .csv file a manifest, a .tar file WebDataset, anything else Parquet")
     path_column: str = Field("path", description="manifest: the column of image paths (relative to the "
                                                  "manifest's folder) or URLs")
     metadata_file: Location | None = Field(None, description="ImageFolder: a CSV or Parquet of metadata keyed "

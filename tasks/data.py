@@ -209,6 +209,111 @@ def _manifest_batches(table: pa.Table, base: Path | str, spec: DataSpec, batch_s
             yield batch.append_column(pa.field(READ_ERROR, pa.string()), pa.array([g[1] for g in got], pa.string()))
 
 
+def _webdataset_shards(path: Path | str) -> list[Path | str]:
+    """Return the .tar shards of a WebDataset: the file (or URL) itself, or a folder's .tar files in order."""
+    if storage.is_url(path) or Path(path).is_file():
+        return [path]
+    shards = sorted(Path(path).glob("*.tar"))
+    if not shards:
+        raise XAuditError(f"ingest: WebDataset folder {str(path)!r} holds no .tar shards")
+    return shards
+
+
+def _webdataset_samples(path: Path | str, spec: DataSpec, with_bytes: bool = True) -> Iterator[dict[str, Any]]:
+    """Yield one dict per sample of a WebDataset (members grouped by key: the member's path up to the first '.'
+    of its name): id, image bytes (the first image member), label (from .cls, else the JSON's label_column)
+    and the JSON's other scalar fields. A shard that cannot be read is a data error naming it."""
+    import json
+    import tarfile
+    for shard in _webdataset_shards(path):
+        current: dict[str, Any] | None = None
+        try:
+            with storage.open_binary(shard, "data.path") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, _, name = member.name.rpartition("/")
+                    stem, dot, ext = name.partition(".")
+                    if not dot or stem.startswith("_"):
+                        continue                                    # no extension, or a hidden/meta file
+                    key = f"{folder}/{stem}" if folder else stem
+                    if current is None or current["key"] != key:
+                        if current is not None:
+                            yield current
+                        current = {"key": key, "image": None, "label": None, "json": {}, "has_image": False}
+                    ext = ext.lower()
+                    if f".{ext}" in IMAGE_EXTENSIONS and not current["has_image"]:
+                        current["has_image"] = True
+                        current["image"] = tar.extractfile(member).read() if with_bytes else b""
+                    elif ext == "cls":
+                        current["label"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                    elif ext == "json":
+                        try:
+                            value = json.loads(tar.extractfile(member).read())
+                        except (ValueError, UnicodeDecodeError):
+                            value = {}
+                            current["bad_json"] = True
+                        current["json"] = value if isinstance(value, dict) else {}
+            if current is not None:
+                yield current
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise XAuditError(f"ingest: WebDataset shard {str(shard)!r} could not be read to the end: "
+                              f"{_reason(exc)}") from None
+
+
+def _webdataset_rows(path: Path | str, spec: DataSpec, with_bytes: bool) -> Iterator[dict[str, Any]]:
+    """Yield a WebDataset's samples as rows: id, image, label (as text) and the JSON's scalar fields."""
+    for s in _webdataset_samples(path, spec, with_bytes):
+        label = s["label"] if s["label"] is not None else s["json"].get(spec.label_column)
+        meta = {k: v for k, v in s["json"].items() if k not in (spec.label_column, spec.id_column, spec.image_column)
+                and (v is None or isinstance(v, (str, int, float, bool)))}
+        yield {spec.id_column: s["key"], spec.image_column: s["image"],
+               spec.label_column: None if label is None else str(label), **meta}
+
+
+def _webdataset_schema(path: Path | str, spec: DataSpec) -> tuple[pa.Schema, int]:
+    """Return the schema of a WebDataset's rows (a first pass over the members, images not kept) and its number
+    of samples. A JSON field whose values have several types is text (int and float: float)."""
+    kinds: dict[str, set[str]] = {}
+    n = 0
+    for row in _webdataset_rows(path, spec, with_bytes=False):
+        n += 1
+        for k, v in row.items():
+            if k not in (spec.id_column, spec.image_column, spec.label_column) and v is not None:
+                kinds.setdefault(k, set()).add(type(v).__name__)
+            elif k not in (spec.id_column, spec.image_column, spec.label_column):
+                kinds.setdefault(k, set())
+    if n == 0:
+        raise XAuditError(f"ingest: WebDataset {str(path)!r} holds no samples")
+    one = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+    fields = [pa.field(spec.id_column, pa.string()), pa.field(spec.image_column, pa.binary()),
+              pa.field(spec.label_column, pa.string())]
+    for k, types in kinds.items():
+        fields.append(pa.field(k, one[next(iter(types))] if len(types) == 1 else
+                               pa.float64() if types <= {"int", "float"} else pa.string()))
+    return pa.schema(fields), n
+
+
+def _webdataset_batches(path: Path | str, spec: DataSpec, schema: pa.Schema, size: int = 256
+                        ) -> Iterator[pa.RecordBatch]:
+    """Stream a WebDataset as record batches of `schema` (a second pass; images read as they come)."""
+    text = {f.name for f in schema if f.type == pa.string()}
+    floats = {f.name for f in schema if f.type == pa.float64()}
+    rows: list[dict[str, Any]] = []
+    for row in _webdataset_rows(path, spec, with_bytes=True):
+        for k, v in row.items():
+            if v is not None and k in text and not isinstance(v, str):
+                row[k] = str(v)
+            elif v is not None and k in floats:
+                row[k] = float(v)
+        rows.append(row)
+        if len(rows) == size:
+            yield pa.RecordBatch.from_pylist(rows, schema=schema)
+            rows = []
+    if rows:
+        yield pa.RecordBatch.from_pylist(rows, schema=schema)
+
+
 def _manifest_base(path: Path | str) -> Path | str:
     return str(path).rsplit("/", 1)[0] if storage.is_url(path) else Path(path).resolve().parent
 
@@ -237,16 +342,20 @@ def _source_format(spec: DataSpec) -> tuple[Path | str, str]:
             raise XAuditError(f"ingest: 'data.format' imagefolder needs a local directory; {spec.path!r} is a URL "
                               f"(store the images as Parquet there, or list them in a manifest)")
         storage.info(spec.path, "data.path")          # exists, reachable, with credentials
-        manifest = spec.format == "manifest" or (spec.format == "auto" and spec.path.lower().endswith(".csv"))
-        return spec.path, "manifest" if manifest else "parquet"
+        if spec.format != "auto":
+            return spec.path, spec.format
+        return spec.path, {".csv": "manifest", ".tar": "webdataset"}.get(Path(spec.path).suffix.lower(), "parquet")
     path = Path(spec.path)
     if not path.exists():
         raise XAuditError(f"ingest: 'data.path' must be a Parquet file or folder, an ImageFolder directory or a "
                           f"manifest; {str(path)!r} does not exist")
     fmt = spec.format
     if fmt == "auto":
-        fmt = "imagefolder" if path.is_dir() and not any(path.glob("*.parquet")) else \
-            "manifest" if path.suffix.lower() == ".csv" else "parquet"
+        if path.is_dir():
+            fmt = "parquet" if any(path.glob("*.parquet")) else "webdataset" if any(path.glob("*.tar")) \
+                else "imagefolder"
+        else:
+            fmt = {".csv": "manifest", ".tar": "webdataset"}.get(path.suffix.lower(), "parquet")
     if fmt == "manifest" and path.is_dir():
         raise XAuditError(f"ingest: 'data.format' manifest needs a CSV or Parquet file; {str(path)!r} is a directory")
     if fmt == "imagefolder" and not path.is_dir():
@@ -322,6 +431,13 @@ def inspect_source(spec: DataSpec) -> SourceInfo:
                               f"(it has only {schema.names}); convert the data to Parquet to give masks")
         expr = _filter_expression(spec, schema)
         n = (table.filter(expr) if expr is not None else table).num_rows
+    elif fmt == "webdataset":
+        if spec.roi_column:
+            raise XAuditError("ingest: 'data.roi_column' cannot be read from a WebDataset; give masks in Parquet")
+        schema, n = _webdataset_schema(path, spec)
+        expr = _filter_expression(spec, schema)
+        if expr is not None:
+            n = sum(b.filter(expr).num_rows for b in _webdataset_batches(path, spec, schema))
     elif fmt == "manifest":
         table = _manifest_table(path, spec)
         schema = table.schema.append(pa.field(spec.image_column, pa.binary()))
@@ -356,6 +472,11 @@ def _source_batches(spec: DataSpec) -> tuple[Iterator[pa.RecordBatch], str, list
         expr = _filter_expression(spec, schema)
         source = chained() if expr is None else (b.filter(expr) for b in chained())
         return source, fmt, schema.names
+    if fmt == "webdataset":
+        schema, _ = _webdataset_schema(path, spec)
+        expr = _filter_expression(spec, schema)
+        batches = _webdataset_batches(path, spec, schema)
+        return (batches if expr is None else (b.filter(expr) for b in batches)), fmt, schema.names
     if fmt == "manifest":
         table = _manifest_table(path, spec)
         expr = _filter_expression(spec, table.schema)

@@ -119,3 +119,56 @@ def test_an_imagefolder_takes_its_metadata_from_a_sidecar_keyed_by_path(rows, tm
     side.assign(folder="x").to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(XAuditError, match=r"'data.metadata_file' .* has column\(s\) \['folder'\]"):
         inspect_source(DataSpec(path=tmp_path / "folder", metadata_file=tmp_path / "bad.csv"))
+
+
+def _tar(path, members):
+    import io
+    import tarfile
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_decode_as_the_images_do_and_bad_samples_are_rejects(rows, tmp_path):
+    import json
+    card = resolve_card(ModelSpec(card=DATA / "models" / "baseline.json"))
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    members = []
+    for i, (e, b, y, site) in enumerate(zip(rows.example_id, rows.image_png, rows.label, rows.site)):
+        if i == 3:
+            members.append((f"{e}.cls", str(y).encode()))                     # no image member
+            continue
+        members.append((f"{e}.png", b))
+        if i == 5:
+            continue                                                           # no label
+        if i % 2:
+            members.append((f"{e}.json", json.dumps({"label": int(y), "site": site, "score": i / 2}).encode()))
+        else:
+            members.append((f"{e}.cls", str(y).encode()))
+            members.append((f"{e}.json", json.dumps({"site": site, "score": i}).encode()))   # int and float: float
+    cut = next(i for i, (name, _) in enumerate(members) if name.startswith(rows.example_id[6]))   # samples 0-5 | 6-11
+    _tar(folder / "shard-000000.tar", members[:cut])
+    _tar(folder / "shard-000001.tar", members[cut:])
+    spec = DataSpec(path=folder)
+    info = inspect_source(spec)
+    assert info.format == "webdataset" and info.n_rows == 12 and set(info.metadata_columns) == {"site", "score"}
+    result = ingest(spec, tmp_path / "a", 64)
+    got = decode_shard(result.shards[0], card, spec)
+    assert {(r["example_id"], r["reason"]) for r in got.rejects} == {
+        (rows.example_id[3], "missing or empty 'image_png'"), (rows.example_id[5], "missing 'label'")}
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"example_id": rows.example_id, "image_png": rows.image_png, "label": rows.label}), plain)
+    want = decode_shard(ingest(DataSpec(path=plain), tmp_path / "b", 64).shards[0], card, DataSpec(path=plain))
+    keep = [i for i in range(12) if i not in (3, 5)]
+    assert got.example_ids == [want.example_ids[i] for i in keep]
+    assert torch.equal(got.inputs, want.inputs[keep]) and torch.equal(got.labels, want.labels[keep])
+    assert got.metadata.column("site").to_pylist() == [rows.site[i] for i in keep]
+    assert inspect_source(DataSpec(path=folder, filter={"site": "A"})).n_rows == int((rows.site == "A").sum())
+    # a truncated shard is a data error naming it, not a crash
+    data = (folder / "shard-000001.tar").read_bytes()
+    (folder / "shard-000001.tar").write_bytes(data[:len(data) // 2])
+    with pytest.raises(XAuditError, match=r"WebDataset shard .*shard-000001.tar.* could not be read to the end"):
+        ingest(spec, tmp_path / "c", 64)
