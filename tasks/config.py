@@ -58,6 +58,8 @@ class ModelSpec(_Strict):
     """Which model to audit. `card` names a JSON model card whose fields are the defaults for the others."""
 
     card: Location | None = None
+    mlflow: str | None = Field(None, description="a registered model instead of a card: 'models:/<name>/<version>' "
+                                                 "or 'models:/<name>@<alias>' (MLFLOW_TRACKING_URI names the registry)")
     name: str | None = None
     version: str | None = None
     factory: str | None = Field(None, description="import path 'package.module:callable' that builds the nn.Module")
@@ -91,6 +93,21 @@ class ModelSpec(_Strict):
     @classmethod
     def _finite_stats(cls, v: list[float] | None, info) -> list[float] | None:
         return _finite(v, info.field_name)
+
+    @field_validator("mlflow")
+    @classmethod
+    def _registry_ref(cls, v: str | None) -> str | None:
+        if v is not None:
+            from .registry import REF
+            if not REF.match(v):
+                raise ValueError("must be 'models:/<name>/<version>' or 'models:/<name>@<alias>'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if self.card is not None and self.mlflow is not None:
+            raise ValueError("give 'card' or 'mlflow', not both")
+        return self
 
     @field_validator("class_names")
     @classmethod

@@ -82,8 +82,17 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
         # relative weights are next to the card: in its folder, or under the card's URL
         base = storage.join(spec.card.rsplit("/", 1)[0]) if storage.is_url(spec.card) else card_path.resolve().parent
         source = f"model card {spec.card}"
-    values.update({k: v for k, v in spec.model_dump(exclude={"card"}).items() if v not in (None, {}, [])})
-    known = set(ModelSpec.model_fields) - {"card"}
+    elif spec.mlflow is not None:
+        from . import registry
+        folder, identity = registry.resolve(spec.mlflow)
+        values = registry.artifact_values(folder, spec.mlflow)
+        values["registry"] = identity                 # recorded with the card (its 'extra') in the manifest
+        values.setdefault("name", identity["name"])
+        values.setdefault("version", identity["version"])
+        base = folder
+        source = f"the registered model {spec.mlflow}"
+    values.update({k: v for k, v in spec.model_dump(exclude={"card", "mlflow"}).items() if v not in (None, {}, [])})
+    known = set(ModelSpec.model_fields) - {"card", "mlflow"}
     try:
         checked = ModelSpec.model_validate({k: v for k, v in values.items() if k in known})
     except ValidationError as exc:

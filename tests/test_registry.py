@@ -1,0 +1,127 @@
+"""Models from an MLflow model registry: a real MLflow server (sqlite backend, artifacts served by it) started
+here as a process on 127.0.0.1 and stopped by its process id; the audit names `models:/digits@champion`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import DATA
+from flows.audit import audit
+from tasks.config import ModelSpec
+from tasks.errors import XAuditError
+from tasks.models import resolve_card
+from test_flow import config_for, small_data  # noqa: F401  (the same 40-row slice as the flow tests)
+
+mlflow = pytest.importorskip("mlflow")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (root / "server.log").open("wb")
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+                             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"the MLflow server did not start: {(root / 'server.log').read_text()[-800:]}")
+            time.sleep(0.5)
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "XAUDIT_CACHE")}
+    os.environ.update(MLFLOW_TRACKING_URI=uri, XAUDIT_CACHE=str(root / "cache"))
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield _register(root)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _register(root: Path) -> dict:
+    """Register the demo baseline (xaudit card + safetensors) as digits v1 @champion, and a pickled pytorch-
+    flavour module as digits-pickled v1."""
+    from mlflow import MlflowClient
+    card = json.loads((DATA / "models" / "baseline.json").read_text())
+    model = root / "model"
+    model.mkdir()
+    (model / "xaudit_card.json").write_text(json.dumps(card))
+    shutil.copy(DATA / "models" / "baseline.safetensors", model / card["weights"])
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(model), artifact_path="model")
+    client.create_registered_model("digits")
+    v = client.create_model_version("digits", source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("digits", "champion", v.version)
+    pickled = root / "pickled"
+    (pickled / "data").mkdir(parents=True)
+    (pickled / "MLmodel").write_text("flavors: {pytorch: {model_data: data}}\n")
+    (pickled / "data" / "model.pth").write_bytes(b"\x80\x04not really a pickle")
+    with mlflow.start_run() as run2:
+        mlflow.log_artifacts(str(pickled), artifact_path="model")
+    client.create_registered_model("digits-pickled")
+    client.create_model_version("digits-pickled", source=f"runs:/{run2.info.run_id}/model", run_id=run2.info.run_id)
+    return dict(run_id=run.info.run_id, version=str(v.version))
+
+
+def test_an_audit_of_a_registered_model_equals_the_local_cards_and_records_the_registry(
+        prefect_harness, registry, small_data, tmp_path):  # noqa: F811
+    local = audit(config_for(small_data, tmp_path / "local", run_id="reg-test"))
+    base = config_for(small_data, tmp_path / "reg", run_id="reg-test")
+    remote = audit(base.model_copy(update={"model": ModelSpec(mlflow="models:/digits@champion")}))
+    for name in ("predictions.parquet", "explanations.parquet", "metrics.parquet"):
+        assert (Path(remote["run_dir"]) / name).read_bytes() == (Path(local["run_dir"]) / name).read_bytes(), name
+    manifest = json.loads((Path(remote["run_dir"]) / "manifest.json").read_text())
+    reg = manifest["model"]["extra"]["registry"]
+    assert (reg["name"], reg["version"], reg["alias"], reg["run_id"]) == ("digits", registry["version"], "champion",
+                                                                          registry["run_id"])
+    assert reg["registry"] == os.environ["MLFLOW_TRACKING_URI"]
+    assert manifest["model"]["weights_sha256"] == hashlib.sha256(
+        (DATA / "models" / "baseline.safetensors").read_bytes()).hexdigest()
+    assert pq.read_table(Path(remote["run_dir"]) / "metrics.parquet").column("model")[0].as_py() == \
+        pq.read_table(Path(local["run_dir"]) / "metrics.parquet").column("model")[0].as_py()
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("models:/digits/7", "is not in the registry"),
+    ("models:/nobody@champion", "is not in the registry"),
+    ("models:/digits-pickled/1", "holds a pickled module"),
+])
+def test_registry_references_that_cannot_be_audited_are_refused(registry, ref, message):
+    with pytest.raises(XAuditError, match=message):
+        resolve_card(ModelSpec(mlflow=ref))
+
+
+def test_a_malformed_reference_or_one_with_a_card_is_a_config_error():
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="models:/<name>/<version>"):
+        ModelSpec(mlflow="runs:/abc/model")
+    with pytest.raises(ValidationError, match="not both"):
+        ModelSpec(mlflow="models:/digits/1", card=DATA / "models" / "baseline.json")
