@@ -30,8 +30,10 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     config, remote = staged["config"], staged["remote"]
     run = steps.prepare_run(config)
     data = steps.ingest_data(config, run["run_dir"])
-    futures = [steps.score.submit(shard, card, config, run["run_dir"]) for shard in data["shards"]]
+    steps.share_inputs(run["run_dir"], remote)         # a URL: workers read the shards from the store
+    futures = [steps.score.submit(shard, card, config, run["run_dir"], remote) for shard in data["shards"]]
     shard_outputs = [f.result() for f in futures]       # in shard order, so outputs do not depend on timing
+    steps.collect_parts(run["run_dir"], shard_outputs, remote)
     counts = steps.merge_outputs(run["run_dir"], shard_outputs, data["n_rows"], config.max_reject_fraction)
     if config.quality.sanity_images:
         steps.sanity(data["shards"][0], card, config, run["run_dir"], shard_outputs)

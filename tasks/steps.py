@@ -63,6 +63,27 @@ def stage_output(config: AuditConfig) -> dict[str, Any]:
     return {"config": config.model_copy(update={"output_dir": local}), "remote": str(config.output_dir)}
 
 
+@task(name="share-inputs", **IO_RETRIES)
+def share_inputs(run_dir: str, remote: str | None) -> int:
+    """For an output_dir URL: upload the input shards, so workers that share only the store can read them."""
+    if remote is None:
+        return 0
+    return storage.publish(Path(run_dir) / "inputs", storage.join(remote, Path(run_dir).name, "inputs"))
+
+
+@task(name="collect-parts", **IO_RETRIES)
+def collect_parts(run_dir: str, shard_outputs: list[dict[str, Any]], remote: str | None) -> int:
+    """For an output_dir URL: bring the parts workers uploaded into the flow's staging folder (those not here)."""
+    if remote is None:
+        return 0
+    url = storage.join(remote, Path(run_dir).name, "parts")
+    n = 0
+    for s in shard_outputs:
+        stem = Path(s["predictions"]).name.split(".", 1)[0]
+        n += storage.pull_matching(url, Path(run_dir) / "parts", f"{stem}.")
+    return n
+
+
 @task(name="publish-run", **IO_RETRIES)
 def publish_run(run_id: str, config: AuditConfig, remote: str | None) -> str | None:
     """Upload a staged run to its `output_dir` URL (manifest.json last) and the history; returns its URL."""
@@ -99,8 +120,33 @@ def _loaded(card: dict[str, Any], device: torch.device) -> torch.nn.Module:
 
 
 @task(name="score-shard", **IO_RETRIES)
-def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -> dict[str, Any]:
-    """Predict and attribute one input shard; reuses the shard's parts when its cache key matches."""
+def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str, remote: str | None = None
+          ) -> dict[str, Any]:
+    """Predict and attribute one input shard; reuses the shard's parts when its cache key matches.
+
+    With `remote` (an output_dir URL) the worker shares nothing with the flow but the store: it pulls the input
+    shard and any earlier parts of it into its own staging folder, scores there, and uploads the parts; the
+    paths it returns are the flow's (`run_dir`), where `collect_parts` brings them."""
+    client_parts = Path(run_dir) / "parts"
+    if remote:
+        run_url = storage.join(remote, Path(run_dir).name)
+        local_run = storage.staging_dir(remote) / Path(run_dir).name
+        stem = Path(shard).stem
+        (local_run / "parts").mkdir(parents=True, exist_ok=True)
+        storage.pull_matching(storage.join(run_url, "inputs"), local_run / "inputs", Path(shard).name)
+        storage.pull_matching(storage.join(run_url, "parts"), local_run / "parts", f"{stem}.")
+        shard = str(local_run / "inputs" / Path(shard).name)
+        run_dir = str(local_run)
+    out = _score_here(shard, card, config, run_dir)
+    if remote:
+        names = {k: Path(out[k]).name for k in ("predictions", "explanations", "rejects")}
+        storage.push_files([Path(run_dir) / "parts" / n for n in (*names.values(), f"{Path(shard).stem}.key.json")],
+                           storage.join(run_url, "parts"))
+        out = {**out, **{k: str(client_parts / n) for k, n in names.items()}}
+    return out
+
+
+def _score_here(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -> dict[str, Any]:
     parts = Path(run_dir) / "parts"
     # everything the shard's outputs depend on: a rerun with another card (classes, mean/std, input size,
     # preprocessing) or other quality checks must not reuse them; the weights by hash, not by path
@@ -114,6 +160,8 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -
     key_file = parts / f"{Path(shard).stem}.key.json"
     if key_file.is_file():
         done = json.loads(key_file.read_text())
+        # the parts by name in this run's folder: a key file written on another machine holds its paths
+        done.update({k: str(parts / Path(done[k]).name) for k in ("predictions", "explanations", "rejects") if k in done})
         if done.get("key") == key and all(Path(done[k]).is_file() for k in ("predictions", "explanations", "rejects")):
             progress.advance("scoring", shard_rows(shard))
             return {**done, "cached": True, "seconds": 0.0}

@@ -296,3 +296,34 @@ def open_binary(ref: str | Path, field: str):
         fs, path = filesystem(str(ref), field)
         return fs.open(path, "rb")
     return open(ref, "rb")
+
+
+def pull_matching(url_dir: str, local_dir: Path, prefix: str, field: str = "output_dir") -> int:
+    """Copy the files directly under `url_dir` whose names start with `prefix` into `local_dir` (missing or
+    different-size ones); returns how many."""
+    fs, path = filesystem(url_dir, field)
+    try:
+        found = fs.ls(path, detail=True) if fs.exists(path) else []
+    except FileNotFoundError:
+        return 0
+    n = 0
+    for meta in found:
+        name = meta["name"].rstrip("/").rsplit("/", 1)[-1]
+        if meta.get("type") == "directory" or not name.startswith(prefix):
+            continue
+        target = local_dir / name
+        if target.is_file() and target.stat().st_size == meta.get("size"):
+            continue
+        local_dir.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + f".part-{os.getpid()}")
+        fs.get_file(meta["name"], str(tmp))
+        os.replace(tmp, target)
+        n += 1
+    return n
+
+
+def push_files(files: list[Path], url_dir: str, field: str = "output_dir") -> None:
+    """Upload `files` into `url_dir` under their names (a shard's parts, from the worker that scored it)."""
+    fs, path = filesystem(url_dir, field)
+    for f in files:
+        fs.put_file(str(f), f"{path.rstrip('/')}/{f.name}")
