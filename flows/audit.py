@@ -31,7 +31,8 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     run = steps.prepare_run(config)
     data = steps.ingest_data(config, run["run_dir"])
     steps.share_inputs(run["run_dir"], remote)         # a URL: workers read the shards from the store
-    futures = [steps.score.submit(shard, card, config, run["run_dir"], remote) for shard in data["shards"]]
+    with steps.shard_resources(config):                # on Dask with CUDA: each shard task asks for a GPU
+        futures = [steps.score.submit(shard, card, config, run["run_dir"], remote) for shard in data["shards"]]
     shard_outputs = [f.result() for f in futures]       # in shard order, so outputs do not depend on timing
     steps.collect_parts(run["run_dir"], shard_outputs, remote)
     counts = steps.merge_outputs(run["run_dir"], shard_outputs, data["n_rows"], config.max_reject_fraction)
@@ -41,7 +42,7 @@ def audit(config: AuditConfig) -> dict[str, Any]:
         steps.permutation(data["shards"], card, config, run["run_dir"])
     summary = steps.compute_metrics(run["run_dir"], config, card, run["run_id"])
     steps.snapshot_history(run, config, card, data, summary["verdict"])
-    steps.write_manifest(run, config, card, data, summary["verdict"], remote)
+    steps.write_manifest(run, config, card, data, summary["verdict"], remote, shard_outputs)
     reports = steps.render(run["run_dir"], list(config.report.formats))
     steps.seal_manifest(run["run_dir"])
     if config.signing:

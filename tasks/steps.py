@@ -5,6 +5,7 @@ This is the only module of `tasks` that imports Prefect.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -61,6 +62,20 @@ def stage_output(config: AuditConfig) -> dict[str, Any]:
     history = config.history.enabled and config.history.path is None
     local = storage.stage_run(str(config.output_dir), config.run_id, history)
     return {"config": config.model_copy(update={"output_dir": local}), "remote": str(config.output_dir)}
+
+
+def shard_resources(config: AuditConfig):
+    """The Dask annotation shard tasks carry: one `GPU` resource each when the audit runs on CUDA (start GPU
+    workers with `--resources GPU=1`); nothing otherwise, and nothing under the thread runner."""
+    from contextlib import nullcontext
+    wants_gpu = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    if not wants_gpu:
+        return nullcontext()
+    try:
+        import dask
+    except ImportError:
+        return nullcontext()
+    return dask.annotate(resources={"GPU": 1})
 
 
 @task(name="share-inputs", **IO_RETRIES)
@@ -171,9 +186,9 @@ def _score_here(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: 
         model = _loaded(card, device)
         out = asdict(score_shard(shard, c, config, model, device, parts))
     timing = {k: out.pop(k) for k in ("method_seconds", "quality_seconds", "decode_wait_seconds")}
-    write_json(key_file, {**out, "key": key})       # the run's files do not depend on how long it took
+    write_json(key_file, {**out, "key": key})       # the run's files do not depend on how long it took, or where
     return {**out, "key": key, "cached": False, "seconds": time.perf_counter() - t0, "device": str(device),
-            **timing}
+            "host": socket.gethostname(), **timing}
 
 
 @task(name="sanity-check")
@@ -238,9 +253,9 @@ def compute_metrics(run_dir: str, config: AuditConfig, card: dict[str, Any], run
 
 @task(name="write-manifest", **IO_RETRIES)
 def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any], data: dict[str, Any],
-                   verdict: str, remote: str | None = None) -> str:
+                   verdict: str, remote: str | None = None, shard_outputs: list[dict[str, Any]] | None = None) -> str:
     """Write manifest.json with the hash of every artifact present (and, for inputs and outputs in a store,
-    their URLs, ETags/version ids and sha256); returns its path."""
+    their URLs, ETags/version ids and sha256; where each shard was scored); returns its path."""
     data_identity = {k: data[k] for k in ("source", "source_format", "fingerprint", "n_rows", "metadata_columns")}
     data_identity["format"] = data_identity.pop("source_format")
     if Path(data["source"]).is_file():
@@ -257,6 +272,9 @@ def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any
         manifest["remote_inputs"] = remote_inputs
     if remote:
         manifest["published_to"] = storage.join(remote, run["run_id"])
+    if shard_outputs:
+        manifest["shards"] = [{"shard": Path(s["predictions"]).name.split(".", 1)[0], "host": s.get("host"),
+                               "device": s.get("device"), "cached": bool(s.get("cached"))} for s in shard_outputs]
     return str(write_json(Path(run["run_dir"]) / "manifest.json", manifest))
 
 

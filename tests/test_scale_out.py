@@ -129,6 +129,19 @@ def test_an_audit_on_two_dask_workers_sharing_only_the_store_equals_the_thread_r
     # both workers scored shards, each in its own folder: nothing but the store was shared
     done = [len(_parts_on(cluster["root"] / w, "dask-run")) for w in ("w1", "w2")]
     assert all(n >= 1 for n in done) and sum(done) >= 5, done
+    manifest = json.loads(s3.cat_file(f"{BUCKET}/dask/dask-run/manifest.json"))
+    assert [s["shard"] for s in manifest["shards"]] == [f"shard-{i:05d}" for i in range(5)]
+    assert all(s["device"] == "cpu" and s["host"] == socket.gethostname() for s in manifest["shards"])
+
+
+def test_shard_tasks_ask_dask_for_a_gpu_only_on_cuda(small_data, tmp_path):  # noqa: F811
+    import dask
+    from tasks.steps import shard_resources
+    cfg = config_for(small_data, tmp_path)
+    with shard_resources(cfg.model_copy(update={"device": "cuda"})):
+        assert dask.get_annotations() == {"resources": {"GPU": 1}}
+    with shard_resources(cfg.model_copy(update={"device": "cpu"})):
+        assert dask.get_annotations() == {}
 
 
 def test_killing_a_worker_mid_run_still_gives_identical_tables(
