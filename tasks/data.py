@@ -83,20 +83,25 @@ def _imagefolder_files(root: Path) -> list[tuple[str, Path]]:
     return files
 
 
+def _read_table(ref: Path | str, field: str, what: str) -> pa.Table:
+    """Return a CSV (by its .csv name) or Parquet table from a path or URL; unreadable is an error naming `field`."""
+    import pyarrow.csv as pacsv
+    csv = str(ref).lower().endswith(".csv")
+    try:
+        with storage.open_binary(ref, field) as f:
+            return pacsv.read_csv(f) if csv else pq.read_table(f)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise XAuditError(f"ingest: '{field}' {str(ref)!r} is not a readable {'CSV' if csv else 'Parquet'} {what}: "
+                          f"{_reason(exc)}") from None
+
+
 def _sidecar(spec: DataSpec) -> tuple[dict[str, dict[str, Any]], list[pa.Field]]:
     """Return an ImageFolder's metadata file (CSV or Parquet, keyed by `id_column`: each image's path under the
     folder) as {id: row} and its other columns' fields; ({}, []) without one."""
     if spec.metadata_file is None:
         return {}, []
     ref = spec.metadata_file
-    csv = str(ref).lower().endswith(".csv")
-    import pyarrow.csv as pacsv
-    try:
-        with storage.open_binary(ref, "data.metadata_file") as f:
-            table = pacsv.read_csv(f) if csv else pq.read_table(f)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise XAuditError(f"ingest: 'data.metadata_file' {str(ref)!r} is not a readable {'CSV' if csv else 'Parquet'} "
-                          f"file: {_reason(exc)}") from None
+    table = _read_table(ref, "data.metadata_file", "file")
     if spec.id_column not in table.column_names:
         raise XAuditError(f"ingest: 'data.metadata_file' {str(ref)!r} must have the id column {spec.id_column!r} "
                           f"(each image's path under the folder, e.g. 'cat/0001.jpg'); columns are {table.column_names}")
@@ -142,15 +147,8 @@ READ_ERROR = "__xaudit_read_error"      # a manifest row whose image could not b
 def _manifest_table(path: Path | str, spec: DataSpec) -> pa.Table:
     """Return a manifest (CSV, or Parquet) as a table, checked: id, path and label columns present, and no
     image column of its own (the images are the files it names)."""
-    import pyarrow.csv as pacsv
     where = str(path)
-    is_csv = str(path).lower().endswith(".csv")
-    try:
-        with storage.open_binary(path, "data.path") as f:
-            table = pacsv.read_csv(f) if is_csv else pq.read_table(f)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise XAuditError(f"ingest: 'data.path' {where!r} is not a readable {'CSV' if is_csv else 'Parquet'} "
-                          f"manifest: {_reason(exc)}") from None
+    table = _read_table(path, "data.path", "manifest")
     names = table.column_names
     for role in ("id_column", "path_column", "label_column"):
         col = getattr(spec, role)

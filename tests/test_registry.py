@@ -6,18 +6,15 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATA
+from services import free_port, stop, wait_http
 from flows.audit import audit
 from tasks.config import ModelSpec
 from tasks.errors import XAuditError
@@ -30,9 +27,7 @@ mlflow = pytest.importorskip("mlflow")
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = (root / "server.log").open("wb")
     exe = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen([str(exe), "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
@@ -40,27 +35,14 @@ def registry(tmp_path_factory):
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=root)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2)
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"the MLflow server did not start: {(root / 'server.log').read_text()[-800:]}")
-            time.sleep(0.5)
+    wait_http(uri + "/health", proc, root / "server.log", "the MLflow server", timeout=120)
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "XAUDIT_CACHE")}
     os.environ.update(MLFLOW_TRACKING_URI=uri, XAUDIT_CACHE=str(root / "cache"))
     mlflow.set_tracking_uri(uri)
     try:
         yield _register(root)
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
+        stop([proc])
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,40 +19,12 @@ import torch
 import yaml
 
 from flows.audit import audit
+from services import free_port, stop, wait_http
 from test_flow import config_for, small_data  # noqa: F401
 from test_storage import BUCKET, _remote_config, s3, uploaded  # noqa: F401
 
 pytest.importorskip("prefect_dask")
 TABLES = ("predictions.parquet", "explanations.parquet", "metrics.parquet", "rejects.parquet", "validation.json")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{what} did not start: {log.read_text()[-800:]}")
-            time.sleep(0.5)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.kill(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(20)
-        except subprocess.TimeoutExpired:
-            os.kill(p.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +37,12 @@ def cluster(s3, tmp_path_factory):  # noqa: F811
                     PREFECT_LOGGING_LEVEL="WARNING")
     procs: list[subprocess.Popen] = []
     try:
-        api_port, sched_port = _port(), _port()
+        api_port, sched_port = free_port(), free_port()
         log = root / "prefect.log"
         procs.append(subprocess.Popen([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
                                        str(api_port)], stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                       env=base_env, cwd=root))
-        _wait(f"http://127.0.0.1:{api_port}/api/health", procs[-1], log, "the Prefect server")
+        wait_http(f"http://127.0.0.1:{api_port}/api/health", procs[-1], log, "the Prefect server")
         env = {**base_env, "PREFECT_API_URL": f"http://127.0.0.1:{api_port}/api"}
         slog = root / "scheduler.log"
         procs.append(subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port",
@@ -96,7 +67,7 @@ def cluster(s3, tmp_path_factory):  # noqa: F811
             c.wait_for_workers(2, timeout=120)
         yield dict(address=address, env=env, root=root, workers=workers)
     finally:
-        _stop(procs)
+        stop(procs)
 
 
 def _config_file(cfg, path: Path) -> Path:

@@ -6,18 +6,15 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATA
+from services import free_port, stop, wait_http
 from flows.audit import audit
 from flows.cli import main as cli
 from tasks import storage
@@ -31,30 +28,15 @@ BUCKET = "xaudit-test"
 KEY_ID, SECRET = "AKIAXAUDITTESTKEY01", "xaudit-secret-never-in-a-manifest"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """Start moto's S3 server, point the standard AWS environment at it, create the bucket; yield its fs."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"moto's S3 server did not start: {log.read_text()[-500:]}")
-            time.sleep(0.3)
+    wait_http(endpoint + "/moto-api/", proc, log, "moto's S3 server", timeout=60)
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                                             "AWS_ENDPOINT_URL", "XAUDIT_CACHE")}
     os.environ.update(AWS_ACCESS_KEY_ID=KEY_ID, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION="us-east-1",
@@ -66,11 +48,7 @@ def s3(tmp_path_factory):
     try:
         yield fs
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
+        stop([proc])
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
