@@ -277,7 +277,9 @@ def slice_permutation(shards: list[str], card: ModelCard, config: AuditConfig, m
     """Permutation importance of grid regions for overall and each single-column slice; writes Parquet.
 
     The examples and their slice columns are those of `predictions` (predictions.parquet: the scored rows,
-    with label_name and confidence besides the metadata), so every slice an audit reports can be permuted."""
+    with label_name and confidence besides the metadata), so every slice an audit reports can be permuted.
+    Only the images some slice uses (its first `max_images` rows) are kept: the shards are decoded one at a
+    time, so memory is bounded by one shard plus those images, not by the audit's size."""
     import pyarrow.parquet as pq
     from .metrics import slice_groups
     from .outputs import sliceable_columns
@@ -285,17 +287,25 @@ def slice_permutation(shards: list[str], card: ModelCard, config: AuditConfig, m
     spec = config.permutation
     preds = pq.read_table(predictions)
     ids = preds["example_id"].to_pylist()
-    position = {e: i for i, e in enumerate(ids)}
-    parts = [decode_shard(s, card, config.data) for s in shards]
-    kept = [(p, [j for j, e in enumerate(p.example_ids) if e in position]) for p in parts]
-    x = torch.cat([p.inputs[rows] for p, rows in kept])
-    order = [position[p.example_ids[j]] for p, rows in kept for j in rows]
-    labels = torch.as_tensor(np.array(preds["label"].to_numpy()))[order]     # a writable copy
-    metadata = preds.select(sliceable_columns(preds.column_names)).to_pandas().iloc[order].reset_index(drop=True)
+    metadata = preds.select(sliceable_columns(preds.column_names)).to_pandas()
+    slices = [s for s in config.metrics.slices if len(s) <= 1]
+    full = {(k, v): idx[:spec.max_images] for k, v, idx in slice_groups(metadata, slices)}
+    needed = sorted({int(i) for idx in full.values() for i in idx})          # rows of predictions.parquet
+    where = {ids[i]: n for n, i in enumerate(needed)}
+    kept: dict[int, torch.Tensor] = {}
+    for s in shards:
+        if len(kept) == len(needed):
+            break
+        part = decode_shard(s, card, config.data)
+        rows = [j for j, e in enumerate(part.example_ids) if e in where]
+        for j in rows:
+            kept[where[part.example_ids[j]]] = part.inputs[j]
+        del part
+    x = torch.stack([kept[n] for n in range(len(needed))]) if needed else torch.zeros(0)
+    labels = torch.as_tensor(np.array(preds["label"].to_numpy()))[needed]     # a writable copy
+    groups = {key: np.searchsorted(needed, idx) for key, idx in full.items()}
     channels_last = use_channels_last(model, x[:2].to(device), config.attribution.channels_last) if len(x) else False
     x = x.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    slices = [s for s in config.metrics.slices if len(s) <= 1]
-    groups = {(k, v): idx[:spec.max_images] for k, v, idx in slice_groups(metadata, slices)}
     table = permutation_importance(model, x, labels.to(device), groups, grid=spec.grid, repeats=spec.repeats,
                                    seed=config.seed, max_batch=config.attribution.max_batch)
     return write_parquet(out_path, pa.Table.from_pandas(table, preserve_index=False))
