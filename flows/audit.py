@@ -49,6 +49,7 @@ def audit(config: AuditConfig) -> dict[str, Any]:
         steps.sign_run(run["run_dir"], config)
     steps.append_history(run["run_dir"], config)
     steps.publish_artifacts(run["run_dir"], run["run_id"], name=steps.history_name(config), remote=remote)
+    steps.log_to_mlflow(run["run_dir"], run["run_id"], config, card, summary["verdict"])
     published = steps.publish_run(run["run_id"], config, remote)      # manifest.json last
     result = {"run_id": run["run_id"], "run_dir": published or run["run_dir"], "verdict": summary["verdict"],
               "accuracy": summary["accuracy"], "failed_checks": summary["n_failed"], **counts,

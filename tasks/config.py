@@ -330,6 +330,14 @@ class AuditConfig(_RunChecks):
     flow_run_fails_on: Literal["never", "FAIL", "WARN"] = Field(
         "never", description="end the Prefect flow run in the Failed state when the verdict is this or worse "
                              "(after every output is written), so schedules and automations can alert")
+    log_to_mlflow: bool = Field(False, description="with model.mlflow: log the verdict, the overall key metrics "
+                                                   "and the reports to the registered version's MLflow run")
+
+    @model_validator(mode="after")
+    def _mlflow_log_needs_registry(self) -> "AuditConfig":
+        if self.log_to_mlflow and self.model.mlflow is None:
+            raise ValueError("'log_to_mlflow' needs a registered model ('model.mlflow')")
+        return self
 
 
 def new_run_id(prefix: str = "") -> str:

@@ -110,3 +110,27 @@ def artifact_values(folder: Path, ref: str) -> dict[str, Any]:
                           f"file, with an {CARD} naming the factory")
     raise XAuditError(f"'model.mlflow' {ref!r}: its artifacts hold {len(weights)} weights files and no {CARD}; "
                       f"register one weights file, or a card naming it")
+
+
+def log_audit(registry_run_id: str, run_dir: str | Path, audit_run_id: str, verdict: str,
+              metrics: dict[str, float]) -> list[str]:
+    """Log an audit to the registered version's MLflow run: tags `xaudit.verdict` and `xaudit.run_id`, metrics
+    `xaudit.<metric>` (overall values), and the reports and validation.json under `xaudit/<audit run id>/`;
+    returns the artifact names logged."""
+    from mlflow import MlflowClient
+    client = MlflowClient()
+    try:
+        client.set_tag(registry_run_id, "xaudit.verdict", verdict)
+        client.set_tag(registry_run_id, "xaudit.run_id", audit_run_id)
+        for name, value in sorted(metrics.items()):
+            client.log_metric(registry_run_id, f"xaudit.{name}", float(value))
+        logged = []
+        for name in ("report.html", "report.pdf", "validation.json"):
+            f = Path(run_dir) / name
+            if f.is_file():
+                client.log_artifact(registry_run_id, str(f), artifact_path=f"xaudit/{audit_run_id}")
+                logged.append(name)
+        return logged
+    except Exception as exc:
+        raise XAuditError(f"log_to_mlflow: logging to the MLflow run {registry_run_id} failed: "
+                          f"{type(exc).__name__}: {str(exc)[:200]}") from None

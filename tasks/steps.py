@@ -99,6 +99,20 @@ def collect_parts(run_dir: str, shard_outputs: list[dict[str, Any]], remote: str
     return n
 
 
+@task(name="log-to-mlflow", **IO_RETRIES)
+def log_to_mlflow(run_dir: str, run_id: str, config: AuditConfig, card: dict[str, Any], verdict: str) -> list[str]:
+    """With `log_to_mlflow`: the verdict, overall key metrics and reports to the registered version's run."""
+    if not config.log_to_mlflow:
+        return []
+    import pyarrow.parquet as pq
+    from .registry import log_audit
+    from .report import KEY_METRICS
+    m = pq.read_table(Path(run_dir) / "metrics.parquet").to_pandas()
+    overall = m[(m.slice_key == "overall") & (m.sub_key == "") & m.metric.isin(KEY_METRICS) & m.value.notna()]
+    return log_audit(card["extra"]["registry"]["run_id"], run_dir, run_id, verdict,
+                     dict(zip(overall.metric, overall.value)))
+
+
 @task(name="publish-run", **IO_RETRIES)
 def publish_run(run_id: str, config: AuditConfig, remote: str | None) -> str | None:
     """Upload a staged run to its `output_dir` URL (manifest.json last) and the history; returns its URL."""

@@ -91,6 +91,19 @@ def test_an_audit_of_a_registered_model_equals_the_local_cards_and_records_the_r
         pq.read_table(Path(local["run_dir"]) / "metrics.parquet").column("model")[0].as_py()
 
 
+def test_the_audit_is_logged_back_to_the_registered_versions_run(prefect_harness, registry, small_data, tmp_path):  # noqa: F811
+    from mlflow import MlflowClient
+    base = config_for(small_data, tmp_path, run_id="reg-log")
+    result = audit(base.model_copy(update={"model": ModelSpec(mlflow="models:/digits/1"), "log_to_mlflow": True}))
+    run = MlflowClient().get_run(registry["run_id"])
+    assert run.data.tags["xaudit.verdict"] == result["verdict"] and run.data.tags["xaudit.run_id"] == "reg-log"
+    m = pq.read_table(Path(result["run_dir"]) / "metrics.parquet").to_pandas()
+    acc = m[(m.slice_key == "overall") & (m.metric == "accuracy")].value.item()
+    assert run.data.metrics["xaudit.accuracy"] == pytest.approx(acc)
+    names = {a.path for a in MlflowClient().list_artifacts(registry["run_id"], "xaudit/reg-log")}
+    assert names == {"xaudit/reg-log/report.html", "xaudit/reg-log/report.pdf", "xaudit/reg-log/validation.json"}
+
+
 @pytest.mark.parametrize("ref, message", [
     ("models:/digits/7", "is not in the registry"),
     ("models:/nobody@champion", "is not in the registry"),
@@ -107,3 +120,7 @@ def test_a_malformed_reference_or_one_with_a_card_is_a_config_error():
         ModelSpec(mlflow="runs:/abc/model")
     with pytest.raises(ValidationError, match="not both"):
         ModelSpec(mlflow="models:/digits/1", card=DATA / "models" / "baseline.json")
+    from tasks.config import parse_config
+    with pytest.raises(XAuditError, match="'log_to_mlflow' needs a registered model"):
+        parse_config({"model": {"card": str(DATA / "models" / "baseline.json")}, "data": {"path": "x.parquet"},
+                      "log_to_mlflow": True})
