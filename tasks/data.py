@@ -448,7 +448,7 @@ def inspect_source(spec: DataSpec) -> SourceInfo:
         expr = _filter_expression(spec, schema)
         try:
             n = dataset.count_rows(filter=expr)
-        except (pa.ArrowException, OSError) as exc:
+        except (pa.ArrowException, OSError, ValueError) as exc:       # ValueError: from a store's fsspec layer
             raise XAuditError(f"ingest: 'data.path' {str(path)!r} could not be read: {_reason(exc)}") from None
     meta = metadata_columns(schema, spec)
     n = min(n, spec.limit) if spec.limit is not None else n
@@ -565,7 +565,7 @@ def _reading(batches: Iterator[pa.RecordBatch], spec: DataSpec) -> Iterator[pa.R
     """Yield the source's batches; a read error part-way (a truncated or corrupt file) is a data error."""
     try:
         yield from batches
-    except (pa.ArrowException, OSError) as exc:
+    except (pa.ArrowException, OSError, ValueError) as exc:          # ValueError: from a store's fsspec layer
         raise XAuditError(f"ingest: 'data.path' {str(spec.path)!r} could not be read to the end: {_reason(exc)}") from None
 
 

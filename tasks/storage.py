@@ -140,6 +140,9 @@ def parquet_dataset(url: str, field: str):
     column selection push down: only the row groups and columns needed are fetched)."""
     import pyarrow.dataset as ds
     from pyarrow.fs import FSSpecHandler, PyFileSystem
+    if scheme(url) in ("http", "https"):
+        # a web server may not serve byte ranges (Parquet reads its footer first): take the file whole, once
+        return ds.dataset(str(fetch(url, field)), format="parquet")
     fs, path = filesystem(url, field)
     facts = info(url, field)
     try:

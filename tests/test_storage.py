@@ -166,3 +166,33 @@ def test_urls_stay_urls_in_the_config_and_local_paths_stay_paths(tmp_path):
     assert c.model.card == tmp_path / "models" / "m.json" and c.data.path == tmp_path / "d.parquet"
     with pytest.raises(XAuditError, match="not supported"):
         storage.check_url("ftp://x/y", "data.path")
+
+
+def test_data_and_weights_read_over_plain_http(small_data, tmp_path):  # noqa: F811
+    """An https:// (here http:// on 127.0.0.1: Python's own http.server, a real HTTP server) source is read
+    through fsspec like any store: the Parquet's rows and filter, the card's weights next to it."""
+    from services import free_port, stop, wait_http
+    from tasks.config import DataSpec, ModelSpec
+    from tasks.data import inspect_source
+    from tasks.models import resolve_card
+    site = tmp_path / "site"
+    (site / "models").mkdir(parents=True)
+    shutil.copy(small_data, site / "small.parquet")
+    for name in ("baseline.json", "baseline.safetensors"):
+        shutil.copy(DATA / "models" / name, site / "models" / name)
+    port = free_port()
+    log = tmp_path / "http.log"
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=site,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/small.parquet", proc, log, "the HTTP server", timeout=30)
+        table = pq.read_table(small_data)
+        info = inspect_source(DataSpec(path=f"{url}/small.parquet", filter={"site": "B"},
+                                       metadata_columns=["site"]))
+        assert info.n_rows == table.column("site").to_pylist().count("B") > 0
+        card = resolve_card(ModelSpec(card=f"{url}/models/baseline.json"))
+        assert card.weights == f"{url}/models/baseline.safetensors"
+        assert card.weights_sha256 == hashlib.sha256((DATA / "models" / "baseline.safetensors").read_bytes()).hexdigest()
+    finally:
+        stop([proc])
