@@ -30,8 +30,16 @@ Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
 
 def _location(value: Any) -> Any:
     """A URL (`s3://bucket/key`) stays text; anything else is a local path (pathlib would fold 's3://b' into
-    's3:/b', a local folder)."""
-    return value if value is None or isinstance(value, Path) or is_url(value) else Path(value)
+    's3:/b', a local folder). A URL holding a user name or password is refused: the config is recorded in the
+    manifest and the reports, and credentials belong in the store's environment."""
+    if isinstance(value, str) and is_url(value):
+        from urllib.parse import urlsplit
+        parts = urlsplit(value)
+        if parts.password is not None or (parts.username is not None and parts.scheme in ("http", "https")):
+            raise ValueError("must not hold credentials (user:password@); give them through the store's "
+                             "environment or configuration files (AWS_ACCESS_KEY_ID, a profile, ...)")
+        return value
+    return value if value is None or isinstance(value, Path) else Path(value)
 
 
 # a local path or a URL read (and, for output_dir, written) through fsspec: see tasks/storage.py

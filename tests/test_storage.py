@@ -196,3 +196,12 @@ def test_data_and_weights_read_over_plain_http(small_data, tmp_path):  # noqa: F
         assert card.weights_sha256 == hashlib.sha256((DATA / "models" / "baseline.safetensors").read_bytes()).hexdigest()
     finally:
         stop([proc])
+
+
+@pytest.mark.parametrize("url", ["https://user:secret@example.com/d.parquet", "s3://AKIA:secret@bucket/d.parquet",
+                                 "https://token@example.com/d.parquet"])
+def test_urls_holding_credentials_are_refused_before_they_reach_a_manifest(url):
+    from tasks.config import parse_config
+    with pytest.raises(XAuditError, match="must not hold credentials") as exc:
+        parse_config({"model": {"card": "m.json"}, "data": {"path": url}})
+    assert "secret" not in str(exc.value)
