@@ -141,7 +141,8 @@ def _imagefolder_batches(root: Path, spec: DataSpec, with_bytes: bool = True) ->
         yield pa.RecordBatch.from_pylist(rows, schema=schema)
 
 
-READ_ERROR = "__xaudit_read_error"      # a manifest row whose image could not be read: why (then an ingest reject)
+READ_ERROR = "__xaudit_read_error"      # a row whose image could not be read: why (then an ingest reject)
+MAX_IMAGE_BYTES = 256 * 2**20            # an encoded image larger than this is not read at all
 
 
 def _manifest_table(path: Path | str, spec: DataSpec) -> pa.Table:
@@ -182,12 +183,17 @@ def _read_member(ref: str | None, base: Path | str) -> tuple[bytes | None, str |
             if ".." in url.split("://", 1)[1].split("/"):
                 return None, f"image path {ref!r} leaves the manifest's folder"
             fs, inner = storage.filesystem(url, "data.path")
+            size = fs.size(inner)
+            if size is not None and size > MAX_IMAGE_BYTES:
+                return None, f"image {ref!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB"
             return fs.cat_file(inner), None
         p = Path(ref)
         if not p.is_absolute():
             if ".." in p.parts:
                 return None, f"image path {ref!r} leaves the manifest's folder"
             p = Path(base) / p
+        if p.stat().st_size > MAX_IMAGE_BYTES:
+            return None, f"image {ref!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB"
         return p.read_bytes(), None
     except XAuditError as exc:
         return None, str(exc)[:200]
@@ -242,7 +248,10 @@ def _webdataset_samples(path: Path | str, spec: DataSpec, with_bytes: bool = Tru
                     ext = ext.lower()
                     if f".{ext}" in IMAGE_EXTENSIONS and not current["has_image"]:
                         current["has_image"] = True
-                        current["image"] = tar.extractfile(member).read() if with_bytes else b""
+                        if member.size > MAX_IMAGE_BYTES:
+                            current["error"] = f"image member {member.name!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB"
+                        else:
+                            current["image"] = tar.extractfile(member).read() if with_bytes else b""
                     elif ext == "cls":
                         current["label"] = tar.extractfile(member).read().decode("utf-8", "replace").strip()
                     elif ext == "json":
@@ -266,7 +275,7 @@ def _webdataset_rows(path: Path | str, spec: DataSpec, with_bytes: bool) -> Iter
         meta = {k: v for k, v in s["json"].items() if k not in (spec.label_column, spec.id_column, spec.image_column)
                 and (v is None or isinstance(v, (str, int, float, bool)))}
         yield {spec.id_column: s["key"], spec.image_column: s["image"],
-               spec.label_column: None if label is None else str(label), **meta}
+               spec.label_column: None if label is None else str(label), **meta, READ_ERROR: s.get("error")}
 
 
 def _webdataset_schema(path: Path | str, spec: DataSpec) -> tuple[pa.Schema, int]:
@@ -277,10 +286,11 @@ def _webdataset_schema(path: Path | str, spec: DataSpec) -> tuple[pa.Schema, int
     for row in _webdataset_rows(path, spec, with_bytes=False):
         n += 1
         for k, v in row.items():
-            if k not in (spec.id_column, spec.image_column, spec.label_column) and v is not None:
-                kinds.setdefault(k, set()).add(type(v).__name__)
-            elif k not in (spec.id_column, spec.image_column, spec.label_column):
-                kinds.setdefault(k, set())
+            if k in (spec.id_column, spec.image_column, spec.label_column, READ_ERROR):
+                continue
+            kinds.setdefault(k, set())
+            if v is not None:
+                kinds[k].add(type(v).__name__)
     if n == 0:
         raise XAuditError(f"ingest: WebDataset {str(path)!r} holds no samples")
     one = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
@@ -289,7 +299,7 @@ def _webdataset_schema(path: Path | str, spec: DataSpec) -> tuple[pa.Schema, int
     for k, types in kinds.items():
         fields.append(pa.field(k, one[next(iter(types))] if len(types) == 1 else
                                pa.float64() if types <= {"int", "float"} else pa.string()))
-    return pa.schema(fields), n
+    return pa.schema([*fields, pa.field(READ_ERROR, pa.string())]), n
 
 
 def _webdataset_batches(path: Path | str, spec: DataSpec, schema: pa.Schema, size: int = 256

@@ -172,3 +172,21 @@ def test_webdataset_shards_decode_as_the_images_do_and_bad_samples_are_rejects(r
     (folder / "shard-000001.tar").write_bytes(data[:len(data) // 2])
     with pytest.raises(XAuditError, match=r"WebDataset shard .*shard-000001.tar.* could not be read to the end"):
         ingest(spec, tmp_path / "c", 64)
+
+
+def test_oversized_members_are_not_read_and_are_rejects_with_their_reason(rows, tmp_path, monkeypatch):
+    """A tar or manifest member above the size cap (a decompression- or memory-bomb) is never read into memory."""
+    import pandas as pd
+    import tasks.data as data
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 100)
+    big = next(i for i, b in enumerate(rows.image_png) if len(b) > 100)
+    _write_images(rows, tmp_path / "imgs")
+    pd.DataFrame({"example_id": rows.example_id, "path": [f"imgs/{e}.png" for e in rows.example_id],
+                  "label": rows.label}).to_csv(tmp_path / "m.csv", index=False)
+    ingest(DataSpec(path=tmp_path / "m.csv"), tmp_path / "a", 64)
+    reasons = {r["example_id"]: r["reason"] for r in pq.read_table(tmp_path / "a" / "ingest-rejects.parquet").to_pylist()}
+    assert reasons[rows.example_id[big]] == f"image 'imgs/{rows.example_id[big]}.png' is larger than 0 MiB"
+    _tar(tmp_path / "w.tar", [m for e, b in zip(rows.example_id, rows.image_png) for m in ((f"{e}.png", b), (f"{e}.cls", b"1"))])
+    ingest(DataSpec(path=tmp_path / "w.tar"), tmp_path / "b", 64)
+    reasons = {r["example_id"]: r["reason"] for r in pq.read_table(tmp_path / "b" / "ingest-rejects.parquet").to_pylist()}
+    assert reasons[rows.example_id[big]].startswith(f"image member '{rows.example_id[big]}.png' is larger than")
