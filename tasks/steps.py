@@ -156,23 +156,11 @@ def score(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str, r
     With `remote` (an output_dir URL) the worker shares nothing with the flow but the store: it pulls the input
     shard and any earlier parts of it into its own staging folder, scores there, and uploads the parts; the
     paths it returns are the flow's (`run_dir`), where `collect_parts` brings them."""
-    client_parts = Path(run_dir) / "parts"
-    if remote:
-        run_url = storage.join(remote, Path(run_dir).name)
-        local_run = storage.staging_dir(remote) / Path(run_dir).name
-        stem = Path(shard).stem
-        (local_run / "parts").mkdir(parents=True, exist_ok=True)
-        storage.pull_matching(storage.join(run_url, "inputs"), local_run / "inputs", Path(shard).name)
-        storage.pull_matching(storage.join(run_url, "parts"), local_run / "parts", f"{stem}.")
-        shard = str(local_run / "inputs" / Path(shard).name)
-        run_dir = str(local_run)
-    out = _score_here(shard, card, config, run_dir)
-    if remote:
-        names = {k: Path(out[k]).name for k in ("predictions", "explanations", "rejects")}
-        storage.push_files([Path(run_dir) / "parts" / n for n in (*names.values(), f"{Path(shard).stem}.key.json")],
-                           storage.join(run_url, "parts"))
-        out = {**out, **{k: str(client_parts / n) for k, n in names.items()}}
-    return out
+    if not remote:
+        return _score_here(shard, card, config, run_dir)
+    here_shard, here_run = storage.pull_shard(remote, run_dir, shard)
+    out = _score_here(here_shard, card, config, here_run)
+    return {**out, **storage.push_parts(remote, here_run, run_dir, out)}
 
 
 def _score_here(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str) -> dict[str, Any]:

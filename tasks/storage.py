@@ -330,3 +330,27 @@ def push_files(files: list[Path], url_dir: str, field: str = "output_dir") -> No
     fs, path = filesystem(url_dir, field)
     for f in files:
         fs.put_file(str(f), f"{path.rstrip('/')}/{f.name}")
+
+
+PART_KEYS = ("predictions", "explanations", "rejects")
+
+
+def pull_shard(output_url: str, run_dir: str, shard: str) -> tuple[str, str]:
+    """On a worker: copy an input shard of the run `run_dir` (the flow's path; only its name is used) and any
+    earlier parts of it from the store into this machine's staging folder; returns (shard, run folder) here."""
+    name = Path(run_dir).name
+    run_url, here = join(output_url, name), staging_dir(output_url) / name
+    (here / "parts").mkdir(parents=True, exist_ok=True)
+    pull_matching(join(run_url, "inputs"), here / "inputs", Path(shard).name)
+    pull_matching(join(run_url, "parts"), here / "parts", f"{Path(shard).stem}.")
+    return str(here / "inputs" / Path(shard).name), str(here)
+
+
+def push_parts(output_url: str, here_run: str, run_dir: str, out: dict[str, Any]) -> dict[str, str]:
+    """On a worker: upload a scored shard's parts and key file to the store; returns their paths in the flow's
+    run folder `run_dir` (where the flow collects them)."""
+    names = {k: Path(out[k]).name for k in PART_KEYS}
+    stem = names["predictions"].split(".", 1)[0]
+    push_files([Path(here_run) / "parts" / n for n in (*names.values(), f"{stem}.key.json")],
+               join(output_url, Path(run_dir).name, "parts"))
+    return {k: str(Path(run_dir) / "parts" / n) for k, n in names.items()}
