@@ -123,7 +123,7 @@ def test_cli_bad_input_exit_code_and_message(prefect_harness, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {card: nowhere.json}\ndata: {path: nowhere.parquet}\n")
     assert cli(["run", str(bad), "--output-dir", str(tmp_path / "runs")]) == 2
-    assert "'data.path' must be a Parquet file or an ImageFolder directory" in capsys.readouterr().err
+    assert "'data.path' must be a Parquet file or folder, an ImageFolder directory or a manifest" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()          # nothing half-made is left behind
 
 
