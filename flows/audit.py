@@ -36,10 +36,15 @@ def audit(config: AuditConfig) -> dict[str, Any]:
     shard_outputs = [f.result() for f in futures]       # in shard order, so outputs do not depend on timing
     steps.collect_parts(run["run_dir"], shard_outputs, remote)
     counts = steps.merge_outputs(run["run_dir"], shard_outputs, data["n_rows"], config.max_reject_fraction)
+    # the randomisation check and permutation importance run on the task runner too (on Dask: on a worker,
+    # with their inputs from the store when output_dir is a URL)
     if config.quality.sanity_images:
-        steps.sanity(data["shards"][0], card, config, run["run_dir"], shard_outputs)
+        steps.sanity.submit(data["shards"][0], card, config, run["run_dir"], shard_outputs, remote).result()
+        steps.collect_files(run["run_dir"], ["sanity.parquet"], remote)
     if config.permutation.enabled:
-        steps.permutation(data["shards"], card, config, run["run_dir"])
+        steps.share_files(run["run_dir"], ["predictions.parquet"], remote)
+        steps.permutation.submit(data["shards"], card, config, run["run_dir"], remote).result()
+        steps.collect_files(run["run_dir"], ["permutation.parquet"], remote)
     summary = steps.compute_metrics(run["run_dir"], config, card, run["run_id"])
     steps.snapshot_history(run, config, card, data, summary["verdict"])
     steps.write_manifest(run, config, card, data, summary["verdict"], remote, shard_outputs)

@@ -86,6 +86,21 @@ def share_inputs(run_dir: str, remote: str | None) -> int:
     return storage.publish(Path(run_dir) / "inputs", storage.join(remote, Path(run_dir).name, "inputs"))
 
 
+@task(name="share-files", **IO_RETRIES)
+def share_files(run_dir: str, names: list[str], remote: str | None) -> None:
+    """For an output_dir URL: upload these files of the flow's run folder, for tasks running elsewhere."""
+    if remote is not None:
+        storage.push_files([Path(run_dir) / n for n in names], storage.join(remote, Path(run_dir).name))
+
+
+@task(name="collect-files", **IO_RETRIES)
+def collect_files(run_dir: str, names: list[str], remote: str | None) -> None:
+    """For an output_dir URL: bring these files, written by tasks elsewhere, into the flow's run folder."""
+    if remote is not None:
+        for n in names:
+            storage.pull_matching(storage.join(remote, Path(run_dir).name), Path(run_dir), n)
+
+
 @task(name="collect-parts", **IO_RETRIES)
 def collect_parts(run_dir: str, shard_outputs: list[dict[str, Any]], remote: str | None) -> int:
     """For an output_dir URL: bring the parts workers uploaded into the flow's staging folder (those not here)."""
@@ -195,9 +210,20 @@ def _score_here(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: 
 
 @task(name="sanity-check")
 def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str,
-           shard_outputs: list[dict[str, Any]] | None = None) -> str:
+           shard_outputs: list[dict[str, Any]] | None = None, remote: str | None = None) -> str:
     """Model-randomisation sanity check of every attribution method; writes sanity.parquet. Logs its cost
-    estimate first, from the scoring's measured cost per image (`shard_outputs`)."""
+    estimate first, from the scoring's measured cost per image (`shard_outputs`). With `remote` it runs
+    where the task lands on the shard pulled from the store, and uploads its table there."""
+    if remote:
+        here_shard, here = storage.pull_shard(remote, run_dir, shard)
+        _sanity_here(here_shard, card, config, here, shard_outputs)
+        storage.push_run_files(remote, here, run_dir, ["sanity.parquet"])
+        return str(Path(run_dir) / "sanity.parquet")
+    return _sanity_here(shard, card, config, run_dir, shard_outputs)
+
+
+def _sanity_here(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str,
+                 shard_outputs: list[dict[str, Any]] | None) -> str:
     from prefect.logging import get_run_logger
 
     from .quality.sanity import cascade, parameter_layers
@@ -220,8 +246,20 @@ def sanity(shard: str, card: dict[str, Any], config: AuditConfig, run_dir: str,
 
 
 @task(name="permutation-importance")
-def permutation(shards: list[str], card: dict[str, Any], config: AuditConfig, run_dir: str) -> str:
-    """Region importance per slice by permutation; writes permutation.parquet."""
+def permutation(shards: list[str], card: dict[str, Any], config: AuditConfig, run_dir: str,
+                remote: str | None = None) -> str:
+    """Region importance per slice by permutation; writes permutation.parquet. With `remote` it runs where the
+    task lands, on the shards and predictions.parquet pulled from the store, and uploads its table there."""
+    if remote:
+        here_shards = [storage.pull_shard(remote, run_dir, s)[0] for s in shards]
+        here = storage.pull_run_files(remote, run_dir, ["predictions.parquet"])
+        _permutation_here(here_shards, card, config, here)
+        storage.push_run_files(remote, here, run_dir, ["permutation.parquet"])
+        return str(Path(run_dir) / "permutation.parquet")
+    return _permutation_here(shards, card, config, run_dir)
+
+
+def _permutation_here(shards: list[str], card: dict[str, Any], config: AuditConfig, run_dir: str) -> str:
     from .scoring import slice_permutation
     c = ModelCard.from_dict(card)
     with device_pool(config.device, config.tasks_per_device).acquire() as device:

@@ -181,7 +181,8 @@ def check_output_url(url: str, run_id: str | None) -> None:
 
 
 def pull(url: str, local_dir: Path, field: str = "output_dir") -> int:
-    """Copy every file under `url` into `local_dir` (missing or different-size files only); returns how many."""
+    """Copy every file under `url` into `local_dir` (those missing here or differing: size, or the store's
+    MD5 ETag); returns how many."""
     fs, path = filesystem(url, field)
     try:
         if not fs.exists(path):
@@ -196,7 +197,7 @@ def pull(url: str, local_dir: Path, field: str = "output_dir") -> int:
         if not rel or meta.get("type") == "directory":
             continue
         target = local_dir / rel
-        if target.is_file() and target.stat().st_size == meta.get("size"):
+        if target.is_file() and target.stat().st_size == meta.get("size") and not _changed(meta, target):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + f".part-{os.getpid()}")
@@ -302,8 +303,8 @@ def open_binary(ref: str | Path, field: str):
 
 
 def pull_matching(url_dir: str, local_dir: Path, prefix: str, field: str = "output_dir") -> int:
-    """Copy the files directly under `url_dir` whose names start with `prefix` into `local_dir` (missing or
-    different-size ones); returns how many."""
+    """Copy the files directly under `url_dir` whose names start with `prefix` into `local_dir` (those missing
+    here or differing: size, or the store's MD5 ETag); returns how many."""
     fs, path = filesystem(url_dir, field)
     try:
         found = fs.ls(path, detail=True) if fs.exists(path) else []
@@ -315,7 +316,7 @@ def pull_matching(url_dir: str, local_dir: Path, prefix: str, field: str = "outp
         if meta.get("type") == "directory" or not name.startswith(prefix):
             continue
         target = local_dir / name
-        if target.is_file() and target.stat().st_size == meta.get("size"):
+        if target.is_file() and target.stat().st_size == meta.get("size") and not _changed(meta, target):
             continue
         local_dir.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + f".part-{os.getpid()}")
@@ -354,3 +355,18 @@ def push_parts(output_url: str, here_run: str, run_dir: str, out: dict[str, Any]
     push_files([Path(here_run) / "parts" / n for n in (*names.values(), f"{stem}.key.json")],
                join(output_url, Path(run_dir).name, "parts"))
     return {k: str(Path(run_dir) / "parts" / n) for k, n in names.items()}
+
+
+def pull_run_files(output_url: str, run_dir: str, names: list[str]) -> str:
+    """On a worker: copy these files of the run (e.g. predictions.parquet) from the store into this machine's
+    staging folder; returns that run folder."""
+    here = staging_dir(output_url) / Path(run_dir).name
+    here.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        pull_matching(join(output_url, Path(run_dir).name), here, n)
+    return str(here)
+
+
+def push_run_files(output_url: str, here_run: str, run_dir: str, names: list[str]) -> None:
+    """On a worker: upload these files of the run folder here into the run's folder in the store."""
+    push_files([Path(here_run) / n for n in names], join(output_url, Path(run_dir).name))

@@ -24,7 +24,8 @@ from test_flow import config_for, small_data  # noqa: F401
 from test_storage import BUCKET, _remote_config, s3, uploaded  # noqa: F401
 
 pytest.importorskip("prefect_dask")
-TABLES = ("predictions.parquet", "explanations.parquet", "metrics.parquet", "rejects.parquet", "validation.json")
+TABLES = ("predictions.parquet", "explanations.parquet", "metrics.parquet", "rejects.parquet", "validation.json",
+          "sanity.parquet", "permutation.parquet")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,9 @@ def test_an_audit_on_two_dask_workers_sharing_only_the_store_equals_the_thread_r
     # both workers scored shards, each in its own folder: nothing but the store was shared
     done = [len(_parts_on(cluster["root"] / w, "dask-run")) for w in ("w1", "w2")]
     assert all(n >= 1 for n in done) and sum(done) >= 5, done
+    # the randomisation check and permutation importance ran on a worker too, on inputs from the store
+    for name in ("sanity.parquet", "permutation.parquet"):
+        assert any((cluster["root"] / w).glob(f"cache/staging/*/dask-run/{name}") for w in ("w1", "w2")), name
     manifest = json.loads(s3.cat_file(f"{BUCKET}/dask/dask-run/manifest.json"))
     assert [s["shard"] for s in manifest["shards"]] == [f"shard-{i:05d}" for i in range(5)]
     assert all(s["device"] == "cpu" and s["host"] == socket.gethostname() for s in manifest["shards"])
