@@ -239,7 +239,11 @@ def _changed(meta: dict[str, Any], path: Path) -> bool:
     etag = str(meta.get("ETag") or meta.get("etag") or "").strip('"')
     if not re.fullmatch(r"[0-9a-f]{32}", etag):
         return True                      # multipart or unknown: upload again rather than guess
-    return hashlib.md5(path.read_bytes()).hexdigest() != etag
+    h = hashlib.md5(usedforsecurity=False)          # the store's checksum, not a security measure
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest() != etag
 
 
 def remove_local(local_dir: Path) -> None:
