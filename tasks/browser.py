@@ -243,11 +243,13 @@ def _meta_value(v: Any) -> str:
 
 
 def examples_block(rows: list[dict[str, Any]], fields: list[dict[str, Any]], methods: list[str], roles: list[str],
-                   total: int, n_selected: int, stat: str | None, what: str) -> dict[str, Any]:
-    """Return the example browser's data, bounded by EXAMPLE_BUDGET, with a note saying how many are embedded."""
+                   total: int, n_selected: int, stat: str | None, what: str,
+                   selected: str = "the report shows") -> dict[str, Any]:
+    """Return the example browser's data, bounded by EXAMPLE_BUDGET, with a note saying how many are embedded
+    (the first `n_selected` rows are those `selected` describes)."""
     kept = within_budget(rows)
     shown = min(n_selected, len(kept))
-    note = (f"{len(kept)} of the {total} {what} are embedded: the {shown} the report shows and "
+    note = (f"{len(kept)} of the {total} {what} are embedded: the {shown} {selected} and "
             f"{len(kept) - shown} more in a fixed random order" + (" (the rest did not fit the report's size budget)"
                                                                     if len(kept) < len(rows) else "") + ".")
     if len(kept) >= total:

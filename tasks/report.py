@@ -675,7 +675,8 @@ def review_browser(rd: Path, manifest: dict[str, Any], examples: pd.DataFrame, d
     return dict(kind="review", metrics=metrics, default_metric=B.default_metric(checks, metrics, "delta.accuracy"), thresholds=B.thresholds(checks),
                 slices=B.slice_rows(scalar, checks, extra=("baseline", "candidate")),
                 examples=B.examples_block(rows, fields, methods, ["baseline", "candidate"], len(examples), n_shown,
-                                          "rank correlation", "compared examples"))
+                                          "rank correlation", "compared examples",
+                                          "the review shows or whose prediction flipped"))
 
 
 def interactive(data: dict[str, Any] | None) -> dict[str, Any]:
