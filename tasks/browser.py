@@ -56,7 +56,7 @@ def _plain(x: Any) -> Any:
     if isinstance(x, (float, np.floating)):
         x = float(x)
         return round(x, 6) if math.isfinite(x) else None
-    if x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA:
+    if x is pd.NA:
         return None
     return x
 
@@ -240,6 +240,12 @@ def fill_values(fields: list[dict[str, Any]], rows: list[dict[str, Any]]) -> lis
 
 def _meta_value(v: Any) -> str:
     return "(missing)" if v is None or (isinstance(v, float) and not math.isfinite(v)) else str(v)
+
+
+def row_fields(fixed: dict[str, str], slices: dict[str, str], row: Any, meta: list[str]) -> dict[str, str]:
+    """Return one example's filter values: `fixed` ones, its slice of each slice key, its metadata values."""
+    return {**fixed, **{f"slice:{k}": v for k, v in slices.items()},
+            **{f"meta:{c}": _meta_value(row[c]) for c in meta}}
 
 
 def examples_block(rows: list[dict[str, Any]], fields: list[dict[str, Any]], methods: list[str], roles: list[str],

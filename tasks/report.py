@@ -614,10 +614,8 @@ def audit_browser(run_dir: Path, manifest: dict[str, Any], pred: pd.DataFrame, e
             continue
         r = info.loc[e]
         per = maps.get(e, {})
-        f = {"label": str(r.label_name), "prediction": str(r.prediction_name),
-             "outcome": "correct" if r.correct else "misclassified"}
-        f.update({f"slice:{k}": v for k, v in member[position[e]].items()})
-        f.update({f"meta:{c}": B._meta_value(r[c]) for c in meta})
+        f = B.row_fields({"label": str(r.label_name), "prediction": str(r.prediction_name),
+                          "outcome": "correct" if r.correct else "misclassified"}, member[position[e]], r, meta)
         rows.append(dict(id=e, caption=f"label {r.label_name} → {r.prediction_name} ({float(r.confidence):.2f})",
                          wrong=not bool(r.correct), why=shown.get(e, ""), f=f,
                          image=B.thumbnail_uri(images[e], B.BROWSER_THUMB),
@@ -643,8 +641,8 @@ def review_browser(rd: Path, manifest: dict[str, Any], examples: pd.DataFrame, d
                                               ("outcome", "candidate outcome"), ("flip", "flip")], keys)
     position = {e: i for i, e in enumerate(examples.example_id)}
     flips = examples.example_id[examples.flip_any].tolist()
-    ids = B.pick_examples(list(shown) + B.sample_order(flips, manifest["run_id"])[:B.SAMPLE_EXAMPLES],
-                          examples.example_id.tolist(), manifest["run_id"])
+    first = list(dict.fromkeys([*shown, *B.sample_order(flips, manifest["run_id"])[:B.SAMPLE_EXAMPLES]]))
+    ids = B.pick_examples(first, examples.example_id.tolist(), manifest["run_id"])
     images = _load_images(rd / "baseline", ids, cfg["data"]["id_column"], cfg["data"]["image_column"])
     maps = {role: _maps_by_example(pq.read_table(rd / role / "explanations.parquet").to_pandas(), ids)
             for role in ("baseline", "candidate")}
@@ -659,10 +657,9 @@ def review_browser(rd: Path, manifest: dict[str, Any], examples: pd.DataFrame, d
         bp, cp = names[int(r.baseline_prediction)], names[int(r.candidate_prediction)]
         flip = "to wrong" if r.flip_to_wrong else "to right" if r.flip_to_right else "other change" if r.flip_any \
             else "no change"
-        f = {"label": str(r.label_name), "prediction": cp, "outcome": "correct" if r.candidate_correct else "misclassified",
-             "flip": flip}
-        f.update({f"slice:{k}": v for k, v in member[position[e]].items()})
-        f.update({f"meta:{c}": B._meta_value(r[c]) for c in meta})
+        f = B.row_fields({"label": str(r.label_name), "prediction": cp,
+                          "outcome": "correct" if r.candidate_correct else "misclassified", "flip": flip},
+                         member[position[e]], r, meta)
         rows.append(dict(id=e, caption=f"label {r.label_name} · baseline → {bp} · candidate → {cp} · {flip}",
                          wrong=not bool(r.candidate_correct), why="most changed map" if e in shown else
                          ("prediction flipped" if r.flip_any else ""), f=f,
@@ -671,10 +668,9 @@ def review_browser(rd: Path, manifest: dict[str, Any], examples: pd.DataFrame, d
                                for m in methods},
                          stat={m: corr.get((e, m)) for m in methods},
                          role_caption=[f"predicts {bp}", f"predicts {cp}"]))
-    n_shown = len([e for e in dict.fromkeys(list(shown) + flips[:B.SAMPLE_EXAMPLES])])
     return dict(kind="review", metrics=metrics, default_metric=B.default_metric(checks, metrics, "delta.accuracy"), thresholds=B.thresholds(checks),
                 slices=B.slice_rows(scalar, checks, extra=("baseline", "candidate")),
-                examples=B.examples_block(rows, fields, methods, ["baseline", "candidate"], len(examples), n_shown,
+                examples=B.examples_block(rows, fields, methods, ["baseline", "candidate"], len(examples), len(first),
                                           "rank correlation", "compared examples",
                                           "the review shows or whose prediction flipped"))
 
@@ -694,11 +690,16 @@ def render_html(run_dir: str | Path, browse: bool = True) -> str:
     return environment().get_template("report.html.j2").render(**report_context(run_dir, browse))
 
 
-def _both(template: str, context: dict[str, Any]) -> tuple[str, str]:
-    """Return (the HTML file's document, the PDF's document): the same context, the PDF's without the script,
-    its data or a CSP that admits a script."""
+def _documents(template: str, context: dict[str, Any], formats: tuple[str, ...]) -> dict[str, str]:
+    """Return {format: document} for the `formats` asked: the HTML file's from `context`, the PDF's from the
+    same context without the script, its data or a CSP that admits a script."""
     tpl = environment().get_template(template)
-    return tpl.render(**context), tpl.render(**{**context, **interactive(None)})
+    out = {}
+    if "html" in formats:
+        out["html"] = tpl.render(**context)
+    if "pdf" in formats:
+        out["pdf"] = tpl.render(**{**context, **interactive(None)})
+    return out
 
 
 class DataOnlyFetcher:
@@ -733,32 +734,31 @@ def render_pdf(html: str, path: str | Path, attachments: list[tuple[str, bytes]]
     return Path(path)
 
 
-def write_reports(directory: Path, stem: str, html: str, formats: tuple[str, ...],
-                  evidence: tuple[str, ...], pdf_html: str | None = None) -> dict[str, str]:
-    """Write `<stem>.html` and/or `<stem>.pdf` (with the `evidence` files embedded; manifest.json as it was
-    before the reports, so a re-rendering embeds the same bytes; `pdf_html`, default `html`, is the PDF's
-    document); returns {format: path}."""
+def write_reports(directory: Path, stem: str, documents: dict[str, str], evidence: tuple[str, ...]) -> dict[str, str]:
+    """Write `<stem>.html` and/or `<stem>.pdf` from `documents` ({format: HTML document}; the PDF with the
+    `evidence` files embedded, manifest.json as it was before the reports, so a re-rendering embeds the same
+    bytes); returns {format: path}."""
     from .outputs import json_bytes, unsealed
     out: dict[str, str] = {}
-    if "html" in formats:
-        out["html"] = str(write_bytes(directory / f"{stem}.html", html.encode()))
-    if "pdf" in formats:
+    if "html" in documents:
+        out["html"] = str(write_bytes(directory / f"{stem}.html", documents["html"].encode()))
+    if "pdf" in documents:
         manifest = unsealed(json.loads((directory / "manifest.json").read_text()))
 
         def content(name: str) -> bytes:
             return json_bytes(manifest) if name == "manifest.json" else (directory / name).read_bytes()
         # dated by the run (its manifest), not the clock: a re-rendering gives the same bytes
         when = datetime.fromisoformat(manifest.get("finished_utc") or manifest["created_utc"])
-        out["pdf"] = str(render_pdf(pdf_html or html, directory / f"{stem}.pdf", [(n, content(n)) for n in evidence], when=when))
+        out["pdf"] = str(render_pdf(documents["pdf"], directory / f"{stem}.pdf", [(n, content(n)) for n in evidence],
+                                    when=when))
     return out
 
 
 def render_report(run_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf")) -> dict[str, str]:
     """Render report.html and/or report.pdf into the run directory; returns {format: path}."""
     run_dir = Path(run_dir)
-    html, pdf_html = _both("report.html.j2", report_context(run_dir))
-    return write_reports(run_dir, "report", html, formats, ("metrics.parquet", "validation.json", "manifest.json"),
-                         pdf_html)
+    documents = _documents("report.html.j2", report_context(run_dir, browse="html" in formats), formats)
+    return write_reports(run_dir, "report", documents, ("metrics.parquet", "validation.json", "manifest.json"))
 
 
 # --- release review --------------------------------------------------------------------------------------
@@ -844,6 +844,5 @@ def review_context(review_dir: str | Path, examples_shown: int = 6, browse: bool
 def render_review(review_dir: str | Path, formats: tuple[str, ...] = ("html", "pdf")) -> dict[str, str]:
     """Render review.html and/or review.pdf into the review directory; returns {format: path}."""
     rd = Path(review_dir)
-    html, pdf_html = _both("review.html.j2", review_context(rd))
-    return write_reports(rd, "review", html, formats, ("review_metrics.parquet", "validation.json", "manifest.json"),
-                         pdf_html)
+    documents = _documents("review.html.j2", review_context(rd, browse="html" in formats), formats)
+    return write_reports(rd, "review", documents, ("review_metrics.parquet", "validation.json", "manifest.json"))
