@@ -302,13 +302,14 @@ def _webdataset_schema(path: Path | str, spec: DataSpec) -> tuple[pa.Schema, int
     return pa.schema([*fields, pa.field(READ_ERROR, pa.string())]), n
 
 
-def _webdataset_batches(path: Path | str, spec: DataSpec, schema: pa.Schema, size: int = 256
-                        ) -> Iterator[pa.RecordBatch]:
-    """Stream a WebDataset as record batches of `schema` (a second pass; images read as they come)."""
+def _webdataset_batches(path: Path | str, spec: DataSpec, schema: pa.Schema, size: int = 256,
+                        with_bytes: bool = True) -> Iterator[pa.RecordBatch]:
+    """Stream a WebDataset as record batches of `schema` (a second pass; images read as they come, or not
+    at all without `with_bytes`, for counting)."""
     text = {f.name for f in schema if f.type == pa.string()}
     floats = {f.name for f in schema if f.type == pa.float64()}
     rows: list[dict[str, Any]] = []
-    for row in _webdataset_rows(path, spec, with_bytes=True):
+    for row in _webdataset_rows(path, spec, with_bytes=with_bytes):
         for k, v in row.items():
             if v is not None and k in text and not isinstance(v, str):
                 row[k] = str(v)
@@ -445,7 +446,7 @@ def inspect_source(spec: DataSpec) -> SourceInfo:
         schema, n = _webdataset_schema(path, spec)
         expr = _filter_expression(spec, schema)
         if expr is not None:
-            n = sum(b.filter(expr).num_rows for b in _webdataset_batches(path, spec, schema))
+            n = sum(b.filter(expr).num_rows for b in _webdataset_batches(path, spec, schema, with_bytes=False))
     elif fmt == "manifest":
         table = _manifest_table(path, spec)
         schema = table.schema.append(pa.field(spec.image_column, pa.binary()))

@@ -121,7 +121,8 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
         version=str(values.get("version") or "unversioned"),
         factory=str(values["factory"]),
         weights=weights_ref if storage.is_url(weights_ref) else str(weights.resolve()),
-        weights_sha256=sha256_file(weights),
+        # a fetched copy was hashed when it was fetched
+        weights_sha256=storage.FETCHED[weights_ref]["sha256"] if storage.is_url(weights_ref) else sha256_file(weights),
         kwargs=dict(values.get("kwargs") or {}),
         input_size=tuple(int(s) for s in values["input_size"]),  # type: ignore[arg-type]
         channels=channels,

@@ -97,11 +97,17 @@ def cache_root() -> Path:
 def fetch(url: str, field: str) -> Path:
     """Return a local copy of the file at `url`, downloaded once into the content cache (keyed by the URL and
     the object's ETag/version, so a changed object is fetched again), written atomically; record it."""
+    from .io import sha256_file
     facts = info(url, field)
     if facts["type"] == "directory":
         raise XAuditError(f"'{field}' {url!r} is a folder; it must name a file")
     key = hashlib.sha256(f"{url}\0{facts['etag']}\0{facts['version_id']}\0{facts['size']}".encode()).hexdigest()[:32]
     target = cache_root() / "fetch" / key / (posixpath.basename(url.rstrip("/")) or "object")
+    known = FETCHED.get(url) or {}
+    same = (known.get("etag"), known.get("version_id"), known.get("bytes")) == (facts["etag"], facts["version_id"],
+                                                                                  facts["size"])
+    if target.is_file() and known.get("sha256") and same:
+        return target                    # fetched and hashed by this process already; the object is unchanged
     if not target.is_file():
         fs, path = filesystem(url, field)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -112,15 +118,11 @@ def fetch(url: str, field: str) -> Path:
         except Exception as exc:
             tmp.unlink(missing_ok=True)
             raise XAuditError(f"'{field}' {url!r} could not be downloaded: {_reason(exc)}") from None
-    digest = hashlib.sha256()
-    with open(target, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     if facts["size"] is not None and target.stat().st_size != facts["size"]:
         target.unlink(missing_ok=True)
         raise XAuditError(f"'{field}' {url!r}: the copy has {target.stat().st_size} bytes, the store says "
                           f"{facts['size']}; run again")
-    FETCHED[url] = dict(url=url, etag=facts["etag"], version_id=facts["version_id"], sha256=digest.hexdigest(),
+    FETCHED[url] = dict(url=url, etag=facts["etag"], version_id=facts["version_id"], sha256=sha256_file(target),
                         bytes=target.stat().st_size)
     return target
 
