@@ -198,15 +198,20 @@ def pull(url: str, local_dir: Path, field: str = "output_dir") -> int:
         rel = name[len(root):].lstrip("/")
         if not rel or meta.get("type") == "directory":
             continue
-        target = local_dir / rel
-        if target.is_file() and target.stat().st_size == meta.get("size") and not _changed(meta, target):
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + f".part-{os.getpid()}")
-        fs.get_file(name, str(tmp))
-        os.replace(tmp, target)
-        n += 1
+        n += _download(fs, name, meta, local_dir / rel)
     return n
+
+
+def _download(fs, name: str, meta: dict[str, Any], target: Path) -> int:
+    """Copy the store's object `name` to `target` (written whole, then renamed) unless `target` already holds
+    it (same size and, where the store gives one, the same MD5 ETag); returns 1 if copied, else 0."""
+    if target.is_file() and target.stat().st_size == meta.get("size") and not _changed(meta, target):
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".part-{os.getpid()}")
+    fs.get_file(name, str(tmp))
+    os.replace(tmp, target)
+    return 1
 
 
 def publish(local_dir: Path, url: str, field: str = "output_dir") -> int:
@@ -321,14 +326,7 @@ def pull_matching(url_dir: str, local_dir: Path, prefix: str, field: str = "outp
         name = meta["name"].rstrip("/").rsplit("/", 1)[-1]
         if meta.get("type") == "directory" or not name.startswith(prefix):
             continue
-        target = local_dir / name
-        if target.is_file() and target.stat().st_size == meta.get("size") and not _changed(meta, target):
-            continue
-        local_dir.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + f".part-{os.getpid()}")
-        fs.get_file(meta["name"], str(tmp))
-        os.replace(tmp, target)
-        n += 1
+        n += _download(fs, meta["name"], meta, local_dir / name)
     return n
 
 
