@@ -93,8 +93,12 @@ def test_every_method_keeps_its_contract_on_every_architecture(arch):
         assert torch.isfinite(a).all(), f"{arch}/{method}: non-finite attributions"
         rows = torch.cat([run(model, x[i:i + 1], method, target[i:i + 1], keys[i:i + 1]).attributions[method]
                           for i in range(2)])
-        # float32 noise: batch size changes the convolution algorithm; perturbation methods difference logits
-        tol = 1e-3 * float(a.abs().max()) + (1e-5 if METHODS[method].resolution in ("window", "segment") else 1e-9)
+        # float32 noise: batch size changes the convolution algorithm; perturbation methods difference logits;
+        # DeepLIFT's rule switches from the secant to the derivative where a unit's change falls below 1e-5 of its
+        # values, so a unit at that edge can switch with the batch's round-off (1.2e-3 of the largest
+        # attribution seen on timm's EfficientNet-B0, machine-dependent)
+        rel = 5e-3 if method in ("deeplift", "deep_shap") else 1e-3
+        tol = rel * float(a.abs().max()) + (1e-5 if METHODS[method].resolution in ("window", "segment") else 1e-9)
         assert float((rows - a).abs().max()) <= tol, f"{arch}/{method}: batch differs from row by row"
         if method == "integrated_gradients":
             assert torch.isfinite(res.extras[method]["delta"]).all()

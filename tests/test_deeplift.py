@@ -2,6 +2,7 @@
 not (its max-pool fallback, captum#1276), and summation to delta on nets Captum refuses (reused modules)."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -126,3 +127,53 @@ def test_deep_shap_is_deeplift_averaged_over_its_baselines():
                                   params={"deep_shap": {"n_samples": 6}}, example_keys=[i]).attributions["deep_shap"]
                         for i in range(2)])
     assert torch.allclose(single, a, atol=1e-6)
+
+
+def test_deeplift_where_the_input_equals_the_baseline_equals_captum():
+    """Where a unit's input equals the baseline's exactly (here: the zeroed half of each image, a zero
+    baseline), the rescale quotient is 0/0 and the rule takes the derivative, as Captum does."""
+    from captum.attr import DeepLift
+    torch.manual_seed(5)
+    model = _biased(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(6, 6, 3, padding=1),
+                                  nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16 * 16, 4))).double()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    x[:, :, :8] = 0
+    t = torch.tensor([0, 3, 1])
+    ours = attribute(model, x, ["deeplift"], target=t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = DeepLift(model).attribute(x, baselines=torch.zeros_like(x), target=t).detach()
+    assert ours.attributions["deeplift"][:, :, :6].abs().max() == 0       # untouched rows carry nothing
+    assert torch.allclose(ours.attributions["deeplift"], theirs, rtol=1e-6, atol=1e-10 * float(theirs.abs().max()))
+    assert ours.extras["deeplift"]["delta"].abs().max() < 1e-10
+
+
+def test_deeplift_reference_is_reused_only_while_model_and_baseline_are_unchanged():
+    """A constant baseline's reference forward is kept between calls on one model; an edit of the weights
+    (also through `.data`, which bypasses autograd's version counter) or another baseline runs it again, and
+    the model's own in-place and pooling flags are left as they were."""
+    torch.manual_seed(6)
+    model = _biased(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                  nn.Flatten(), nn.Linear(4 * 8 * 8, 3)))
+    x = torch.randn(4, 3, 16, 16)
+    t = torch.tensor([0, 1, 2, 0])
+    rows = []
+    model.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+
+    def run(**params):
+        rows.clear()
+        out = attribute(model, x, ["deeplift"], target=t, logits=torch.zeros(4, 3), params={"deeplift": params})
+        return out.attributions["deeplift"], list(rows)
+    first, calls = run()
+    assert calls == [1, 4]                                        # the baseline row, then the inputs
+    again, calls = run()
+    assert calls == [4] and torch.equal(again, first)
+    with torch.no_grad():
+        model[0].weight.data.mul_(1.5)
+    edited, calls = run()
+    assert calls == [1, 4] and not torch.allclose(edited, first)
+    fresh = copy.deepcopy(model)
+    assert torch.allclose(attribute(fresh, x, ["deeplift"], target=t).attributions["deeplift"], edited, atol=1e-6)
+    blurred, calls = run(baseline="blur")
+    assert calls[-1] == 4 and len(calls) >= 2 and not torch.allclose(blurred, edited)
+    assert model[1].inplace is True and model[2].return_indices is False
