@@ -36,6 +36,43 @@ def local_run_settings():
         yield
 
 
+@contextmanager
+def api_server_starting():
+    """Start Prefect's temporary API server now, in a thread, and wait for it when the block ends.
+
+    With no `PREFECT_API_URL`, Prefect starts that server (a subprocess: uvicorn, its database) at the first
+    flow's first API call, and waits for it: 3-4 s of the whole run on 2 cores, during which this process does
+    nothing. Started at the top of the block it comes up on the other core while the block runs (the configs'
+    preflight: torch, the model's build and probe, the data's schema). If the block raises (an input error),
+    the server is stopped again before the error is reported. With a real server configured, nothing happens.
+    """
+    import threading
+    import time
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    server = SubprocessASGIServer()
+
+    def start() -> None:
+        try:
+            server.start()
+        except Exception:       # noqa: BLE001 - the flow's own start tries again and reports why
+            pass
+    starter = threading.Thread(target=start, name="xaudit-prefect-api", daemon=True)
+    starter.start()
+    try:
+        yield
+    except BaseException:
+        while starter.is_alive() and server.server_process is None:     # (it is spawned within moments)
+            time.sleep(0.01)
+        server.stop()           # at once: an input error is reported without waiting for the server
+        raise
+    starter.join()
+
+
 class _InputErrorFilter(logging.Filter):
     """Drop Prefect's log records about an `XAuditError` (its traceback, and the 'Finished in state Failed'
     line that repeats it): the command line prints the error once, as one message naming the field. The same

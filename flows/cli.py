@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows import local_run_settings, quiet_input_errors
+from flows import api_server_starting, local_run_settings, quiet_input_errors
 from tasks.errors import VerdictFailed, XAuditError
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -241,7 +241,8 @@ def _preflight_all(paths: list[str], configs: list) -> None:
 def _run(args: argparse.Namespace) -> int:
     from tasks.storage import is_url
     configs = _loaded_configs(args)
-    _preflight_all(args.configs, configs)
+    with api_server_starting():             # Prefect's server comes up while the configs are checked
+        _preflight_all(args.configs, configs)
     import flows.audit as audit_flow
     flow_fn = audit_flow.audit
     if args.runner == "dask" or args.dask_address:
@@ -331,7 +332,8 @@ def _review(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("run_id", args.run_id), ("output_dir", args.output_dir),
                                    ("device", args.device)) if v}
     config = _settled(load_review_config(args.config, overrides), lambda: new_run_id("review-"))
-    preflight_review(config, load=cached_model)
+    with api_server_starting():
+        preflight_review(config, load=cached_model)
     from flows.review import review
     t0 = time.perf_counter()
     result, failed_run = _flow_call(review, config)

@@ -163,7 +163,8 @@ def score_shard(shard: str | Path, card: ModelCard, config: AuditConfig, model: 
         def explain(method: str, xs: torch.Tensor, ts: torch.Tensor, keys: list[int] | None = None):
             return explain_all([method], xs, ts, keys)[method]
         qctx = QualityContext(model, x, res.target, res.attributions, maps, roi, explain,
-                              max_batch=spec.max_batch, seed=config.seed, keys=keys, explain_all=explain_all)
+                              max_batch=spec.max_batch, seed=config.seed, keys=keys, explain_all=explain_all,
+                              logits=res.logits)
         t0 = time.perf_counter()
         with autocast:
             quality = run_checks(qctx, config.quality.checks, config.quality.params)

@@ -159,3 +159,32 @@ def test_stability_of_all_methods_at_once_equals_each_method_alone():
     calls.clear()
     out = {m: CHECKS["stability"].fn(ctx, method=m, samples=3, radius=0.05)["max_sensitivity"] for m in methods}
     assert calls == [methods] and all(np.allclose(out[m], together[m]) for m in methods)
+
+
+def test_faithfulness_runs_the_curves_shared_ends_once_per_batch_with_the_same_values():
+    """The ends of every deletion/insertion curve (the clean input, the zero image, the blurred image) are the
+    same for every method: run once per batch (the zero image as one row), the clean one taken from the logits;
+    the areas equal those of the full curves, each step run."""
+    from tasks.nets import DemoCNN
+    from tasks.quality.faithfulness import endpoints
+    torch.manual_seed(4)
+    model = DemoCNN().eval()
+    x = torch.randn(3, 1, 32, 32)
+    ctx = ctx_for(model, x, ("saliency", "gradcam"))
+    ctx.logits = model(x).detach()
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+    steps = 5
+    out = run_checks(ctx, ["faithfulness", "faithfulness_random"], {"faithfulness": {"steps": steps},
+                                                                   "faithfulness_random": {"steps": steps}})
+    hook.remove()
+    # 3 curve sets (2 methods + the random order) x 2 curves x (steps - 1) inner steps x 3 images, the blurred
+    # images once (3 rows) and the zero image once (1 row)
+    assert sum(rows) == 3 * 2 * (steps - 1) * 3 + 3 + 1
+    e = endpoints(ctx, 4.0)
+    for method in ("saliency", "gradcam"):
+        order = torch.sort(ctx.maps[method].flatten(1), dim=1, descending=True, stable=True).indices
+        full_del = auc(curves(ctx, order, steps, "deletion", e["zero"]))
+        full_ins = auc(curves(ctx, order, steps, "insertion", e["blur"]))
+        np.testing.assert_allclose(out[(method, "deletion_auc")], full_del, atol=1e-6)
+        np.testing.assert_allclose(out[(method, "insertion_auc")], full_ins, atol=1e-6)

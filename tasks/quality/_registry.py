@@ -31,6 +31,7 @@ class QualityContext:
     # one call (the gradient family then shares one pass); None: `explain` once per method
     explain_all: Callable[..., dict[str, torch.Tensor]] | None = None
     cache: dict[Any, Any] = field(default_factory=dict)     # results checks share within the batch
+    logits: torch.Tensor | None = None      # the batch's clean logits (N, K), when the caller has them
 
     def generators(self, salt: int) -> list[torch.Generator]:
         """One generator per example (seed, salt, the example's key or position): checks draw per example,
