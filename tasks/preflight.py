@@ -8,8 +8,10 @@ the config names, and the filter leaves rows). A failure raises one `XAuditError
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -175,7 +177,9 @@ def check_model(spec: ModelSpec, device: torch.device, attribution: AttributionS
     try:
         card = resolve_card(spec)
         model = load(card, device)
-        probe_model(model, card, device)
+        if _passed(model, "probe", card.channels, card.input_size, card.num_classes, str(device)) is None:
+            probe_model(model, card, device)
+            _passed(model, "probe", card.channels, card.input_size, card.num_classes, str(device), record=True)
         check_attribution(card, model, device, attribution.methods, attribution.params, seed)
     except XAuditError as exc:
         if role == "model":
@@ -186,6 +190,20 @@ def check_model(spec: ModelSpec, device: torch.device, attribution: AttributionS
 
 # parameters that set a method's number of model passes: a dry run needs only a couple
 _PASS_COUNTS = ("n_steps", "n_samples")
+
+# The probes and dry runs a model object has passed in this process (the command line preflights every config,
+# then each flow's first task does again, on the same cached model): each is run once per model and settings.
+_PASSED: "weakref.WeakKeyDictionary[nn.Module, set[str]]" = weakref.WeakKeyDictionary()
+
+
+def _passed(model: nn.Module, *what, record: bool = False) -> bool | None:
+    """True if `model` passed the check `what` (a tuple of its settings) before; with `record`, note that it
+    has. None when it has not."""
+    key = json.dumps(what, sort_keys=True, default=str)
+    if record:
+        _PASSED.setdefault(model, set()).add(key)
+        return True
+    return True if key in _PASSED.get(model, ()) else None
 
 
 def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, methods: Sequence[str],
@@ -202,8 +220,12 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
         for k in _PASS_COUNTS:
             if k in METHODS[m].defaults:
                 p[k] = min(2, int(p.get(k, METHODS[m].defaults[k])))
+        settings = ("dry run", m, p, card.target_layer, card.channels, card.input_size, str(device), seed)
+        if _passed(model, *settings):
+            continue
         try:
             attribute(model, x, [m], params={m: p}, target_layer=card.target_layer, seed=seed)
+            _passed(model, *settings, record=True)
         except XAuditError as exc:
             raise XAuditError(f"preflight: attribution method {m!r} cannot explain this model: {exc}") from None
         except Exception as exc:  # the model's own code, or a method meeting an architecture it cannot handle

@@ -289,3 +289,35 @@ def test_preprocessing_defaults_follow_the_factory_and_can_be_set():
     from tasks.errors import XAuditError
     with pytest.raises(XAuditError, match="'resize_size' 100"):
         _card(resize_size=100)
+
+
+def test_preflight_probes_and_dry_runs_a_model_once_per_settings():
+    """The command line preflights every config and each flow's first task again, on the same cached model:
+    the probe and each method's dry run run once per model object and settings; a method that failed is
+    tried again (and fails again), and another model object is checked afresh."""
+    from tasks.config import AttributionSpec
+    from tasks.preflight import check_model
+    spec = ModelSpec(card=DATA / "models" / "baseline.json")
+    card = resolve_card(spec)
+    model = build_model(card)
+    rows = []
+    model.register_forward_pre_hook(lambda m, args: rows.append(len(args[0])))
+
+    def check(methods, params=None, the_model=model):
+        rows.clear()
+        check_model(spec, torch.device("cpu"), AttributionSpec(methods=methods, params=params or {}),
+                    load=lambda c, d: the_model)
+        return len(rows)
+    assert check(["saliency", "integrated_gradients"]) > 0
+    assert check(["saliency", "integrated_gradients"]) == 0                     # the same model, settings
+    assert check(["saliency", "gradcam"]) > 0 and check(["gradcam"]) == 0      # only the new method ran
+    assert check(["integrated_gradients"], {"integrated_gradients": {"baseline": "blur"}}) > 0
+    other = build_model(card)
+    rows_other = []
+    other.register_forward_pre_hook(lambda m, args: rows_other.append(len(args[0])))
+    check(["saliency"], the_model=other)
+    assert rows_other
+    bad = {"integrated_gradients": {"baseline": "nonsense"}}
+    for _ in range(2):
+        with pytest.raises(XAuditError, match="baseline"):
+            check(["integrated_gradients"], bad)
