@@ -15,7 +15,7 @@ forward hooks that give each hooked module's output the rule's multiplier as its
 reference call at the same position. For ReLU the rule's arithmetic runs in the backward (`_ReluRescale`:
 five elementwise passes and a reduction); in-place activations run out of place and max pools return their
 indices while the hooks are on, so nothing is copied or pooled twice. The cost is one forward+backward of the
-inputs and that arithmetic: 1.12x the bare forward+backward on a ResNet-50 at 224², batch 8, on the 2-core
+inputs and that arithmetic: 1.12-1.34x the bare forward+backward on a ResNet-50 at 224², batch 8, on the 2-core
 CPU (benchmarks/README.md). Unlike
 backward hooks this works for modules **used more than once** (torchvision ResNet blocks call one ReLU
 twice; Captum's DeepLift raises there) and for in-place activations. Activations written as functions in
@@ -222,7 +222,7 @@ _REFERENCES_LOCK = threading.Lock()
 
 
 def _model_state(model: nn.Module) -> tuple[tuple, torch.Tensor | None]:
-    tensors = [t for t in (*model.parameters(), *model.buffers())]
+    tensors = [*model.parameters(), *model.buffers()]
     layout = (model.training, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
     sums = [t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point() and t.numel()]
     return layout, torch.stack(sums).cpu() if sums else None
@@ -234,15 +234,15 @@ def _cached_reference(rules: "RescaleRules", b0: torch.Tensor) -> torch.Tensor:
     with _REFERENCES_LOCK:
         hit = _REFERENCES.get(rules.model)
     if hit is not None:
-        c_layout, c_sums, c_b0, c_eps, calls, logits = hit
-        if c_layout == layout and c_eps == rules.eps and c_b0.shape == b0.shape and c_b0.dtype == b0.dtype \
+        c_layout, c_sums, c_b0, calls, logits = hit
+        if c_layout == layout and c_b0.shape == b0.shape and c_b0.dtype == b0.dtype \
                 and c_b0.device == b0.device and torch.equal(c_b0, b0) \
                 and (sums is None) == (c_sums is None) and (sums is None or torch.equal(c_sums, sums)):
             rules.calls = calls
             return logits
     logits = rules.reference(b0)
     with _REFERENCES_LOCK:
-        _REFERENCES[rules.model] = (layout, sums, b0.clone(), rules.eps, rules.calls, logits)
+        _REFERENCES[rules.model] = (layout, sums, b0.clone(), rules.calls, logits)
     return logits
 
 
