@@ -145,9 +145,12 @@ def run_audit(cfg: Path, out: Path) -> dict:
 
 
 def bare_limit(card_path: Path, data: Path, n: int, batch: int) -> float:
-    """Seconds per image of one forward with autograd + one backward to the input, over the decoded images."""
+    """Seconds per image of one forward with autograd + one backward to the input, over the decoded images,
+    with the malloc settings `xaudit run` uses (without them the limit reads up to 1.4x lower here)."""
     import torch
     sys.path.insert(0, str(ROOT))
+    from tasks.devices import keep_cpu_buffers
+    keep_cpu_buffers()
     from tasks.config import DataSpec, ModelSpec
     from tasks.data import decode_shard, ingest
     from tasks.models import build_model, resolve_card
@@ -163,11 +166,13 @@ def bare_limit(card_path: Path, data: Path, n: int, batch: int) -> float:
         xs = xs.detach().requires_grad_(True)
         out = model(xs)
         torch.autograd.grad(out.gather(1, out.argmax(1, keepdim=True)).sum(), xs)
-    one(x[:2])
-    t0 = time.perf_counter()
-    for s in range(0, len(x), batch):
-        one(x[s:s + batch])
-    return (time.perf_counter() - t0) / len(x)
+    best = float("inf")
+    for _ in range(2):          # the first loop warms the kernels for this batch shape; the best loop counts
+        t0 = time.perf_counter()
+        for s in range(0, len(x), batch):
+            one(x[s:s + batch])
+        best = min(best, time.perf_counter() - t0)
+    return best / len(x)
 
 
 def main() -> int:
