@@ -200,5 +200,6 @@ def test_prefect_yaml_deployments_are_valid_flow_parameters():
             assert config.flow_run_fails_on == "FAIL", dep["name"]
         env = dep["work_pool"].get("job_variables", {}).get("env", {})
         assert int(env["MALLOC_MMAP_THRESHOLD_"]) >= 1 << 30, dep["name"]     # workers keep CPU buffers too
+        assert env["MALLOC_ARENA_MAX"] == "1", dep["name"]                     # in the task runner's threads too
     assert {"nightly-audit", "release-review"} <= seen
     assert any(s.get("cron") for d in spec["deployments"] for s in d.get("schedules", []))
