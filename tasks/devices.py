@@ -90,6 +90,7 @@ def keep_cpu_buffers(threshold_bytes: int = 1 << 31) -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-    return bool(mallopt(m_mmap_threshold, ctypes.c_int(min(threshold_bytes, 2 ** 31 - 1)))) and \
-        bool(mallopt(m_trim_threshold, ctypes.c_int(min(2 * threshold_bytes, 2 ** 31 - 1)))) and \
-        bool(mallopt(m_arena_max, ctypes.c_int(1)))
+    settings = ((m_mmap_threshold, min(threshold_bytes, 2 ** 31 - 1)),
+                (m_trim_threshold, min(2 * threshold_bytes, 2 ** 31 - 1)),
+                (m_arena_max, 1))
+    return all(mallopt(param, ctypes.c_int(value)) for param, value in settings)
