@@ -149,8 +149,6 @@ def bare_limit(card_path: Path, data: Path, n: int, batch: int) -> float:
     with the malloc settings `xaudit run` uses (without them the limit reads up to 1.4x lower here)."""
     import torch
     sys.path.insert(0, str(ROOT))
-    from tasks.devices import keep_cpu_buffers
-    keep_cpu_buffers()
     from tasks.config import DataSpec, ModelSpec
     from tasks.data import decode_shard, ingest
     from tasks.models import build_model, resolve_card
@@ -185,6 +183,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--keep", type=Path, help="make the data and runs here (kept) instead of a temporary folder")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from tasks.devices import keep_cpu_buffers
+    keep_cpu_buffers()          # before torch starts its threads, as `xaudit run` does: the limit runs here
     scales = [int(s) for s in args.scales.split(",")]
     largest = max(scales)
     tmp = tempfile.TemporaryDirectory() if args.keep is None else None
