@@ -36,6 +36,32 @@ def local_run_settings():
         yield
 
 
+def _embedded_server():
+    """Prefect's temporary API server for this process (one per process: Prefect's own start finds this one),
+    whose subprocess logs nothing below CRITICAL from any library.
+
+    `PREFECT_SERVER_LOGGING_LEVEL` quiets Prefect's and uvicorn's loggers there, not the root logger: when
+    this process ends while the server is writing (an audit that stops on an input error), SQLAlchemy logged
+    'Exception during reset' with a traceback on the user's terminal, after the one error message. The root
+    level is set for the server's subprocess only (for the moment it is spawned), so this process and any
+    worker it starts keep their warnings; a root level the user set stands.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class QuietServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self):
+            if "PREFECT_LOGGING_ROOT_LEVEL" in os.environ:
+                return super()._run_uvicorn_command()
+            os.environ["PREFECT_LOGGING_ROOT_LEVEL"] = "CRITICAL"
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                os.environ.pop("PREFECT_LOGGING_ROOT_LEVEL", None)
+
+    existing = SubprocessASGIServer._instances.get(None)
+    return existing if existing is not None else QuietServer()
+
+
 @contextmanager
 def api_server_starting():
     """Start Prefect's temporary API server now, in a thread, and wait for it when the block ends.
@@ -53,8 +79,7 @@ def api_server_starting():
     if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
-    server = SubprocessASGIServer()
+    server = _embedded_server()
 
     def start() -> None:
         try:

@@ -203,3 +203,31 @@ def test_prefect_yaml_deployments_are_valid_flow_parameters():
         assert env["MALLOC_ARENA_MAX"] == "1", dep["name"]                     # in the task runner's threads too
     assert {"nightly-audit", "release-review"} <= seen
     assert any(s.get("cron") for d in spec["deployments"] for s in d.get("schedules", []))
+
+
+def test_the_embedded_server_logs_no_library_errors_and_this_process_keeps_its_root_level(tmp_path):
+    """The command line's embedded Prefect server runs with its root logger at CRITICAL (SQLAlchemy printed a
+    pool-reset traceback after an audit's one error message, as the process ended while the server wrote);
+    the audit's own process, and what it spawns later, keep the root level they had. Checked on the real
+    server subprocess's environment, in a fresh interpreter with no API URL (as `xaudit run` starts)."""
+    script = (
+        "import os, logging\n"
+        "import flows\n"
+        "from flows import api_server_starting\n"
+        "from prefect.server.api.server import SubprocessASGIServer\n"
+        "with api_server_starting():\n"
+        "    pass\n"
+        "server = SubprocessASGIServer()\n"
+        "pid = server.server_process.pid\n"
+        "env = dict(kv.split('=', 1) for kv in open(f'/proc/{pid}/environ').read().split('\\0') if '=' in kv)\n"
+        "print(env.get('PREFECT_LOGGING_ROOT_LEVEL'), os.environ.get('PREFECT_LOGGING_ROOT_LEVEL'),\n"
+        "      logging.getLevelName(logging.getLogger().level), type(server).__name__)\n"
+        "server.stop()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / ".prefect")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    server_level, own_level, own_root, kind = proc.stdout.split()
+    assert server_level == "CRITICAL" and own_level == "None" and own_root == "WARNING"
+    assert kind == "QuietServer"
