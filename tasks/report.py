@@ -312,7 +312,7 @@ def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: st
                 if (e, m) in heat.index:
                     h = heat.loc[(e, m)]
                     hm = np.asarray(h.heatmap, dtype=float).reshape(int(h.heatmap_height), int(h.heatmap_width)) / 255.0
-                    overlays.append(dict(method=m, uri=overlay_uri(base, hm),
+                    overlays.append(dict(method=m, uri=overlay_uri(base, hm), empty=not bool(hm.max() > 0),
                                          roi_mass=None if pd.isna(getattr(h, "roi_mass", np.nan)) else float(h.roi_mass)))
             items.append(dict(example_id=e, why=why, label=row.label_name, prediction=row.prediction_name,
                               confidence=float(row.confidence), correct=bool(row.correct),
@@ -580,14 +580,17 @@ def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
 # --- the interactive browsers (HTML only) ------------------------------------------------------------------
 
 def _maps_by_example(expl: pd.DataFrame, ids: list[str], stat: str | None = None) -> dict[str, dict[str, Any]]:
-    """Return {example_id: {method: (overlay data URI, stat value)}} for `ids` from an explanations table."""
+    """Return {example_id: {method: (overlay data URI, stat value, whether the map is empty)}} for `ids` from an
+    explanations table (an empty map: zero everywhere at the stored resolution, e.g. Grad-CAM's ReLU of a class
+    the last layer finds no positive evidence for; it has no ROI mass, and the caption says why)."""
     from .browser import map_png
     sub = expl[expl.example_id.isin(ids)]
     out: dict[str, dict[str, Any]] = {}
     for r in sub.itertuples():
         hm = np.asarray(r.heatmap, dtype=np.uint8).reshape(int(r.heatmap_height), int(r.heatmap_width))
         value = getattr(r, stat, None) if stat else None
-        out.setdefault(r.example_id, {})[r.method] = (map_png(hm), None if value is None or pd.isna(value) else float(value))
+        out.setdefault(r.example_id, {})[r.method] = (map_png(hm), None if value is None or pd.isna(value) else float(value),
+                                                      not bool(hm.max() > 0))
     return out
 
 
@@ -620,7 +623,8 @@ def audit_browser(run_dir: Path, manifest: dict[str, Any], pred: pd.DataFrame, e
                          wrong=not bool(r.correct), why=shown.get(e, ""), f=f,
                          image=B.thumbnail_uri(images[e], B.BROWSER_THUMB),
                          maps={m: [per[m][0]] for m in methods if m in per},
-                         stat={m: per[m][1] for m in methods if m in per}))
+                         stat={m: per[m][1] for m in methods if m in per},
+                         empty=[m for m in methods if m in per and per[m][2]]))
     return dict(kind="audit", metrics=metrics, default_metric=B.default_metric(checks, metrics, "accuracy"),
                 thresholds=B.thresholds(checks), slices=B.slice_rows(scalar, checks),
                 examples=B.examples_block(rows, fields, methods, [""], len(pred), len(shown), "ROI mass" if stat else None,

@@ -322,7 +322,8 @@
       X.methods.forEach(function (m) {
         (r.maps[m] || []).forEach(function (uri, j) {
           var role = X.roles[j];
-          figs.push(figure(r, m + (role ? " · " + role : ""), uri, role && r.role_caption ? r.role_caption[j] : (r.stat && r.stat[m] !== undefined && r.stat[m] !== null ? X.stat + " " + num(r.stat[m], 2) : "")));
+          var empty = !role && r.empty && r.empty.indexOf(m) >= 0;
+          figs.push(figure(r, m + (role ? " · " + role : ""), uri, role && r.role_caption ? r.role_caption[j] : (empty ? "empty map" : (r.stat && r.stat[m] !== undefined && r.stat[m] !== null ? X.stat + " " + num(r.stat[m], 2) : ""))));
         });
       });
       grid.appendChild(el("div", { "class": "eb-card" + (r.wrong ? " wrong" : ""), "data-example": r.id }, [

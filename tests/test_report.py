@@ -183,3 +183,37 @@ def test_colour_report_pdf_keeps_every_word_on_the_page_and_every_reason_whole(c
     flat = text.replace(" ", "").replace("-", "")
     for c in failed:
         assert c["message"].replace(" ", "").replace("-", "") in flat, c["message"]
+
+
+def test_an_empty_map_is_captioned_as_empty_not_shown_as_a_blank_panel(tmp_path):
+    """A map that is zero everywhere (Grad-CAM of a class the last layer finds no positive evidence for) has no
+    ROI mass; the card said nothing, so a reviewer saw an input with no overlay and no reason. Now the static
+    gallery and the example browser both caption it 'empty map', and the other method keeps its ROI mass."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    run = build(tmp_path / "run", hostile=False)
+    t = pq.read_table(run / "explanations.parquet").to_pandas()
+    cam = t.method == "gradcam"
+    t.loc[cam, "heatmap"] = pd_series_of_zeros(int(cam.sum()), 64, t.index[cam])
+    t.loc[cam, "roi_mass"] = np.nan
+    t["heatmap"] = t.heatmap.map(lambda v: np.asarray(v, dtype=np.uint8))
+    heat = pa.FixedSizeListArray.from_arrays(pa.array(np.concatenate(t.heatmap.to_list())), 64)
+    pq.write_table(pa.Table.from_pandas(t.drop(columns="heatmap"), preserve_index=False).append_column("heatmap", heat),
+                   run / "explanations.parquet")
+    html = render_html(run)
+    captions = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
+    assert "gradcam · empty map" in captions and not any(c.startswith("gradcam · ROI") for c in captions)
+    assert any(c.startswith("saliency · ROI") for c in captions)
+    data = json.loads(re.search(r'<script type="application/json" id="xaudit-data">(.*?)</script>', html, re.S)
+                      .group(1))
+    rows = data["examples"]["rows"]
+    assert rows and all(r["empty"] == ["gradcam"] for r in rows)
+
+
+def pd_series_of_zeros(n, width, index):
+    import numpy as np
+    import pandas as pd
+    return pd.Series([np.zeros(width, np.uint8) for _ in range(n)], index=index)
