@@ -79,7 +79,8 @@ class ModelSpec(_Strict):
     mean: list[float] | None = None
     std: list[float] | None = None
     class_names: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
-    target_layer: str | None = Field(None, description="module path of the CAM layer; default: the last Conv2d")
+    target_layer: str | None = Field(None, description="module path of the CAM layer, e.g. 'layer4.1' or "
+                                                 "'features.28'; default (null or left out): found by architecture")
     resize: Literal["stretch", "shorter_side"] | None = Field(
         None, description="'stretch': resize to input_size (aspect not kept); 'shorter_side': resize the shorter "
                           "side to resize_size keeping the aspect, then centre-crop to input_size (torchvision's "
@@ -89,6 +90,14 @@ class ModelSpec(_Strict):
                                                        "(224 -> 256)")
     interpolation: Literal["bilinear", "bicubic", "nearest", "lanczos", "box"] | None = Field(
         None, description="image resampling (masks always nearest); default bilinear (bicubic for timm)")
+
+    @field_validator("target_layer")
+    @classmethod
+    def _module_path(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[^.\s]+(\.[^.\s]+)*", v):
+            raise ValueError(f"target_layer must be a module path, names joined by '.' (e.g. 'layer4.1'), or null "
+                             f"for the automatic layer; got {v!r}")
+        return v
 
     @field_validator("input_size")
     @classmethod

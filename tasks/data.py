@@ -390,6 +390,20 @@ def _check_columns(spec: DataSpec, schema: pa.Schema) -> None:
     if spec.roi_column and spec.roi_column not in names:
         raise XAuditError(f"ingest: 'data.roi_column' is {spec.roi_column!r}, which the dataset does not have; "
                           f"columns are {names}")
+    roles = [(r, getattr(spec, r)) for r in ("id_column", "image_column", "label_column", "roi_column")
+             if getattr(spec, r)]
+    for i, (role, col) in enumerate(roles):
+        for other, col2 in roles[i + 1:]:
+            if col == col2:
+                raise XAuditError(f"ingest: 'data.{role}' and 'data.{other}' are both {col!r}; each role needs its "
+                                  f"own column; columns are {names}")
+    label_type = schema.field(spec.label_column).type
+    if pa.types.is_dictionary(label_type):
+        label_type = label_type.value_type
+    if not (pa.types.is_integer(label_type) or pa.types.is_floating(label_type) or pa.types.is_boolean(label_type)
+            or pa.types.is_string(label_type) or pa.types.is_large_string(label_type) or pa.types.is_null(label_type)):
+        raise XAuditError(f"ingest: 'data.label_column' {spec.label_column!r} must hold class names or class indices "
+                          f"(text or whole numbers); it holds {schema.field(spec.label_column).type}")
     for role in ("image_column", "roi_column"):
         col = getattr(spec, role)
         if col and not (_is_binary(schema.field(col).type) or _image_struct(schema.field(col).type)):

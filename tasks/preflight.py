@@ -124,6 +124,10 @@ def check_slices(slices: Sequence[Sequence[str]], columns: Sequence[str], where:
         cols = [t.column for t in terms]
         if len(set(cols)) != len(cols):
             raise XAuditError(f"preflight: '{where}[{i}]' crosses column(s) with themselves: {list(spec)}")
+        same = [j for j, other in enumerate(slices[:i]) if sorted(map(str, other)) == sorted(map(str, spec))]
+        if same:
+            raise XAuditError(f"preflight: '{where}[{i}]' {list(spec)} repeats '{where}[{same[0]}]' (a cross is "
+                              f"the same in any order); list each slice once")
         keys.append("&".join(t.column if t.kind in ("value", "column") else raw
                              for t, raw in zip(terms, spec)) if spec else "overall")
     return keys
@@ -208,18 +212,21 @@ def _passed(model: nn.Module, *what, record: bool = False) -> bool | None:
 
 def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, methods: Sequence[str],
                       params: dict[str, dict], seed: int = 0) -> None:
-    """Dry-run every configured method on one probe image (with its pass counts cut to 2, occlusion skipped:
-    it only runs forwards), so a method that cannot explain this model (no CAM layer, a layer whose output is
-    not (N, C, h, w), frozen weights...) stops the audit now, not after ingest."""
+    """Dry-run every configured method on one probe image (with its pass counts cut to 2, occlusion's windows
+    to at most four: its geometry is checked against the input size, its passes are forwards), so a method
+    that cannot explain this model (no CAM layer, a layer whose output is not (N, C, h, w), frozen weights, a
+    window larger than the image...) stops the audit now, not after ingest."""
     from .attribution import attribute
     x = probe_inputs(card, 1, 1, device)
     for m in methods:
-        if m == "occlusion":
-            continue
         p = dict(params.get(m) or {})
         for k in _PASS_COUNTS:
             if k in METHODS[m].defaults:
                 p[k] = min(2, int(p.get(k, METHODS[m].defaults[k])))
+        if m == "occlusion":        # the same window; a stride of the image's side leaves at most 2 x 2 windows
+            stride = p.get("stride", METHODS[m].defaults["stride"])
+            if isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1:
+                p["stride"] = max(stride, *card.input_size)
         settings = ("dry run", m, p, card.target_layer, card.channels, card.input_size, str(device), seed)
         if _passed(model, *settings):
             continue

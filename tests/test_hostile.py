@@ -232,6 +232,8 @@ def test_bad_weights(capsys, tmp_path, clean_rows, make, needle):
     ({"std": [0.0]}, ["std > 0"]),
     ({"mean": [float("nan")]}, ["mean"]),
     ({"target_layer": "features.99"}, ["target_layer"]),
+    ({"target_layer": ""}, ["target_layer'", "module path"]),             # was taken as "no layer given": the automatic one
+    ({"target_layer": "features..6"}, ["target_layer'", "module path"]),
 ])
 def test_model_card_fields_that_do_not_fit_the_model(capsys, tmp_path, clean_rows, model, needles):
     expect_refused(capsys, tmp_path, clean_rows, *needles, model={"card": str(CARD), **model})
@@ -288,6 +290,12 @@ def test_models_whose_output_is_unusable(capsys, tmp_path, clean_rows, monkeypat
     ({"metrics": {"slices": [["ink_fraction:bins(a,b)"]]}}, ["numbers"]),
     ({"metrics": {"slices": [["ink_fraction:q1"]]}}, ["quantile"]),
     ({"metrics": {"slices": [["site", "site"]]}}, ["with themselves"]),
+    ({"metrics": {"slices": [[], ["site"], ["site"]]}}, ["'metrics.slices[2]'", "repeats 'metrics.slices[1]'"]),
+    ({"metrics": {"slices": [["site", "split"], ["split", "site"]]}}, ["'metrics.slices[1]'", "repeats"]),
+    # geometry against the model's input, found by the preflight's dry run (occlusion was skipped there, so a
+    # window larger than the image stopped the run after its directory was made)
+    ({"attribution": {"methods": ["occlusion"], "params": {"occlusion": {"window": 64}}}},
+     ["'occlusion'", "'window'", "shorter side 32", "got 64"]),
     ({"shard_size": 0}, ["'shard_size'"]),
     ({"max_reject_fraction": 2}, ["'max_reject_fraction'"]),
     ({"seed": "abc"}, ["'seed'"]),
@@ -330,6 +338,9 @@ def test_localisation_threshold_without_roi(capsys, tmp_path, clean_rows):
     ({"filter": {"split": {"a": 1}}}, ["'data.filter.split'"]),
     ({"id_column": "nope"}, ["'data.id_column'", "'nope'"]),
     ({"image_column": "site"}, ["'data.image_column'", "binary"]),
+    ({"label_column": "roi_png", "roi_column": None}, ["'data.label_column'", "'roi_png'", "class names or class indices", "binary"]),
+    ({"label_column": "image_png"}, ["'data.image_column' and 'data.label_column' are both 'image_png'"]),
+    ({"id_column": "roi_png"}, ["'data.id_column' and 'data.roi_column' are both 'roi_png'"]),
     ({"label_column": "nope"}, ["'data.label_column'"]),
     ({"roi_column": "nope"}, ["'data.roi_column'"]),
     ({"metadata_columns": ["site", "nope"]}, ["'data.metadata_columns'", "nope"]),

@@ -16,9 +16,11 @@ def occlusion(ctx, window: int, stride: int, baseline: float) -> MethodOutput:
     covers (stride > window) get 0."""
     x = ctx.inputs
     n, c, h, w = x.shape
-    if not (1 <= window <= min(h, w)) or stride < 1:
-        raise XAuditError(f"occlusion: 'window' must be in 1..{min(h, w)} and 'stride' >= 1; "
-                          f"got window={window}, stride={stride}")
+    if not 1 <= window <= min(h, w):
+        raise XAuditError(f"occlusion: 'window' must be from 1 to the input's shorter side {min(h, w)} "
+                          f"(input_size {[h, w]}); got {window}")
+    if stride < 1:
+        raise XAuditError(f"occlusion: 'stride' must be at least 1; got {stride}")
     # as Captum: ceil((H - window) / stride) + 1 windows per side, so when the windows do not tile the image
     # (e.g. 299 px with the defaults) the last one is cut at the border instead of left out
     ys = [k * stride for k in range(-(-(h - window) // stride) + 1)]
