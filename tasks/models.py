@@ -343,6 +343,39 @@ def probe_model(model: nn.Module, card: ModelCard, device: torch.device) -> None
     if not torch.isfinite(out).all():
         raise XAuditError(f"load_model: the model returned non-finite logits (NaN or inf) for a probe input "
                           f"of shape {tuple(x.shape)}; check the weights")
+    check_logits_contract(model, x, out)
+
+
+def check_logits_contract(model: nn.Module, x: torch.Tensor, out: torch.Tensor) -> None:
+    """What the audit assumes of the logits, checked on the probe (two more forwards): the same input gives the
+    same logits (no dropout or sampling left on in eval mode), an image's logits do not depend on the other
+    images of its batch (no batch statistics: the metrics would depend on the batch size and the shard), and
+    they are logits, not probabilities (softmax applied twice flattens every confidence and calibration
+    figure). Tolerances allow for floating-point kernels that differ with the batch size."""
+    with torch.no_grad():
+        again = model(x)
+        alone = model(x[1:])
+    out, again, alone = out.float(), again.float(), alone.float()
+    scale = float(out.abs().max()) + 1e-6
+
+    def close(a, b):
+        return a.shape == b.shape and bool(torch.isfinite(b).all()) and \
+            bool(((a - b).abs() <= 1e-3 * scale + 1e-3 * b.abs()).all())
+    if not close(out, again):
+        raise XAuditError(f"load_model: the model returned different logits for the same probe input twice "
+                          f"(largest difference {float((out - again).abs().max()):.3g}); in eval mode it must be "
+                          f"deterministic: dropout called with training=True, or sampling in forward, would make "
+                          f"every attribution and metric irreproducible")
+    if not close(out[1:], alone):
+        raise XAuditError(f"load_model: an image's logits depend on the other images in its batch (a probe image "
+                          f"alone and beside another differ by {float((out[1:] - alone).abs().max()):.3g}); the "
+                          f"model normalises over the batch (BatchNorm kept in training mode, or a batch mean in "
+                          f"forward), so its results would change with 'attribution.batch_size' and the shards")
+    if out.shape[1] >= 2 and bool(((out >= 0) & (out <= 1)).all()) and \
+            bool(((out.sum(1) - 1).abs() < 1e-4).all()):
+        raise XAuditError("load_model: the model returns probabilities (every output in [0, 1], each row summing "
+                          "to 1), not logits; xaudit applies softmax itself, so remove the model's final softmax "
+                          "(log-probabilities are fine)")
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -66,3 +66,32 @@ def payload(**kw):
     import pathlib
     pathlib.Path(kw["path"]).write_text("ran")
     return DemoCNN()
+
+
+class DropoutNet(DemoCNN):
+    """Dropout left on in eval mode (F.dropout with training=True): a different output every call."""
+
+    def forward(self, x):
+        return super().forward(torch.nn.functional.dropout(x, 0.5, training=True))
+
+
+class BatchMeanNet(DemoCNN):
+    """Normalises the logits over the batch: an image's output depends on its neighbours."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out - out.mean(0, keepdim=True)
+
+
+class SoftmaxNet(DemoCNN):
+    """Returns probabilities, not logits."""
+
+    def forward(self, x):
+        return torch.softmax(super().forward(x), 1)
+
+
+class LogSoftmaxNet(DemoCNN):
+    """Returns log-probabilities: softmax gives back the same probabilities, so this is accepted."""
+
+    def forward(self, x):
+        return torch.log_softmax(super().forward(x), 1)

@@ -260,6 +260,8 @@ def test_card_file_problems(capsys, tmp_path, clean_rows):
 
 @pytest.mark.parametrize("net, needle", [
     ("NoLogitsNet", "must return logits"), ("CubeNet", "shape (N, num_classes)"), ("NaNNet", "non-finite"),
+    ("DropoutNet", "different logits for the same probe input"), ("BatchMeanNet", "depend on the other images"),
+    ("SoftmaxNet", "returns probabilities"),
 ])
 def test_models_whose_output_is_unusable(capsys, tmp_path, clean_rows, monkeypatch, net, needle):
     monkeypatch.syspath_prepend(str(TESTS))
@@ -712,6 +714,18 @@ def test_models_returning_tuples_dicts_or_objects_are_audited_through_one_rule(t
     b = attribute(plain, x, ["saliency", "gradcam", "integrated_gradients"], target_layer="features.6")
     for m in a.attributions:
         torch.testing.assert_close(a.attributions[m], b.attributions[m])
+
+
+def test_log_probabilities_and_batch_size_noise_pass_the_logits_contract(tmp_path, clean_rows, monkeypatch):
+    """The contract refuses probabilities, not log-probabilities (softmax of them is the same distribution);
+    and the demo CNN itself (whose batched kernels differ from one image alone in the last bits) passes."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
+    from tasks.config import parse_config
+    from tasks.preflight import preflight_audit
+    for model in ({"card": str(CARD), "factory": "hostile_nets:LogSoftmaxNet"}, {"card": str(CARD)}):
+        preflight_audit(parse_config(base_config(clean_rows, tmp_path / "runs", model=model)))
+    assert not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------------------------------------------
