@@ -206,11 +206,28 @@ def history_context(run_dir: Path, run_id: str, metrics: list[str], name: str) -
     return dict(name=name, since=since, chart=chart)
 
 
+MAX_MATRIX_CLASSES = 30     # a larger confusion matrix is listed as its most frequent confusions instead
+TOP_CONFUSIONS = 25
+MAX_MAP_ROWS = 30           # mean-map tables show at most this many slice values or classes (the most frequent)
+
+
 def confusion_chart(metrics: pd.DataFrame, class_names: list[str]) -> dict[str, Any]:
+    """The overall confusion matrix as an SVG's cells; with more than `MAX_MATRIX_CLASSES` classes (an ImageNet
+    model's 1,000 made a 100 MB chart of a million cells), the `TOP_CONFUSIONS` most frequent confusions as a
+    table instead (`pairs`): the whole matrix stays in metrics.parquet."""
     cm = metrics[(metrics.slice_key == "overall") & (metrics.metric == "confusion")]
     k = len(class_names)
-    counts = np.zeros((k, k))
     index = {c: i for i, c in enumerate(class_names)}
+    if k > MAX_MATRIX_CLASSES:
+        pairs = [(sub.split("->", 1), float(v)) for sub, v in zip(cm.sub_key, cm.value)]
+        per_label = {}
+        for (t, _), v in pairs:
+            per_label[t] = per_label.get(t, 0.0) + v
+        off = sorted(((v, t, p) for (t, p), v in pairs if t != p and v > 0), key=lambda r: (-r[0], index[r[1]], index[r[2]]))
+        rows = [dict(label=t, prediction=p, count=int(v), share=v / per_label[t] if per_label[t] else 0.0)
+                for v, t, p in off[:TOP_CONFUSIONS]]
+        return dict(k=k, pairs=rows, n_confused=len(off), errors=int(sum(v for v, _, _ in off)))
+    counts = np.zeros((k, k))
     for sub, v in zip(cm.sub_key, cm.value):
         t, p = sub.split("->", 1)
         counts[index[t], index[p]] = v
@@ -224,7 +241,7 @@ def confusion_chart(metrics: pd.DataFrame, class_names: list[str]) -> dict[str, 
     top = 20
     cells = [dict(x=pad + j * cell, y=top + i * cell, count=int(counts[i, j]), shade=float(share[i, j]),
                   dark=share[i, j] > 0.5) for i in range(k) for j in range(k)]
-    return dict(cells=cells, cell=cell, names=names, full=list(class_names), k=k, pad=pad, top=top,
+    return dict(pairs=None, cells=cells, cell=cell, names=names, full=list(class_names), k=k, pad=pad, top=top,
                 width=pad + k * cell + 10, height=top + k * cell + int(pad * 0.75) + 10)
 
 
@@ -323,16 +340,21 @@ def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: st
 
 def mean_maps(pred: pd.DataFrame, expl: pd.DataFrame, slice_col: str | None) -> list[dict[str, Any]]:
     """Return the mean heatmap per value of `slice_col` (a metadata column, or 'label_name' for the true
-    class) and method, each rescaled to its own maximum."""
+    class) and method, each rescaled to its own maximum; for at most `MAX_MAP_ROWS` values, the most frequent
+    (each dict says how many values there were: `of`)."""
     if expl.empty:
         return []
     key = pred.set_index("example_id")[slice_col] if slice_col else pd.Series("all", index=pred.example_id)
     e = expl.assign(slice_value=key.reindex(expl.example_id).to_numpy())
+    sizes = e.drop_duplicates("example_id").slice_value.astype(str).value_counts()
+    kept = set(sorted(sizes.index, key=lambda v: (-sizes[v], v))[:MAX_MAP_ROWS])
+    e = e[e.slice_value.astype(str).isin(kept)]
     out = []
     for (value, method), g in e.groupby(["slice_value", "method"], sort=True):
         h, w = int(g.heatmap_height.iloc[0]), int(g.heatmap_width.iloc[0])
         m = np.stack(g.heatmap.to_numpy()).astype(float).mean(0).reshape(h, w)   # mean of maps scaled 0-255
-        out.append(dict(slice_value=str(value), method=method, uri=heatmap_uri(m / max(m.max(), 1e-12)), n=len(g)))
+        out.append(dict(slice_value=str(value), method=method, uri=heatmap_uri(m / max(m.max(), 1e-12)), n=len(g),
+                        of=len(sizes)))
     return out
 
 

@@ -50,7 +50,7 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
     `colour` > 0: RGB photo-like images of that side (smooth gradients and blobs) and a matching model card."""
     classes = list(classes or CLASSES)
     rng = np.random.default_rng(42)
-    k = 3
+    k = len(classes)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "inputs").mkdir(exist_ok=True)
     ids = [f"ex-{i:03d}" for i in range(n)]

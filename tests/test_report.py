@@ -217,3 +217,31 @@ def pd_series_of_zeros(n, width, index):
     import numpy as np
     import pandas as pd
     return pd.Series([np.zeros(width, np.uint8) for _ in range(n)], index=index)
+
+
+def test_a_thousand_class_model_gets_a_report_of_bounded_size_that_weasyprint_can_lay_out(tmp_path):
+    """An ImageNet classifier (1,000 classes) made a 106 MB HTML report (a confusion matrix of a million cells,
+    a mean map per class) and a PDF WeasyPrint could not lay out (the class list in one unbreakable block
+    taller than a page). Now: the most frequent confusions as a table, the most frequent classes' mean maps,
+    the first 60 class names with the count — and the PDF renders."""
+    from tasks.report import MAX_MAP_ROWS, TOP_CONFUSIONS
+    classes = [f"class-{i:04d}" for i in range(1000)]
+    run = build(tmp_path / "run", hostile=False, classes=classes, n=3000)
+    out = render_report(run)
+    html = Path(out["html"]).read_text()
+    assert len(html) < 2_000_000, len(html)
+    assert 'aria-label="confusion matrix"' not in html
+    assert f"The {TOP_CONFUSIONS} most frequent confusions of" in html and "with 1000 classes the matrix is not drawn" in html
+    assert f"The {MAX_MAP_ROWS} most frequent of 1000 values." in html or \
+        re.search(r"The 30 most frequent of \d+ values\.", html)
+    assert "1000: class-0000, class-0001" in html and "(940 more: all are in the attached manifest.json" in html
+    assert "class-0999" not in html.split('id="identity"', 1)[1].split("</section>", 1)[0]
+    assert Path(out["pdf"]).stat().st_size > 10_000
+    if shutil.which("pdfinfo"):
+        pages = subprocess.run(["pdfinfo", out["pdf"]], capture_output=True, text=True, check=True).stdout
+        assert int(re.search(r"Pages:\s+(\d+)", pages).group(1)) < 30
+
+
+def test_a_small_model_keeps_its_full_confusion_matrix(run_dir):
+    html = render_html(run_dir)
+    assert 'aria-label="confusion matrix"' in html and "most frequent confusions" not in html
