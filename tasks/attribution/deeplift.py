@@ -196,21 +196,25 @@ class RescaleRules:
         if call is None:
             return out
         _, xr, yr, idx_r = call
+        # Captum's rule, evaluated only where it reads: the input at its own argmax is its pooled value, the
+        # baseline at its own argmax is its pooled value, so only the baseline at the input's argmax and the
+        # input at the baseline's argmax are gathered (no full-size difference); the input's share of the
+        # gradient goes through the pool's own backward (`out`), the baseline's through one gather
         n = len(x)
-        ia, ib = idx.flatten(2), idx_r.flatten(2).expand(n, *idx_r.shape[1:2], -1)
         ya = out.detach()
         yb = yr.expand_as(ya)
-        top = torch.maximum(ya, yb)
-        xs, xb = x.detach().flatten(2), xr.flatten(2).expand(n, *xr.shape[1:2], -1)
-        dx = xs - xb
-        dxa, dxb = dx.gather(2, ia).view_as(ya), dx.gather(2, ib).view_as(ya)
-        sa = _unchanged(xs.gather(2, ia), xb.gather(2, ia), self.eps).view_as(ya)
-        sb = _unchanged(xs.gather(2, ib), xb.gather(2, ib), self.eps).view_as(ya)
-        one = torch.ones_like(ya)
-        ca = torch.where(sa, one, (top - yb) / torch.where(sa, one, dxa))
-        cb = torch.where(sb, 0 * one, (ya - top) / torch.where(sb, one, dxb))
-        t = (x - x.detach()).flatten(2)
-        return ya + ca * t.gather(2, ia).view_as(ya) + cb * t.gather(2, ib).view_as(ya)
+        ib = idx_r.flatten(2).expand(n, *idx_r.shape[1:2], -1)
+        x_ib = x.flatten(2).gather(2, ib).view_as(ya)                       # (with the gradient path)
+        xb_ia = xr.flatten(2).expand(n, *xr.shape[1:2], -1).gather(2, idx.flatten(2)).view_as(ya)
+        with torch.no_grad():
+            top = torch.maximum(ya, yb)
+            xd_ib = x_ib.detach()
+            sa = _unchanged(ya, xb_ia, self.eps)
+            sb = _unchanged(xd_ib, yb, self.eps)
+            one = torch.ones_like(ya)
+            ca = torch.where(sa, one, (top - yb) / torch.where(sa, one, ya - xb_ia))
+            cb = torch.where(sb, 0 * one, (ya - top) / torch.where(sb, one, xd_ib - yb))
+        return ya + ca * (out - ya) + cb * (x_ib - xd_ib)
 
 
 # The reference pass of a constant baseline, kept per model between calls (a shard's batches share it): the
