@@ -14,9 +14,10 @@ once and kept for the next call on the same, unchanged model (`_cached_reference
 forward hooks that give each hooked module's output the rule's multiplier as its gradient, against the
 reference call at the same position. For ReLU the rule's arithmetic runs in the backward (`_ReluRescale`:
 five elementwise passes and a reduction); in-place activations run out of place and max pools return their
-indices while the hooks are on, so nothing is copied or pooled twice. The cost is one forward+backward of the
-inputs and that arithmetic: 1.12-1.34x the bare forward+backward on a ResNet-50 at 224², batch 8, on the 2-core
-CPU (benchmarks/README.md). Unlike
+indices while the hooks are on, so nothing is copied or pooled twice; the max-pool rule gathers only the two
+values it reads per output. The cost is one forward+backward of the inputs and that arithmetic: 1.13-1.16x the
+bare forward+backward on ResNet-18/50 at 224², batch 8, 1.06-1.08x on ViT-B/16, on the 2-core CPU
+(`benchmarks/attribution.py --only deeplift`, benchmarks/README.md). Unlike
 backward hooks this works for modules **used more than once** (torchvision ResNet blocks call one ReLU
 twice; Captum's DeepLift raises there) and for in-place activations. Activations written as functions in
 `forward` (`F.relu(x)`, DenseNet's last ReLU) and LayerNorm/attention have no module to hook: they pass the
