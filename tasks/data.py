@@ -155,6 +155,7 @@ def _manifest_table(path: Path | str, spec: DataSpec) -> pa.Table:
         col = getattr(spec, role)
         if col not in names:
             raise XAuditError(f"ingest: 'data.{role}' is {col!r}, which the manifest does not have; columns are {names}")
+    _distinct_roles(spec, ("id_column", "path_column", "label_column"), names)
     if spec.image_column in names:
         raise XAuditError(f"ingest: the manifest {where!r} names its images in 'data.path_column' {spec.path_column!r}; "
                           f"it must not also have the image column {spec.image_column!r}")
@@ -381,6 +382,16 @@ def _parquet_dataset(path: Path | str) -> ds.Dataset:
         raise XAuditError(f"ingest: 'data.path' {str(path)!r} is not readable Parquet: {_reason(exc)}") from None
 
 
+def _distinct_roles(spec: DataSpec, roles: tuple[str, ...], names: list[str]) -> None:
+    """Raise if two of the data's roles (id, image, label, ...) name the same column."""
+    given = [(r, getattr(spec, r)) for r in roles if getattr(spec, r)]
+    for i, (role, col) in enumerate(given):
+        for other, col2 in given[i + 1:]:
+            if col == col2:
+                raise XAuditError(f"ingest: 'data.{role}' and 'data.{other}' are both {col!r}; each role needs its "
+                                  f"own column; columns are {names}")
+
+
 def _check_columns(spec: DataSpec, schema: pa.Schema) -> None:
     names = schema.names
     for role in ("id_column", "image_column", "label_column"):
@@ -390,13 +401,7 @@ def _check_columns(spec: DataSpec, schema: pa.Schema) -> None:
     if spec.roi_column and spec.roi_column not in names:
         raise XAuditError(f"ingest: 'data.roi_column' is {spec.roi_column!r}, which the dataset does not have; "
                           f"columns are {names}")
-    roles = [(r, getattr(spec, r)) for r in ("id_column", "image_column", "label_column", "roi_column")
-             if getattr(spec, r)]
-    for i, (role, col) in enumerate(roles):
-        for other, col2 in roles[i + 1:]:
-            if col == col2:
-                raise XAuditError(f"ingest: 'data.{role}' and 'data.{other}' are both {col!r}; each role needs its "
-                                  f"own column; columns are {names}")
+    _distinct_roles(spec, ("id_column", "image_column", "label_column", "roi_column"), names)
     label_type = schema.field(spec.label_column).type
     if pa.types.is_dictionary(label_type):
         label_type = label_type.value_type

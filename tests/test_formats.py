@@ -100,6 +100,13 @@ def test_a_manifest_missing_its_path_column_is_refused_by_name(rows, tmp_path):
         inspect_source(DataSpec(path=tmp_path / "m.csv"))
 
 
+def test_a_manifest_whose_roles_share_a_column_is_refused_by_name(rows, tmp_path):
+    import pandas as pd
+    pd.DataFrame({"example_id": rows.example_id, "path": "x.png", "label": rows.label}).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(XAuditError, match=r"'data.id_column' and 'data.label_column' are both 'label'"):
+        inspect_source(DataSpec(path=tmp_path / "m.csv", id_column="label"))
+
+
 def test_an_imagefolder_takes_its_metadata_from_a_sidecar_keyed_by_path(rows, tmp_path):
     import pandas as pd
     for i, (e, b) in enumerate(zip(rows.example_id, rows.image_png)):
