@@ -245,3 +245,19 @@ def test_a_thousand_class_model_gets_a_report_of_bounded_size_that_weasyprint_ca
 def test_a_small_model_keeps_its_full_confusion_matrix(run_dir):
     html = render_html(run_dir)
     assert 'aria-label="confusion matrix"' in html and "most frequent confusions" not in html
+
+
+def test_long_card_text_is_cut_with_a_pointer_to_the_manifest_and_wraps_on_the_page(tmp_path):
+    """A model card's 100,000-character description ran off the PDF's page (cut at the bottom, lost to the
+    reader) and a 3,000-character class name past its right edge: now the description shows 1,500 characters
+    and says where the rest is, names show 80, and the facts' values wrap anywhere."""
+    import json
+    run = build(tmp_path / "run", hostile=False, classes=["a" * 3000, "b", "c"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["model"]["description"] = "word " * 20000
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    html = render_html(run, browse=False)
+    identity = html.split('id="identity"', 1)[1].split("</section>", 1)[0]
+    assert "(the rest is in the attached manifest.json, under model)" in identity
+    assert identity.count("word ") < 400 and "a" * 3000 not in identity and "a" * 79 + "…" in identity
+    assert "overflow-wrap: anywhere" in html
