@@ -177,3 +177,35 @@ def test_deeplift_reference_is_reused_only_while_model_and_baseline_are_unchange
     blurred, calls = run(baseline="blur")
     assert calls[-1] == 4 and len(calls) >= 2 and not torch.allclose(blurred, edited)
     assert model[1].inplace is True and model[2].return_indices is False
+
+
+class _Residual(nn.Module):
+    """conv -> BN -> activation, then the block's input added to the activation's output, in place or not
+    (EfficientNetV2's FusedMBConv with expand ratio 1 does `result += input` on a SiLU's output)."""
+
+    def __init__(self, act: nn.Module, inplace: bool):
+        super().__init__()
+        self.conv, self.bn, self.act, self.inplace = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), act, inplace
+
+    def forward(self, x):
+        out = self.act(self.bn(self.conv(x)))
+        if self.inplace:
+            out += x
+            return out
+        return out + x
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.SiLU])
+def test_deeplift_when_the_network_modifies_an_activations_output_in_place(act):
+    """The rule's output was a view of the activation's, and a later `+=` on it raised in autograd
+    (efficientnet_v2_s crashed DeepLIFT and DeepSHAP); now it runs, and equals the out-of-place network's."""
+    torch.manual_seed(0)
+    nets = [_biased(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _Residual(act(), inplace), _Residual(act(), inplace),
+                                  nn.Flatten(), nn.Linear(4 * 8 * 8, 3))) for inplace in (True, False)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2])
+    got = [attribute(n, x, ["deeplift", "deep_shap"], target=t) for n in nets]
+    for m in ("deeplift", "deep_shap"):
+        torch.testing.assert_close(got[0].attributions[m], got[1].attributions[m])
+        assert torch.isfinite(got[0].attributions[m]).all()
+    assert got[0].extras["deeplift"]["delta"].abs().max() < 1e-4      # summation to delta holds through it

@@ -50,14 +50,19 @@ def _unchanged(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     return (a - b).abs() <= eps + RELATIVE * (a.abs() + b.abs())
 
 
+# Both rules below return the module's own output `y` as a new autograd output (not a view of an input: `y`
+# reaches them inside a list), and keep nothing of it for the backward, so the network may modify it in place
+# afterwards (EfficientNetV2's `result += input` after an activation raised "a view ... is being modified
+# inplace" when the output was a view).
+
 class _Through(torch.autograd.Function):
     """Value `y` (the module's own output), gradient `m` times the incoming one with respect to `x` (the
     module's input): the rescale rule without the arithmetic of a straight-through expression."""
 
     @staticmethod
-    def forward(ctx, x, y, m):
+    def forward(ctx, x, m, holder):
         ctx.save_for_backward(m)
-        return y.view_as(y)
+        return holder[0]
 
     @staticmethod
     def backward(ctx, grad):
@@ -66,24 +71,27 @@ class _Through(torch.autograd.Function):
 
 
 class _ReluRescale(torch.autograd.Function):
-    """ReLU's rescale rule with its arithmetic in the backward: value `y` (the module's own output), gradient
-    the incoming one times (y - yr) / (x - xr), and where |x - xr| <= eps, times the derivative (x > 0).
-    Five elementwise passes and one reduction, none in the forward; the derivative's `where` runs only for a
-    call that has such a position (the least |dx| says)."""
+    """ReLU's rescale rule: value `y` (the module's own output), gradient the incoming one times
+    (y - yr) / (x - xr), and where |x - xr| <= eps, times the derivative (x > 0). The output's difference from
+    the reference is taken in the forward (so `y` itself need not survive), the rest in the backward: five
+    elementwise passes and one reduction; the derivative's `where` runs only for a call that has such a
+    position (the least |dx| says)."""
 
     @staticmethod
-    def forward(ctx, x, y, xr, yr, eps):
-        ctx.save_for_backward(x, y, xr, yr)
+    def forward(ctx, x, xr, yr, eps, holder):
+        y = holder[0]
+        # in x's memory layout (a reference row's strides must not pick the layout of the gradient: a
+        # non-contiguous gradient costs the convolution's backward a copy)
+        dy = torch.sub(y, yr, out=torch.empty_like(x))
+        ctx.save_for_backward(x, dy, xr)
         ctx.eps = eps
-        return y.view_as(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, y, xr, yr = ctx.saved_tensors
-        # in x's memory layout (a reference row's strides must not pick the layout of the gradient: a
-        # non-contiguous gradient costs the convolution's backward a copy)
+        x, dy, xr = ctx.saved_tensors
         dx = torch.sub(x, xr, out=torch.empty_like(x))
-        m = torch.sub(y, yr, out=torch.empty_like(x)).div_(dx)
+        m = dy.div(dx)
         small = dx.abs_()                                # (dx is not needed signed any more)
         if float(small.amin()) <= ctx.eps:
             m = torch.where(small <= ctx.eps, (x > 0).to(m.dtype), m)
@@ -170,7 +178,7 @@ class RescaleRules:
         if type(module) is nn.ReLU:
             # where x and b have one sign the secant is exactly 0 or 1 (dy and dx are the same float
             # subtraction), and where they differ |dx| = |x| + |b|: only dx within eps needs the derivative
-            return _ReluRescale.apply(x, out.detach(), xr, yr, self.eps)
+            return _ReluRescale.apply(x, xr, yr, self.eps, [out.detach()])
         with torch.no_grad():
             xd = x.detach()
             dx = xd - xr
@@ -184,7 +192,7 @@ class RescaleRules:
             finally:
                 self.busy = False
             m = torch.where(small, local, secant)
-        return _Through.apply(x, out.detach(), m)
+        return _Through.apply(x, m, [out.detach()])
 
     def _pool(self, module, args, out):
         if self.busy:
