@@ -352,9 +352,20 @@ def check_logits_contract(model: nn.Module, x: torch.Tensor, out: torch.Tensor) 
     images of its batch (no batch statistics: the metrics would depend on the batch size and the shard), and
     they are logits, not probabilities (softmax applied twice flattens every confidence and calibration
     figure). Tolerances allow for floating-point kernels that differ with the batch size."""
-    with torch.no_grad():
-        again = model(x)
-        alone = model(x[1:])
+    try:
+        with torch.no_grad():
+            again = model(x)
+            alone = model(x[1:])
+    except XAuditError:
+        raise
+    except Exception as exc:  # the model's own code: typically a batch of one (a shard's last batch can be)
+        raise XAuditError(f"load_model: a probe forward of one image ({tuple(x[1:].shape)}) failed after one of "
+                          f"two had passed: {type(exc).__name__}: {first_lines(exc, 2, 600)}; the model must take "
+                          f"any batch size (a shard's last batch can hold a single image)") from None
+    if tuple(alone.shape) != (1, out.shape[1]):
+        raise XAuditError(f"load_model: for one image the model returned logits of shape {tuple(alone.shape)}, "
+                          f"for two {tuple(out.shape)}; the model must take any batch size and return (N, "
+                          f"num_classes) (a shard's last batch can hold a single image; a squeeze() drops N=1)")
     out, again, alone = out.float(), again.float(), alone.float()
     scale = float(out.abs().max()) + 1e-6
 

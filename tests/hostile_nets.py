@@ -95,3 +95,19 @@ class LogSoftmaxNet(DemoCNN):
 
     def forward(self, x):
         return torch.log_softmax(super().forward(x), 1)
+
+
+class SqueezeNet(DemoCNN):
+    """Squeezes every size-1 dimension of its logits, so a batch of one image loses its batch dimension."""
+
+    def forward(self, x):
+        return super().forward(x).squeeze()
+
+
+class BatchOfOneNet(DemoCNN):
+    """Fails on a batch of a single image."""
+
+    def forward(self, x):
+        if len(x) == 1:
+            raise ValueError("expected more than 1 value per channel")
+        return super().forward(x)

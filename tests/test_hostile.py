@@ -261,7 +261,8 @@ def test_card_file_problems(capsys, tmp_path, clean_rows):
 @pytest.mark.parametrize("net, needle", [
     ("NoLogitsNet", "must return logits"), ("CubeNet", "shape (N, num_classes)"), ("NaNNet", "non-finite"),
     ("DropoutNet", "different logits for the same probe input"), ("BatchMeanNet", "depend on the other images"),
-    ("SoftmaxNet", "returns probabilities"),
+    ("SoftmaxNet", "returns probabilities"), ("SqueezeNet", "must take any batch size"),
+    ("BatchOfOneNet", "must take any batch size"),
 ])
 def test_models_whose_output_is_unusable(capsys, tmp_path, clean_rows, monkeypatch, net, needle):
     monkeypatch.syspath_prepend(str(TESTS))
