@@ -406,6 +406,37 @@ def _resolve(base: Path, value: Any) -> Any:
     return os.path.normpath(p if p.is_absolute() else (base / p))     # no 'configs/../data' in reports
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives one key twice: YAML takes the last silently, so a
+    second `thresholds:` (or `metrics:`) block would replace the first, and the audit would gate on less than
+    its author wrote."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = seen.get(key)
+            except TypeError:           # an unhashable key: the base loader says so
+                break
+            if earlier is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {earlier.line + 1} and "
+                                f"{key_node.start_mark.line + 1}); YAML would keep only the last", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads` object hook refusing a key given twice (JSON keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"key {k!r} is given twice; JSON would keep only the last")
+        out[k] = v
+    return out
+
+
 def _read_config_file(path: str | Path, where: str, model_keys: tuple[str, ...]) -> dict[str, Any]:
     """Return the mapping in a YAML/JSON file with the model specs' and data's relative paths resolved
     against the file's folder."""
@@ -416,7 +447,7 @@ def _read_config_file(path: str | Path, where: str, model_keys: tuple[str, ...])
         raise XAuditError(f"{where}: {path} is {path.stat().st_size:,} bytes; a config is at most "
                           f"{MAX_CONFIG_BYTES:,}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise XAuditError(f"{where}: {path} is not valid YAML/JSON: {str(exc)[:300]}") from None
     check_size(raw, f"{where}: {path}")

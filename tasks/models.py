@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import storage
-from .config import MAX_CONFIG_BYTES, ModelSpec, describe_error
+from .config import MAX_CONFIG_BYTES, ModelSpec, describe_error, unique_json_object
 from .errors import XAuditError
 from .io import sha256_file
 
@@ -74,8 +74,8 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
             raise XAuditError(f"{where}: model card {card_path} is {card_path.stat().st_size:,} bytes; a card is "
                               f"at most {MAX_CONFIG_BYTES:,}")
         try:
-            values = json.loads(card_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            values = json.loads(card_path.read_text(), object_pairs_hook=unique_json_object)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:      # (JSONDecodeError is a ValueError)
             raise XAuditError(f"{where}: model card {card_path} is not valid JSON: {str(exc)[:300]}") from None
         if not isinstance(values, dict):
             raise XAuditError(f"{where}: model card {card_path} must hold a JSON object; got {type(values).__name__}")

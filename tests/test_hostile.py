@@ -256,6 +256,9 @@ def test_card_file_problems(capsys, tmp_path, clean_rows):
     typed.write_text(json.dumps(card))
     expect_refused(capsys, tmp_path, clean_rows, "'input_size'", str(typed), model={"card": str(typed)})
     expect_refused(capsys, tmp_path, clean_rows, "'model.card'", model={"card": str(tmp_path / "nope.json")})
+    twice = tmp_path / "twice.json"
+    twice.write_text(CARD.read_text().rstrip().rstrip("}") + ', "class_names": ["a", "b"]}')
+    expect_refused(capsys, tmp_path, clean_rows, "key 'class_names' is given twice", model={"card": str(twice)})
 
 
 @pytest.mark.parametrize("net, needle", [
@@ -410,6 +413,13 @@ def test_config_files_that_are_not_configs(capsys, tmp_path, clean_rows):
     assert rc == 2 and "mapping" in err
     rc, _, err = run_cli(capsys, ["run", str(tmp_path / "missing.yaml")])
     assert rc == 2 and "missing.yaml" in err
+    # a key given twice: YAML keeps the last silently, so the second block would replace the first's thresholds
+    twice = yaml.safe_dump(base_config(clean_rows, tmp_path / "runs"), sort_keys=False)
+    twice += "metrics:\n  slices: [[]]\n"
+    bad.write_text(twice)
+    rc, _, err = run_cli(capsys, ["run", str(bad)])
+    assert rc == 2 and "key 'metrics' is given twice" in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_every_config_is_checked_before_any_runs(capsys, tmp_path, clean_rows):
