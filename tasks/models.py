@@ -43,6 +43,7 @@ class ModelCard:
     target_layer: str | None
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    outputs: str = "logits"
     preprocess: dict[str, Any] = field(default_factory=lambda: {"resize": "stretch", "interpolation": "bilinear"})
 
     @property
@@ -131,6 +132,7 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
         class_names=tuple(str(c) for c in values["class_names"]),
         target_layer=values.get("target_layer"),
         description=str(values.get("description") or ""),
+        outputs=str(values.get("outputs") or "logits"),
         extra={k: v for k, v in values.items() if k not in card_fields and k not in PREPROCESS_FIELDS},
         preprocess=preprocess_policy(values, tuple(int(s) for s in values["input_size"])),
     )
@@ -263,6 +265,13 @@ def _logits_hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor 
     return None if isinstance(output, torch.Tensor) else model_logits(output)
 
 
+def _probabilities_hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+    """For a card with `outputs: probabilities`: the log of the model's probabilities, as its logits (softmax
+    of them gives the same probabilities back; attributions explain the log-probability)."""
+    p = model_logits(output)
+    return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+
+
 def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Module:
     """Return the model described by `card`, with its weights loaded strictly, in eval mode on `device`.
 
@@ -288,7 +297,7 @@ def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Modul
     except RuntimeError as exc:
         raise XAuditError(f"load_model: weights {card.weights!r} do not fit {card.factory!r}: "
                           f"{first_lines(exc, 4, 600)}") from None
-    model.register_forward_hook(_logits_hook)
+    model.register_forward_hook(_probabilities_hook if card.outputs == "probabilities" else _logits_hook)
     return model.eval().to(device)
 
 
@@ -343,6 +352,10 @@ def probe_model(model: nn.Module, card: ModelCard, device: torch.device) -> None
     if not torch.isfinite(out).all():
         raise XAuditError(f"load_model: the model returned non-finite logits (NaN or inf) for a probe input "
                           f"of shape {tuple(x.shape)}; check the weights")
+    if card.outputs == "probabilities" and not bool(((out.float().exp().sum(1) - 1).abs() < 1e-3).all()):
+        raise XAuditError("load_model: the card says 'outputs: probabilities', but the model's outputs for the "
+                          "probe images are not probabilities (each row in [0, 1], summing to 1); leave 'outputs' "
+                          "out (logits) if the model returns logits")
     check_logits_contract(model, x, out)
 
 
@@ -385,8 +398,8 @@ def check_logits_contract(model: nn.Module, x: torch.Tensor, out: torch.Tensor) 
     if out.shape[1] >= 2 and bool(((out >= 0) & (out <= 1)).all()) and \
             bool(((out.sum(1) - 1).abs() < 1e-4).all()):
         raise XAuditError("load_model: the model returns probabilities (every output in [0, 1], each row summing "
-                          "to 1), not logits; xaudit applies softmax itself, so remove the model's final softmax "
-                          "(log-probabilities are fine)")
+                          "to 1), not logits; xaudit applies softmax itself: set 'outputs: probabilities' in the "
+                          "model card (their log is then used as the logits), or remove the model's final softmax")
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -739,6 +739,32 @@ def test_log_probabilities_and_batch_size_noise_pass_the_logits_contract(tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_model_that_ends_in_softmax_is_audited_when_its_card_says_so(tmp_path, clean_rows, monkeypatch):
+    """`outputs: probabilities`: the model's probabilities' log are its logits, so the audit sees the same
+    probabilities as from the plain model, and saliency explains the log-probability (the gradient of
+    log softmax); a card that says so of a model returning logits is refused."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
+    from tasks.attribution import attribute
+    from tasks.config import ModelSpec, parse_config
+    from tasks.models import build_model, resolve_card
+    from tasks.preflight import preflight_audit
+    model = {"card": str(CARD), "factory": "hostile_nets:SoftmaxNet", "outputs": "probabilities"}
+    preflight_audit(parse_config(base_config(clean_rows, tmp_path / "runs", model=model)))
+    assert not (tmp_path / "runs").exists()
+    ours = build_model(resolve_card(ModelSpec(**model)))
+    plain = build_model(resolve_card(ModelSpec(card=CARD)))
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([0, 3, 7])
+    torch.testing.assert_close(torch.softmax(ours(x), 1), torch.softmax(plain(x), 1), rtol=1e-5, atol=1e-6)
+    xg = x.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(torch.log_softmax(plain(xg), 1).gather(1, t[:, None]).sum(), xg)
+    got = attribute(ours, x, ["saliency"], target=t).attributions["saliency"]
+    torch.testing.assert_close(got, want.abs(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(Exception, match="says 'outputs: probabilities'"):
+        preflight_audit(parse_config(base_config(clean_rows, tmp_path / "runs",
+                                                 model={"card": str(CARD), "outputs": "probabilities"})))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 3./7. Paths that cross to workers, and what listens on the network.
 
