@@ -254,10 +254,19 @@ class MetricsSpec(_Strict):
         description="each entry a list of terms to cross; [] is overall. Terms: 'col', 'col=value', "
                     "'col:q10' (quantile buckets), 'col:bins(0,0.5,1)'")
     metrics: list[str] | None = Field(None, description="default: every registered metric")
-    bootstrap_replicates: int = Field(1000, ge=0, le=100_000)
+    bootstrap_replicates: int = Field(1000, ge=0, le=100_000, description="0: no intervals; else at least 20")
     confidence_level: float = Field(0.95, gt=0, lt=1)
     min_slice_size: int = Field(10, ge=1)
     thresholds: list[Threshold] = Field(default_factory=list)
+
+    @field_validator("bootstrap_replicates")
+    @classmethod
+    def _enough_replicates(cls, v: int) -> int:
+        if 0 < v < 20:
+            raise ValueError(f"bootstrap_replicates must be 0 (no intervals) or at least 20: a 95% interval's ends "
+                             f"are the 2.5th and 97.5th percentiles of the replicates, which {v} cannot place; "
+                             f"got {v}")
+        return v
 
 
 class SigningSpec(_Strict):

@@ -296,6 +296,7 @@ def test_models_whose_output_is_unusable(capsys, tmp_path, clean_rows, monkeypat
     ({"metrics": {"slices": [["ink_fraction:bins(a,b)"]]}}, ["numbers"]),
     ({"metrics": {"slices": [["ink_fraction:q1"]]}}, ["quantile"]),
     ({"metrics": {"slices": [["site", "site"]]}}, ["with themselves"]),
+    ({"metrics": {"bootstrap_replicates": 5}}, ["'metrics.bootstrap_replicates'", "at least 20", "got 5"]),
     ({"metrics": {"slices": [[], ["site"], ["site"]]}}, ["'metrics.slices[2]'", "repeats 'metrics.slices[1]'"]),
     ({"metrics": {"slices": [["site", "split"], ["split", "site"]]}}, ["'metrics.slices[1]'", "repeats"]),
     # geometry against the model's input, found by the preflight's dry run (occlusion was skipped there, so a
