@@ -24,6 +24,8 @@ from .devices import device_pool
 from .errors import XAuditError
 from .stopping import RunInterrupted
 from .io import sha256_file, sha256_json, write_json
+from .attribution import METHODS
+from .attribution.engine import layer_name
 from .models import ModelCard, cached_model, pick_device
 from .scoring import score_shard
 
@@ -304,6 +306,9 @@ def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any
                                       ModelCard.from_dict(card),
                                       data_identity, run["flow_run_id"], str(pick_device(config.device)),
                                       run["run_dir"], verdict)
+    if any(METHODS[m].layer for m in config.attribution.methods):      # which layer the CAM maps are of
+        model = cached_model(ModelCard.from_dict(card), pick_device(config.device))   # (preflight's, cached)
+        manifest["cam_layer"] = layer_name(model, card["target_layer"])
     inputs = [(data["source"], "data.path"), (card["weights"], "model.weights")]
     if config.model.card is not None:
         inputs.append((str(config.model.card), "model.card"))

@@ -73,6 +73,8 @@ def test_audit_of_a_torchvision_architecture_runs_end_to_end(prefect_harness, tm
                  "validation.json", "manifest.json", "report.html", "report.pdf"):
         assert (run / name).is_file(), name
     assert verify_run(run) == []
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["cam_layer"] == cam_layer                   # the automatic layer, named in the manifest
     preds = pq.read_table(run / "predictions.parquet").to_pandas()
     assert len(preds) == 24 and np.allclose(np.stack(preds.probabilities).sum(1), 1, atol=1e-5)
     expl = pq.read_table(run / "explanations.parquet").to_pandas()
@@ -91,3 +93,4 @@ def test_audit_of_a_torchvision_architecture_runs_end_to_end(prefect_harness, tm
     assert json.loads((run / "validation.json").read_text())["verdict"] in {"PASS", "WARN", "FAIL"}
     html = (run / "report.html").read_text()
     assert f"Random {arch} audit" in html and "data:image/png;base64," in html
+    assert f'<span class="mono">{cam_layer}</span> (chosen automatically)' in html

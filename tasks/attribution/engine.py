@@ -43,6 +43,13 @@ def find_layer(model: nn.Module, name: str | None) -> nn.Module:
     return convs[-1]
 
 
+def layer_name(model: nn.Module, name: str | None) -> str:
+    """Return the dotted path of the CAM layer `find_layer` picks (for the manifest and the report: which layer
+    the automatic choice was)."""
+    layer = find_layer(model, name)
+    return next((n for n, m in model.named_modules() if m is layer), name or "")
+
+
 def to_grid(t: torch.Tensor, layer: nn.Module, image_size: tuple[int, int]) -> torch.Tensor:
     """Return a CAM layer's output (or its gradient) as (N, C, h, w).
 
