@@ -445,6 +445,7 @@ class SourceInfo:
     schema: pa.Schema
     metadata_columns: tuple[str, ...]
     n_rows: int
+    n_distinct_ids: int | None = None       # Parquet and manifests: distinct non-null ids among those rows
 
 
 def inspect_source(spec: DataSpec) -> SourceInfo:
@@ -470,21 +471,26 @@ def inspect_source(spec: DataSpec) -> SourceInfo:
         table = _manifest_table(path, spec)
         schema = table.schema.append(pa.field(spec.image_column, pa.binary()))
         expr = _filter_expression(spec, table.schema)
-        n = (table.filter(expr) if expr is not None else table).num_rows
+        ids = (table.filter(expr) if expr is not None else table).column(spec.id_column)
+        n = len(ids)
     else:
         dataset = _parquet_dataset(path)
         schema = dataset.schema
         _check_columns(spec, schema)
         expr = _filter_expression(spec, schema)
-        try:
-            n = dataset.count_rows(filter=expr)
+        try:        # the id column alone: whether ids identify rows is known before any image is read
+            ids = dataset.to_table(columns=[spec.id_column], filter=expr).column(spec.id_column)
+            n = len(ids)
         except (pa.ArrowException, OSError, ValueError) as exc:       # ValueError: from a store's fsspec layer
             raise XAuditError(f"ingest: 'data.path' {str(path)!r} could not be read: {_reason(exc)}") from None
     meta = metadata_columns(schema, spec)
     n = min(n, spec.limit) if spec.limit is not None else n
     if n == 0:
         raise XAuditError(f"ingest: no rows left in {str(spec.path)!r} after 'data.filter' {spec.filter}")
-    return SourceInfo(fmt, schema, tuple(meta), n)
+    distinct = None
+    if fmt in ("manifest", "parquet"):
+        distinct = int(pc.count_distinct(ids.slice(0, n), mode="only_valid").as_py())
+    return SourceInfo(fmt, schema, tuple(meta), n, distinct)
 
 
 def _source_batches(spec: DataSpec) -> tuple[Iterator[pa.RecordBatch], str, list[str]]:

@@ -257,6 +257,14 @@ def _run_basics(config: AuditConfig | ReviewConfig) -> tuple[torch.device, Sourc
         raise XAuditError(f"config: 'shortcuts.methods' may only name methods in 'attribution.methods' "
                           f"{list(a.methods)}; got {unknown}")
     source = inspect_source(config.data)
+    budget = getattr(config, "max_reject_fraction", None)
+    if source.n_distinct_ids is not None and budget is not None:
+        unusable = source.n_rows - source.n_distinct_ids       # rows repeating an earlier row's id, or without one
+        if unusable > budget * source.n_rows:
+            raise XAuditError(f"preflight: 'data.id_column' {config.data.id_column!r} does not identify rows: of "
+                              f"{source.n_rows:,} rows, {unusable:,} repeat another row's id or have none "
+                              f"({source.n_distinct_ids:,} distinct), more than 'max_reject_fraction' "
+                              f"{budget:.1%} would allow as rejects; name the column of unique example ids")
     slice_keys = [*check_slices(m.slices, [*source.metadata_columns, *DERIVED_SLICE_COLUMNS]), "overall"]
     check_signing(config)
     check_history(config)

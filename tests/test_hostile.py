@@ -345,6 +345,7 @@ def test_localisation_threshold_without_roi(capsys, tmp_path, clean_rows):
     ({"filter": {"split": {"a": 1}}}, ["'data.filter.split'"]),
     ({"id_column": "nope"}, ["'data.id_column'", "'nope'"]),
     ({"image_column": "site"}, ["'data.image_column'", "binary"]),
+    ({"id_column": "split", "metadata_columns": ["site"]}, ["'data.id_column' 'split' does not identify rows", "distinct", "max_reject_fraction"]),
     ({"label_column": "roi_png", "roi_column": None}, ["'data.label_column'", "'roi_png'", "class names or class indices", "binary"]),
     ({"label_column": "image_png"}, ["'data.image_column' and 'data.label_column' are both 'image_png'"]),
     ({"id_column": "roi_png"}, ["'data.id_column' and 'data.roi_column' are both 'roi_png'"]),
