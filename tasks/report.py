@@ -269,6 +269,12 @@ def _load_images(run_dir: Path, ids: list[str], id_col: str, image_col: str) -> 
     return dict(zip(table[id_col].to_pylist(), table[image_col].to_pylist()))
 
 
+def empty_map(heatmap: np.ndarray) -> bool:
+    """True for a stored map that is zero everywhere (e.g. Grad-CAM's ReLU of a class the last layer finds no
+    positive evidence for): it has no ROI mass, and its caption says 'empty map'."""
+    return not bool(np.asarray(heatmap).max() > 0)
+
+
 def flagged_method(failed: list[dict[str, Any]], methods: list[str], score: dict[str, float]) -> str | None:
     """The method the pictures should follow: the one named by the first check that did not pass (an
     explanation check, '<method>.<statistic>'), else the one with the lowest `score` (e.g. its mean ROI mass)."""
@@ -329,7 +335,7 @@ def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: st
                 if (e, m) in heat.index:
                     h = heat.loc[(e, m)]
                     hm = np.asarray(h.heatmap, dtype=float).reshape(int(h.heatmap_height), int(h.heatmap_width)) / 255.0
-                    overlays.append(dict(method=m, uri=overlay_uri(base, hm), empty=not bool(hm.max() > 0),
+                    overlays.append(dict(method=m, uri=overlay_uri(base, hm), empty=empty_map(hm),
                                          roi_mass=None if pd.isna(getattr(h, "roi_mass", np.nan)) else float(h.roi_mass)))
             items.append(dict(example_id=e, why=why, label=row.label_name, prediction=row.prediction_name,
                               confidence=float(row.confidence), correct=bool(row.correct),
@@ -602,9 +608,8 @@ def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
 # --- the interactive browsers (HTML only) ------------------------------------------------------------------
 
 def _maps_by_example(expl: pd.DataFrame, ids: list[str], stat: str | None = None) -> dict[str, dict[str, Any]]:
-    """Return {example_id: {method: (overlay data URI, stat value, whether the map is empty)}} for `ids` from an
-    explanations table (an empty map: zero everywhere at the stored resolution, e.g. Grad-CAM's ReLU of a class
-    the last layer finds no positive evidence for; it has no ROI mass, and the caption says why)."""
+    """Return {example_id: {method: (overlay data URI, stat value, whether the map is empty: `empty_map`)}} for
+    `ids` from an explanations table."""
     from .browser import map_png
     sub = expl[expl.example_id.isin(ids)]
     out: dict[str, dict[str, Any]] = {}
@@ -612,7 +617,7 @@ def _maps_by_example(expl: pd.DataFrame, ids: list[str], stat: str | None = None
         hm = np.asarray(r.heatmap, dtype=np.uint8).reshape(int(r.heatmap_height), int(r.heatmap_width))
         value = getattr(r, stat, None) if stat else None
         out.setdefault(r.example_id, {})[r.method] = (map_png(hm), None if value is None or pd.isna(value) else float(value),
-                                                      not bool(hm.max() > 0))
+                                                      empty_map(hm))
     return out
 
 

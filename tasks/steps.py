@@ -302,13 +302,12 @@ def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any
     data_identity["format"] = data_identity.pop("source_format")
     if Path(data["source"]).is_file():
         data_identity["source_sha256"] = sha256_file(data["source"])
-    manifest = outputs.build_manifest(run["run_id"], datetime.fromisoformat(run["started"]), config,
-                                      ModelCard.from_dict(card),
-                                      data_identity, run["flow_run_id"], str(pick_device(config.device)),
-                                      run["run_dir"], verdict)
+    model_card, device = ModelCard.from_dict(card), pick_device(config.device)
+    manifest = outputs.build_manifest(run["run_id"], datetime.fromisoformat(run["started"]), config, model_card,
+                                      data_identity, run["flow_run_id"], str(device), run["run_dir"], verdict)
     if any(METHODS[m].layer for m in config.attribution.methods):      # which layer the CAM maps are of
-        model = cached_model(ModelCard.from_dict(card), pick_device(config.device))   # (preflight's, cached)
-        manifest["cam_layer"] = layer_name(model, card["target_layer"])
+        model = cached_model(model_card, device)                       # (the preflight's, cached)
+        manifest["cam_layer"] = layer_name(model, model_card.target_layer)
     inputs = [(data["source"], "data.path"), (card["weights"], "model.weights")]
     if config.model.card is not None:
         inputs.append((str(config.model.card), "model.card"))
