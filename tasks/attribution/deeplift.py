@@ -3,7 +3,8 @@
 
 Attributions are (x - b) * m, where m is the gradient of the target logit with every nonlinearity's local
 derivative replaced by its rescale multiplier (f(x) - f(b)) / (x - b) (the derivative where x and b are
-within `eps`, or within float rounding of each other: 1e-5 of their size). Max pools take Captum's rule (the
+within `eps`, or within float rounding of each other: 1e-5 of their size; for ReLU and max pools, whose
+multipliers lie in [0, 1] wherever they are defined, only where x = b). Max pools take Captum's rule (the
 change of the pooled maximum goes to the position the input's or the baseline's maximum came from), so
 summation to delta holds through them: sum(attributions) = f(x) - f(b), and the per-example `delta` extra is
 the residual.
@@ -12,12 +13,13 @@ How it is wired (`RescaleRules`): the baselines run first without autograd, and 
 max pool's input and output are kept in call order; a constant baseline (zeros, the default) is one row, run
 once and kept for the next call on the same, unchanged model (`_cached_reference`). The inputs then run with
 forward hooks that give each hooked module's output the rule's multiplier as its gradient, against the
-reference call at the same position. For ReLU the rule's arithmetic runs in the backward (`_ReluRescale`:
-five elementwise passes and a reduction); in-place activations run out of place and max pools return their
-indices while the hooks are on, so nothing is copied or pooled twice; the max-pool rule gathers only the two
-values it reads per output. The cost is one forward+backward of the inputs and that arithmetic: 1.13-1.16x the
-bare forward+backward on ResNet-18/50 at 224², batch 8, 1.06-1.08x on ViT-B/16, on the 2-core CPU
-(`benchmarks/attribution.py --only deeplift`, benchmarks/README.md). Unlike
+reference call at the same position. For ReLU the multiplier is formed in the forward (`_ReluRescale`: two
+differences, a quotient and a sum) and the backward is one product, as plain ReLU's; in-place activations run
+out of place and max pools return their indices while the hooks are on, so nothing is copied or pooled twice;
+the max-pool rule gathers only the two values it reads per output and its backward is two scatters into one
+buffer (`_PoolRescale`). The cost is one forward+backward of the inputs and that arithmetic (see
+`benchmarks/attribution.py --only deeplift` and benchmarks/README.md for the ratio on ResNet-18/50 and
+ViT-B/16 at 224²). Unlike
 backward hooks this works for modules **used more than once** (torchvision ResNet blocks call one ReLU
 twice; Captum's DeepLift raises there) and for in-place activations. Activations written as functions in
 `forward` (`F.relu(x)`, DenseNet's last ReLU) and LayerNorm/attention have no module to hook: they pass the
@@ -72,30 +74,51 @@ class _Through(torch.autograd.Function):
 
 class _ReluRescale(torch.autograd.Function):
     """ReLU's rescale rule: value `y` (the module's own output), gradient the incoming one times
-    (y - yr) / (x - xr), and where |x - xr| <= eps, times the derivative (x > 0). The output's difference from
-    the reference is taken in the forward (so `y` itself need not survive), the rest in the backward: five
-    elementwise passes and one reduction; the derivative's `where` runs only for a call that has such a
-    position (the least |dx| says)."""
+    m = (y - yr) / (x - xr). Where x and xr have one sign, m is exactly 0 or 1 (dy and dx are the same float
+    subtraction); where they differ, |dx| = |x| + |xr| and m lies in (0, 1): the quotient cannot blow up, so
+    only x = xr (0 / 0) takes the derivative (x > 0), and `eps` is not needed. m is formed in the forward and
+    is all the backward keeps: three elementwise passes and a sum there (the sum is NaN exactly when some
+    position is 0 / 0, so the `where` runs only for a call that has one), one product in the backward."""
 
     @staticmethod
-    def forward(ctx, x, xr, yr, eps, holder):
+    def forward(ctx, x, xr, yr, holder):
         y = holder[0]
         # in x's memory layout (a reference row's strides must not pick the layout of the gradient: a
         # non-contiguous gradient costs the convolution's backward a copy)
-        dy = torch.sub(y, yr, out=torch.empty_like(x))
-        ctx.save_for_backward(x, dy, xr)
-        ctx.eps = eps
+        m = torch.sub(y, yr, out=torch.empty_like(x))
+        m.div_(torch.sub(x, xr, out=torch.empty_like(x)))
+        if bool(torch.isnan(m.sum())):
+            m = torch.where(torch.isnan(m), (x > 0).to(m.dtype), m)
+        ctx.save_for_backward(m)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        x, dy, xr = ctx.saved_tensors
-        dx = torch.sub(x, xr, out=torch.empty_like(x))
-        m = dy.div(dx)
-        small = dx.abs_()                                # (dx is not needed signed any more)
-        if float(small.amin()) <= ctx.eps:
-            m = torch.where(small <= ctx.eps, (x > 0).to(m.dtype), m)
-        return m.mul_(grad), None, None, None, None
+        (m,) = ctx.saved_tensors
+        # in place: the graph is used once (`deeplift_pairs` keeps no graph), and a fresh product costs a new
+        # buffer of the activation's size (a multiple of the in-place time here)
+        return m.mul_(grad), None, None, None
+
+
+class _PoolRescale(torch.autograd.Function):
+    """The max-pool rule: value `y` (the pool's output), and for the input the incoming gradient times `ca`
+    scattered to the input's argmax `ia` plus times `cb` scattered to the baseline's argmax `ib` (flat
+    indices per plane): one buffer and two scatters, where the pool's own backward, a gather's backward and
+    the sum of the two would write the input's size three times."""
+
+    @staticmethod
+    def forward(ctx, x, ca, cb, ia, ib, holder):
+        ctx.save_for_backward(ca, cb, ia, ib)
+        ctx.shape = x.shape
+        return holder[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        ca, cb, ia, ib = ctx.saved_tensors
+        g = torch.zeros((*ctx.shape[:2], ctx.shape[2:].numel()), dtype=grad.dtype, device=grad.device)
+        g.scatter_add_(2, ia, ca.mul_(grad).flatten(2))                   # (in place: the graph runs once)
+        g.scatter_add_(2, ib, cb.mul_(grad).flatten(2))
+        return g.view(ctx.shape), None, None, None, None, None
 
 
 class RescaleRules:
@@ -178,7 +201,7 @@ class RescaleRules:
         if type(module) is nn.ReLU:
             # where x and b have one sign the secant is exactly 0 or 1 (dy and dx are the same float
             # subtraction), and where they differ |dx| = |x| + |b|: only dx within eps needs the derivative
-            return _ReluRescale.apply(x, xr, yr, self.eps, [out.detach()])
+            return _ReluRescale.apply(x, xr, yr, [out.detach()])
         with torch.no_grad():
             xd = x.detach()
             dx = xd - xr
@@ -207,23 +230,23 @@ class RescaleRules:
         _, xr, yr, idx_r = call
         # Captum's rule, evaluated only where it reads: the input at its own argmax is its pooled value, the
         # baseline at its own argmax is its pooled value, so only the baseline at the input's argmax and the
-        # input at the baseline's argmax are gathered (no full-size difference); the input's share of the
-        # gradient goes through the pool's own backward (`out`), the baseline's through one gather
+        # input at the baseline's argmax are gathered (no full-size difference)
         n = len(x)
         ya = out.detach()
         yb = yr.expand_as(ya)
+        ia = idx.flatten(2)
         ib = idx_r.flatten(2).expand(n, *idx_r.shape[1:2], -1)
-        x_ib = x.flatten(2).gather(2, ib).view_as(ya)                       # (with the gradient path)
-        xb_ia = xr.flatten(2).expand(n, *xr.shape[1:2], -1).gather(2, idx.flatten(2)).view_as(ya)
         with torch.no_grad():
+            x_ib = x.detach().flatten(2).gather(2, ib).view_as(ya)
+            xb_ia = xr.flatten(2).expand(n, *xr.shape[1:2], -1).gather(2, ia).view_as(ya)
+            # ca = (top - yb) / (ya - xb_ia) and cb = (ya - top) / (x_ib - yb) lie in [0, 1] wherever they are
+            # defined (xb_ia <= yb and x_ib <= ya, and float subtraction is monotone), and a zero denominator
+            # comes with a zero numerator: 0 / 0 takes the pool's derivative (1 at the input's argmax, 0 at
+            # the baseline's), so no eps is needed here either
             top = torch.maximum(ya, yb)
-            xd_ib = x_ib.detach()
-            sa = _unchanged(ya, xb_ia, self.eps)
-            sb = _unchanged(xd_ib, yb, self.eps)
-            one = torch.ones_like(ya)
-            ca = torch.where(sa, one, (top - yb) / torch.where(sa, one, ya - xb_ia))
-            cb = torch.where(sb, 0 * one, (ya - top) / torch.where(sb, one, xd_ib - yb))
-        return ya + ca * (out - ya) + cb * (x_ib - xd_ib)
+            ca = torch.sub(top, yb).div_(torch.sub(ya, xb_ia)).nan_to_num_(nan=1.0)
+            cb = torch.sub(ya, top).div_(torch.sub(x_ib, yb)).nan_to_num_(nan=0.0)
+        return _PoolRescale.apply(x, ca, cb, ia, ib, [ya])
 
 
 # The reference pass of a constant baseline, kept per model between calls (a shard's batches share it): the
@@ -237,8 +260,10 @@ _REFERENCES_LOCK = threading.Lock()
 def _model_state(model: nn.Module) -> tuple[tuple, torch.Tensor | None]:
     tensors = [*model.parameters(), *model.buffers()]
     layout = (model.training, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
-    sums = [t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point() and t.numel()]
-    return layout, torch.stack(sums).cpu() if sums else None
+    # (in the tensors' own dtype: a float64 sum converts every element first, 13 ms a call on ResNet-18
+    # against 3 ms; an edit below the sum's rounding, about 1e-7 of it in float32, goes unseen)
+    sums = [t.detach().sum() for t in tensors if t.is_floating_point() and t.numel()]
+    return layout, torch.stack([v.float() for v in sums]).cpu() if sums else None
 
 
 def _cached_reference(rules: "RescaleRules", b0: torch.Tensor) -> torch.Tensor:
