@@ -215,9 +215,12 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
     """Dry-run every configured method on one probe image (with its pass counts cut to 2, occlusion's windows
     to at most four: its geometry is checked against the input size, its passes are forwards), so a method
     that cannot explain this model (no CAM layer, a layer whose output is not (N, C, h, w), frozen weights, a
-    window larger than the image...) stops the audit now, not after ingest."""
+    window larger than the image...) stops the audit now, not after ingest. The methods not yet passed run in
+    one `attribute` call (the gradient family shares its pass there, as in the audit); only if that call fails
+    do they run one by one, to name the method that cannot."""
     from .attribution import attribute
     x = probe_inputs(card, 1, 1, device)
+    pending: dict[str, dict] = {}
     for m in methods:
         p = dict(params.get(m) or {})
         for k in _PASS_COUNTS:
@@ -227,18 +230,31 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
             stride = p.get("stride", METHODS[m].defaults["stride"])
             if isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1:
                 p["stride"] = max(stride, *card.input_size)
-        settings = ("dry run", m, p, card.target_layer, card.channels, card.input_size, str(device), seed)
-        if _passed(model, *settings):
-            continue
+        if not _passed(model, *_dry_run_settings(card, device, seed, m, p)):
+            pending[m] = p
+    if len(pending) > 1:
+        try:
+            attribute(model, x, list(pending), params=pending, target_layer=card.target_layer, seed=seed)
+        except Exception:  # noqa: BLE001 - run them one by one below: that names the method
+            pass
+        else:
+            for m, p in pending.items():
+                _passed(model, *_dry_run_settings(card, device, seed, m, p), record=True)
+            return
+    for m, p in pending.items():
         try:
             attribute(model, x, [m], params={m: p}, target_layer=card.target_layer, seed=seed)
-            _passed(model, *settings, record=True)
+            _passed(model, *_dry_run_settings(card, device, seed, m, p), record=True)
         except XAuditError as exc:
             raise XAuditError(f"preflight: attribution method {m!r} cannot explain this model: {exc}") from None
         except Exception as exc:  # the model's own code, or a method meeting an architecture it cannot handle
             raise XAuditError(f"preflight: attribution method {m!r} failed on a probe image of this model: "
                               f"{type(exc).__name__}: {first_lines(exc)}; leave it out of "
                               f"'attribution.methods' or set the model's 'target_layer'") from None
+
+
+def _dry_run_settings(card: ModelCard, device: torch.device, seed: int, method: str, p: dict) -> tuple:
+    return ("dry run", method, p, card.target_layer, card.channels, card.input_size, str(device), seed)
 
 
 def _run_basics(config: AuditConfig | ReviewConfig) -> tuple[torch.device, SourceInfo, list[str]]:

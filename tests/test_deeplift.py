@@ -131,15 +131,24 @@ def test_deep_shap_is_deeplift_averaged_over_its_baselines():
 
 def test_deeplift_where_the_input_equals_the_baseline_equals_captum():
     """Where a unit's input equals the baseline's exactly (here: the zeroed half of each image, a zero
-    baseline), the rescale quotient is 0/0 and the rule takes the derivative, as Captum does."""
+    baseline), the rescale quotient is 0/0 and the rule takes the derivative, as Captum does. The first call
+    meets the 0/0 unchecked (a NaN in the input gradient), runs again with the check and keeps it for this
+    model; a model that never meets one never pays for the check."""
     from captum.attr import DeepLift
+
+    from tasks.attribution.deeplift import _ZEROS_SEEN
     torch.manual_seed(5)
     model = _biased(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(6, 6, 3, padding=1),
                                   nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16 * 16, 4))).double()
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
-    x[:, :, :8] = 0
     t = torch.tensor([0, 3, 1])
+    attribute(model, x, ["deeplift"], target=t)
+    assert model not in _ZEROS_SEEN                                       # no x = b: no check
+    x[:, :, :8] = 0
     ours = attribute(model, x, ["deeplift"], target=t)
+    assert model in _ZEROS_SEEN
+    again = attribute(model, x, ["deeplift"], target=t)                   # checked from the start now
+    assert torch.equal(again.attributions["deeplift"], ours.attributions["deeplift"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = DeepLift(model).attribute(x, baselines=torch.zeros_like(x), target=t).detach()

@@ -77,17 +77,19 @@ class _ReluRescale(torch.autograd.Function):
     m = (y - yr) / (x - xr). Where x and xr have one sign, m is exactly 0 or 1 (dy and dx are the same float
     subtraction); where they differ, |dx| = |x| + |xr| and m lies in (0, 1): the quotient cannot blow up, so
     only x = xr (0 / 0) takes the derivative (x > 0), and `eps` is not needed. m is formed in the forward and
-    is all the backward keeps: three elementwise passes and a sum there (the sum is NaN exactly when some
-    position is 0 / 0, so the `where` runs only for a call that has one), one product in the backward."""
+    is all the backward keeps: three elementwise passes there, one product in the backward. With `check`, a
+    sum finds whether the call has a 0 / 0 (the sum is NaN exactly then) and a `where` puts the derivative
+    there; without it a 0 / 0 stays NaN, which reaches the input gradient wherever it matters (NaN times any
+    gradient is NaN), and `deeplift_pairs` then runs the chunk again with `check`."""
 
     @staticmethod
-    def forward(ctx, x, xr, yr, holder):
+    def forward(ctx, x, xr, yr, check, holder):
         y = holder[0]
         # in x's memory layout (a reference row's strides must not pick the layout of the gradient: a
         # non-contiguous gradient costs the convolution's backward a copy)
         m = torch.sub(y, yr, out=torch.empty_like(x))
         m.div_(torch.sub(x, xr, out=torch.empty_like(x)))
-        if bool(torch.isnan(m.sum())):
+        if check and bool(torch.isnan(m.sum())):
             m = torch.where(torch.isnan(m), (x > 0).to(m.dtype), m)
         ctx.save_for_backward(m)
         return y
@@ -97,7 +99,7 @@ class _ReluRescale(torch.autograd.Function):
         (m,) = ctx.saved_tensors
         # in place: the graph is used once (`deeplift_pairs` keeps no graph), and a fresh product costs a new
         # buffer of the activation's size (a multiple of the in-place time here)
-        return m.mul_(grad), None, None, None
+        return m.mul_(grad), None, None, None, None
 
 
 class _PoolRescale(torch.autograd.Function):
@@ -130,6 +132,7 @@ class RescaleRules:
 
     def __init__(self, model: nn.Module, eps: float):
         self.model, self.eps = model, eps
+        self.check_zeros = model in _ZEROS_SEEN     # (see _ReluRescale)
         self.calls: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.recording = False
         self.cursor = 0
@@ -201,7 +204,7 @@ class RescaleRules:
         if type(module) is nn.ReLU:
             # where x and b have one sign the secant is exactly 0 or 1 (dy and dx are the same float
             # subtraction), and where they differ |dx| = |x| + |b|: only dx within eps needs the derivative
-            return _ReluRescale.apply(x, xr, yr, [out.detach()])
+            return _ReluRescale.apply(x, xr, yr, self.check_zeros, [out.detach()])
         with torch.no_grad():
             xd = x.detach()
             dx = xd - xr
@@ -255,6 +258,7 @@ class RescaleRules:
 # the baseline row itself. One entry per live model; it goes with the model.
 _REFERENCES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _REFERENCES_LOCK = threading.Lock()
+_ZEROS_SEEN: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()     # models whose ReLUs met x = b (0 / 0)
 
 
 def _model_state(model: nn.Module) -> tuple[tuple, torch.Tensor | None]:
@@ -298,11 +302,18 @@ def deeplift_pairs(ctx, x: torch.Tensor, b: torch.Tensor, target: torch.Tensor, 
 
         def step(s: slice) -> None:
             ref = ref_logits if constant else rules.reference(b[s].detach())
-            xs = x[s].detach().clone().requires_grad_(True)
-            with torch.enable_grad():
-                out = rules.forward(xs)
-                picked = out.gather(1, target[s][:, None])[:, 0]
-                (grad,) = torch.autograd.grad(picked.sum(), xs)
+            while True:
+                xs = x[s].detach().clone().requires_grad_(True)
+                with torch.enable_grad():
+                    out = rules.forward(xs)
+                    picked = out.gather(1, target[s][:, None])[:, 0]
+                    (grad,) = torch.autograd.grad(picked.sum(), xs)
+                if rules.check_zeros or not bool(torch.isnan(grad.sum())):
+                    break
+                # a ReLU input equal to its reference somewhere (x = b on a whole receptive field, say): run the
+                # chunk again with the check, and keep the check for this model from now on
+                rules.check_zeros = True
+                _ZEROS_SEEN.add(ctx.model)
             f_ref = ref.expand(len(xs), -1).gather(1, target[s][:, None])[:, 0]
             a = (x[s] - b[s]) * grad
             attr[s] = a.detach()
