@@ -1,7 +1,7 @@
 """Benchmark: attribution methods, xaudit vs Captum (and pytorch-grad-cam) in one run.
 
     python benchmarks/attribution.py [--batch 8] [--size 224] [--quick] [--repeat 2]
-        [--only resnet|models|surrogates|error|layout|deeplift] [--arch resnet18,resnet50,vit_b_16]
+        [--only resnet|models|surrogates|error|layout|deeplift] [--arch resnet18,resnet50,vit_b_16] [--rows lime,...]
 
 Table 1, one per model (torchvision ResNet-18, ResNet-50, ViT-B/16; random weights, eval mode): per method,
 our time, the peer's time for the same model, inputs and settings, the ratio, and our efficiency = (passes
@@ -64,7 +64,7 @@ def pass_times(model, x, target) -> tuple[float, float]:
 ARCHS = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "vit_b_16": "ViT-B/16"}
 
 
-def table_model(arch: str, batch: int, size: int, quick: bool, repeat: int = 2) -> None:
+def table_model(arch: str, batch: int, size: int, quick: bool, repeat: int = 2, rows_like: str = "") -> None:
     """One table for a torchvision model (random weights, eval mode): every method, ours against the peer."""
     import captum.attr as ca
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
@@ -125,6 +125,8 @@ def table_model(arch: str, batch: int, size: int, quick: bool, repeat: int = 2) 
     def add(name, ours_fn, theirs_fn, passes, peer="Captum"):
         """passes = (forward+backward passes, forward passes) the method cannot avoid; `theirs_fn` None: the
         peer cannot run this model (the row says so)."""
+        if rows_like and not any(w and name.startswith(w) for w in rows_like.split(",")):
+            return
         ours_fn()                                        # warm-up
         ours = theirs = bare = float("inf")
         bare_fn = bare_passes(*passes)
@@ -355,6 +357,8 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet18,resnet50,vit_b_16",
                     help=f"models for the per-method table, comma-separated, of {', '.join(ARCHS)}")
     ap.add_argument("--repeat", type=int, default=2, help="best of this many runs per method and side")
+    ap.add_argument("--rows", default="", help="only the per-method rows whose name starts with one of these, "
+                                               "comma-separated (e.g. lime,kernel_shap)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc returning large buffers to the OS (slower batched CPU calls)")
     args = ap.parse_args()
@@ -366,7 +370,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, device cpu\n")
     if args.only in (None, "resnet", "models"):
         for arch in (["resnet18"] if args.only == "resnet" else args.arch.split(",")):
-            table_model(arch, args.batch, args.size, args.quick, args.repeat)
+            table_model(arch, args.batch, args.size, args.quick, args.repeat, args.rows)
             print()
     if args.only in (None, "deeplift"):
         table_deeplift(args.arch.split(","), args.batch, args.size, 3 if args.quick else 6)

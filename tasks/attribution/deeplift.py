@@ -202,8 +202,7 @@ class RescaleRules:
             return None
         _, xr, yr, _ = call
         if type(module) is nn.ReLU:
-            # where x and b have one sign the secant is exactly 0 or 1 (dy and dx are the same float
-            # subtraction), and where they differ |dx| = |x| + |b|: only dx within eps needs the derivative
+            # the secant is 0, 1 or in between wherever x != b: only x = b needs the derivative (_ReluRescale)
             return _ReluRescale.apply(x, xr, yr, self.check_zeros, [out.detach()])
         with torch.no_grad():
             xd = x.detach()
