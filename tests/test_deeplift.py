@@ -157,6 +157,24 @@ def test_deeplift_where_the_input_equals_the_baseline_equals_captum():
     assert ours.extras["deeplift"]["delta"].abs().max() < 1e-10
 
 
+def test_deeplift_smooth_activations_where_the_input_equals_the_baseline_equal_captum():
+    """Sigmoid and Tanh where a unit's input equals the baseline's exactly: their secant is 0/0 there and the
+    rule takes the derivative (the cheap bound from the reference must send such a call to the exact test)."""
+    from captum.attr import DeepLift
+    torch.manual_seed(8)
+    model = _biased(nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Sigmoid(), nn.Conv2d(5, 5, 3, padding=1),
+                                  nn.Tanh(), nn.Flatten(), nn.Linear(5 * 12 * 12, 3))).double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    x[:, :, :6] = 0
+    t = torch.tensor([2, 0])
+    ours = attribute(model, x, ["deeplift"], target=t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = DeepLift(model).attribute(x, baselines=torch.zeros_like(x), target=t).detach()
+    assert torch.isfinite(ours.attributions["deeplift"]).all()
+    assert torch.allclose(ours.attributions["deeplift"], theirs, rtol=1e-6, atol=1e-10 * float(theirs.abs().max()))
+
+
 def test_deeplift_reference_is_reused_only_while_model_and_baseline_are_unchanged():
     """A constant baseline's reference forward is kept between calls on one model; an edit of the weights
     (also through `.data`, which bypasses autograd's version counter) or another baseline runs it again, and
