@@ -47,15 +47,23 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
+def bare_passes(model, x, target, n_fb: int = 1, n_f: int = 0):
+    """`n_fb` forward+backward passes (input gradient of the target logits) then `n_f` forwards (inference) of
+    this batch, back to back: a method's pass-count limit at the rate the machine sustains (a method runs its
+    passes one after another, not one at a time after a rest)."""
+    def run():
+        for _ in range(n_fb):
+            xg = x.clone().requires_grad_(True)
+            torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg)
+        with torch.inference_mode():
+            for _ in range(n_f):
+                model(x)
+    return run
+
+
 def pass_times(model, x, target) -> tuple[float, float]:
     """Time of one forward (inference) and one forward+backward (input gradient) at this batch size."""
-    def fwd():
-        with torch.inference_mode():
-            model(x)
-
-    def fb():
-        xg = x.clone().requires_grad_(True)
-        torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg)
+    fwd, fb = bare_passes(model, x, target, 0, 1), bare_passes(model, x, target, 1, 0)
     for _ in range(2):
         fwd(), fb()
     return timed(fwd, 5), timed(fb, 5)
@@ -110,18 +118,6 @@ def table_model(arch: str, batch: int, size: int, quick: bool, repeat: int = 2, 
     mask = feature_masks(x, "grid", 16)[:, None]
     rows = []
 
-    def bare_passes(n_fb, n_f):
-        """The passes a method cannot avoid, run back to back on this batch: its limit at the rate the machine
-        sustains (a method runs its passes one after another, not one at a time after a rest)."""
-        def run():
-            for _ in range(n_fb):
-                xg = x.clone().requires_grad_(True)
-                torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg)
-            with torch.inference_mode():
-                for _ in range(n_f):
-                    model(x)
-        return run
-
     def add(name, ours_fn, theirs_fn, passes, peer="Captum"):
         """passes = (forward+backward passes, forward passes) the method cannot avoid; `theirs_fn` None: the
         peer cannot run this model (the row says so)."""
@@ -129,7 +125,7 @@ def table_model(arch: str, batch: int, size: int, quick: bool, repeat: int = 2, 
             return
         ours_fn()                                        # warm-up
         ours = theirs = bare = float("inf")
-        bare_fn = bare_passes(*passes)
+        bare_fn = bare_passes(model, x, target, *passes)
         for _ in range(repeat):                          # best of `repeat`, the three alternating
             ours = min(ours, timed(ours_fn))
             theirs = min(theirs, timed(theirs_fn)) if theirs_fn else float("nan")
@@ -328,9 +324,7 @@ def table_deeplift(archs: list[str], batch: int, size: int, rounds: int = 6) -> 
             clean = model(x)
         target = clean.argmax(1)
 
-        def fb():
-            xg = x.clone().requires_grad_(True)
-            torch.autograd.grad(model(xg).gather(1, target[:, None]).sum(), xg)
+        fb = bare_passes(model, x, target)
 
         def dl():
             attribute(model, x, ["deeplift"], target=target, logits=clean)

@@ -220,7 +220,7 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
     do they run one by one, to name the method that cannot."""
     from .attribution import attribute
     x = probe_inputs(card, 1, 1, device)
-    pending: dict[str, dict] = {}
+    pending: dict[str, tuple[dict, tuple]] = {}
     for m in methods:
         p = dict(params.get(m) or {})
         for k in _PASS_COUNTS:
@@ -230,31 +230,29 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
             stride = p.get("stride", METHODS[m].defaults["stride"])
             if isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1:
                 p["stride"] = max(stride, *card.input_size)
-        if not _passed(model, *_dry_run_settings(card, device, seed, m, p)):
-            pending[m] = p
+        settings = ("dry run", m, p, card.target_layer, card.channels, card.input_size, str(device), seed)
+        if not _passed(model, *settings):
+            pending[m] = p, settings
     if len(pending) > 1:
         try:
-            attribute(model, x, list(pending), params=pending, target_layer=card.target_layer, seed=seed)
+            attribute(model, x, list(pending), params={m: p for m, (p, _) in pending.items()},
+                      target_layer=card.target_layer, seed=seed)
         except Exception:  # noqa: BLE001 - run them one by one below: that names the method
             pass
         else:
-            for m, p in pending.items():
-                _passed(model, *_dry_run_settings(card, device, seed, m, p), record=True)
+            for _, settings in pending.values():
+                _passed(model, *settings, record=True)
             return
-    for m, p in pending.items():
+    for m, (p, settings) in pending.items():
         try:
             attribute(model, x, [m], params={m: p}, target_layer=card.target_layer, seed=seed)
-            _passed(model, *_dry_run_settings(card, device, seed, m, p), record=True)
+            _passed(model, *settings, record=True)
         except XAuditError as exc:
             raise XAuditError(f"preflight: attribution method {m!r} cannot explain this model: {exc}") from None
         except Exception as exc:  # the model's own code, or a method meeting an architecture it cannot handle
             raise XAuditError(f"preflight: attribution method {m!r} failed on a probe image of this model: "
                               f"{type(exc).__name__}: {first_lines(exc)}; leave it out of "
                               f"'attribution.methods' or set the model's 'target_layer'") from None
-
-
-def _dry_run_settings(card: ModelCard, device: torch.device, seed: int, method: str, p: dict) -> tuple:
-    return ("dry run", method, p, card.target_layer, card.channels, card.input_size, str(device), seed)
 
 
 def _run_basics(config: AuditConfig | ReviewConfig) -> tuple[torch.device, SourceInfo, list[str]]:
