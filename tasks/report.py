@@ -35,10 +35,21 @@ def environment() -> Environment:
     """Return the Jinja environment: autoescaping on, undefined variables an error."""
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html", "j2", "svg"],
                       default=True), undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters["num"] = lambda x, d=3: "–" if x is None or (isinstance(x, float) and not np.isfinite(x)) \
-        else f"{x:.{d}f}"
+    env.filters["num"] = lambda x, d=3: fixed(x, d)
+    env.filters["signed"] = lambda x, d=3: fixed(x, d, signed=True)
     env.filters["pct"] = lambda x: "–" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
     return env
+
+
+def fixed(x: Any, digits: int = 3, signed: bool = False) -> str:
+    """x with `digits` decimals ('–' when missing or not finite); a value that rounds to zero prints as 0,
+    never -0.000 (a difference of 1e-12 between two equal models is no sign)."""
+    if x is None or (isinstance(x, (float, np.floating)) and not np.isfinite(x)):
+        return "–"
+    text = f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+    if float(text) == 0:
+        text = ("+" if signed else "") + text.lstrip("+-")
+    return text
 
 
 # --- images ----------------------------------------------------------------------------------------------

@@ -394,3 +394,50 @@ def test_an_inconclusive_check_says_how_many_examples_would_decide_it():
         return validate(e, [th]).checks[0].outcome
     assert outcome(int(np.ceil(1.5 * need / 40))) == "pass"
     assert outcome(max(1, need // 40 // 3)) == "inconclusive"
+
+
+def test_paired_replicates_are_exactly_equal_where_two_models_agree():
+    """A review's paired deltas on a slice where baseline and candidate give the same probabilities are 0 in
+    every replicate, not a rounding residue (the sums behind them are exact, on one grid): and an interval
+    of [-0, 0] prints as 0."""
+    from tasks.report import fixed
+    y, p, md = random_data(600, seed=4)
+    q = p.copy()
+    a = (md.site == "A").to_numpy()
+    q[a] = np.roll(q[a], 1, axis=1)                 # the candidate differs on site A only
+    base = evaluate(y, p, md, slices=[["site"]], replicates=64, seed=3)
+    cand = evaluate(y, q, md, slices=[["site"]], replicates=64, seed=3)
+    differ = 0
+    for key, bs in base.samples.items():
+        cs = cand.samples[key]
+        if key[1] == "A":
+            differ += not np.array_equal(bs, cs, equal_nan=True)
+        else:
+            assert np.array_equal(bs, cs, equal_nan=True), key
+    assert differ > 5
+    assert fixed(-1e-13) == "0.000" and fixed(-1e-13, signed=True) == "+0.000" and fixed(-0.0015) == "-0.002"
+
+
+def test_sums_by_atom_equal_sums_by_slice_bit_for_bit(monkeypatch):
+    """Overlapping slices take their sums from atoms (the examples that share all their slices); the sums
+    are exact, so the replicates equal those of one product per slice, bit for bit, with every kind of slice
+    (overall, a column, a cross, a filter, buckets) and an example statistic."""
+    import sys
+    ev_mod = sys.modules["tasks.metrics.evaluate"]
+    y, p, md = random_data(500, seed=7)
+    md["score"] = np.random.default_rng(1).normal(size=len(y))
+    stat = ExampleStat(np.where(np.arange(len(y)) % 9 == 0, np.nan, np.random.default_rng(2).random(len(y))),
+                       higher_is_better=True)
+    kw = dict(slices=[[], ["site"], ["site", "group"], ["group=x"], ["score:q4"]], replicates=40, seed=9,
+              example_stats={"roi": stat})
+    used = []
+    real = ev_mod._atoms
+    monkeypatch.setattr(ev_mod, "_atoms", lambda n, s: used.append(1) or real(n, s))
+    by_atom = evaluate(y, p, md, **kw)
+    monkeypatch.setattr(ev_mod, "_atoms", lambda n, s: None)
+    by_slice = evaluate(y, p, md, **kw)
+    assert used
+    pd.testing.assert_frame_equal(by_atom.table, by_slice.table)
+    assert by_atom.samples.keys() == by_slice.samples.keys()
+    for key in by_slice.samples:
+        assert np.array_equal(by_atom.samples[key], by_slice.samples[key], equal_nan=True), key

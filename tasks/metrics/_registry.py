@@ -86,12 +86,6 @@ def ratio(num: np.ndarray, den: np.ndarray, empty: float = np.nan) -> np.ndarray
     return out
 
 
-def weighted_mean(values: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """Return the W-weighted mean of per-example `values` (n,) for each replicate (R,), computed in W's dtype
-    (float64 for point estimates, float32 for bootstrap replicates, whose integer weights float32 holds exactly)."""
-    return ratio(W @ values.astype(W.dtype), W.sum(1))
-
-
 def one_hot(index: np.ndarray, k: int, dtype=np.float64) -> np.ndarray:
     out = np.zeros((len(index), k), dtype=dtype)
     out[np.arange(len(index)), index] = 1.0

@@ -6,8 +6,9 @@ scoring below s. In score order, the negatives between two consecutive positives
 scatter-add of every example's weight row into its gap (positives into a discarded row) gives the gaps'
 weights for all replicates in a single pass over the slice, a cumulative sum over the (few) gaps gives each
 positive's N_<, and a dot product with the positives' weights gives the numerator. Poisson weights are small
-integers, so the gap and cumulative sums are exact in float32 (below 2**24); the final dot product is
-accumulated in the weights' dtype (float32 for replicates: relative error ~1e-6; float64 for the point estimate).
+integers, so the gap and cumulative sums are exact in float32 (below 2**24, which `weight_dtype` ensures);
+the final dot product is accumulated in float64, where its integer products and their sum are exact too: the
+AUC does not depend on the order in which the CPU sums.
 """
 import warnings
 
@@ -57,8 +58,8 @@ def _numerator(plan, Wt: np.ndarray, shared: dict) -> tuple[np.ndarray, np.ndarr
     torch.from_numpy(gaps).index_add_(0, torch.from_numpy(index), torch.from_numpy(Wt))
     below = _cumsum_rows(gaps[:n_pos])                   # weight of the negatives below the p-th positive
     wp = Wt[pos_rows]
-    # integer weights: the float32 sum of W_P is exact
-    return np.einsum("ir,ir->r", wp, below).astype(np.float64), wp.sum(0).astype(np.float64)
+    # integer weights: float64 holds the products and their sum exactly
+    return np.einsum("ir,ir->r", wp, below, dtype=np.float64), wp.sum(0, dtype=np.float64)
 
 
 def weighted_auc(scores: np.ndarray, positive: np.ndarray, W: np.ndarray, shared: dict | None = None,

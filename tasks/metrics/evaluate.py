@@ -183,6 +183,25 @@ def slice_groups(metadata: pd.DataFrame, specs: Sequence[Sequence[str]]) -> list
     return unique
 
 
+def _atoms(n: int, slices: Sequence[np.ndarray]):
+    """Split the n examples into atoms, the classes of examples that lie in the same slices. Return (atom id
+    per example, the examples ordered by atom, the atoms' bounds in that order, each slice's atom ids), or
+    None when there are no slices."""
+    if not slices or n == 0:
+        return None
+    atom = np.zeros(n, dtype=np.int64)
+    for idx in slices:
+        member = np.zeros(n, dtype=np.int64)
+        member[idx] = 1
+        _, atom = np.unique(atom * 2 + member, return_inverse=True)
+        atom = atom.reshape(-1).astype(np.int64)
+    perm = np.argsort(atom, kind="stable")
+    counts = np.bincount(atom)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    members = [np.unique(atom[idx]) for idx in slices]
+    return atom, perm, bounds, members
+
+
 def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     finite = samples[np.isfinite(samples)]
     if finite.size < 2:
@@ -197,10 +216,26 @@ _GRID = np.round(np.cumsum([exp(-1.0) / factorial(k) for k in range(30)]) * 2.0*
 _POISSON_1_THRESHOLDS = _GRID[_GRID < 2.0**32].astype(np.uint32)
 
 
+# float32 holds every integer below 2**24; up to 2**23 examples a replicate's total weight (n +- 6 sqrt(n))
+# stays below it, so sums of weights (and of weights times small integers) are exact, in any order
+_EXACT_32 = 2.0**24
+_FLOAT32_EXAMPLES = 2**23
+
+
+def weight_dtype(n: int) -> type:
+    """The dtype of the replicate weights for n examples: float32 while every sum of them is exact in it."""
+    return np.float32 if n <= _FLOAT32_EXAMPLES else np.float64
+
+
+def _total_weight_bound(n: int) -> float:
+    """An upper bound on one replicate's total weight (Poisson(n)): n + 10 sqrt(n) + 100."""
+    return n + 10.0 * np.sqrt(n) + 100.0
+
+
 def poisson_weights(rng: np.random.Generator, n: int, r: int) -> np.ndarray:
-    """Return (n, r) float32 Poisson(1) counts, example-major: the inverse CDF of 32-bit uniform draws (each
-    probability exact to 2**-32), drawn replicate by replicate, so chunking the replicates does not change
-    them. Four comparisons settle the 98% of draws below 4; the rest are looked up."""
+    """Return (n, r) Poisson(1) counts, example-major, in `weight_dtype(n)`: the inverse CDF of 32-bit uniform
+    draws (each probability exact to 2**-32), drawn replicate by replicate, so chunking the replicates does
+    not change them. Four comparisons settle the 98% of draws below 4; the rest are looked up."""
     u = rng.integers(0, 2**32, size=(r, n), dtype=np.uint32)
     T = _POISSON_1_THRESHOLDS
     k = np.greater_equal(u, T[0]).view(np.uint8)
@@ -210,15 +245,15 @@ def poisson_weights(rng: np.random.Generator, n: int, r: int) -> np.ndarray:
         k += above.view(np.uint8)
     tail = np.flatnonzero(above)
     k.reshape(-1)[tail] = np.searchsorted(T, u.reshape(-1)[tail], side="right")
-    return np.ascontiguousarray(k.T, dtype=np.float32)
+    return np.ascontiguousarray(k.T, dtype=weight_dtype(n))
 
 
 def replicate_weights(n: int, replicates: int, seed: int, budget_bytes: int = 512 << 20):
-    """Yield the bootstrap weights as example-major (n, r) float32 chunks of replicates, r chosen so a chunk
-    fits in `budget_bytes`; concatenated along axis 1 they are the (n, replicates) weights of `evaluate`,
-    whatever the budget."""
+    """Yield the bootstrap weights as example-major (n, r) chunks of replicates (`poisson_weights`), r chosen
+    so a chunk fits in `budget_bytes`; concatenated along axis 1 they are the (n, replicates) weights of
+    `evaluate`, whatever the budget."""
     rng = np.random.default_rng(seed)
-    per_chunk = max(1, min(replicates, budget_bytes // max(1, 4 * n)))
+    per_chunk = max(1, min(replicates, budget_bytes // max(1, np.dtype(weight_dtype(n)).itemsize * n)))
     for start in range(0, replicates, per_chunk):
         yield poisson_weights(rng, n, min(per_chunk, replicates - start))
 
@@ -294,30 +329,110 @@ def evaluate(
         spans[name] = slice(sum(b.shape[1] for b in blocks), sum(b.shape[1] for b in blocks) + 2)
         blocks.append(np.stack([np.where(ok, vals, 0.0), ok], 1))
     X64 = np.concatenate(blocks, 1) if blocks else np.zeros((n, 0))
-    X32 = X64.astype(np.float32)
+    # The replicates' sums must not depend on the CPU: BLAS sums in an order its kernels choose, and the
+    # rounding of that order (float32: ~1e-7 relative) moved a printed interval bound between two hosts. So
+    # every sum is made exact, and exact sums are the same in any order. Columns of small integers (counts,
+    # indicators) are exact as they are in one float32 product with the (integer) weights; every other column
+    # is scaled by a power of two and rounded to integers small enough that any float64 sum of their products
+    # with the weights stays below 2**53 (a resolution of 2**-32, or ~1e-11 of the column's largest value at
+    # 10**5 examples, ~1e-8 at 10**8), and summed in float64.
+    bound = _total_weight_bound(n)
+    small = weight_dtype(n) == np.float32
+    exact = np.array([small and bool(np.all(c == np.round(c))) and float(np.abs(c).max(initial=0)) * bound < _EXACT_32
+                      for c in X64.T], dtype=bool)
+    X_exact = np.ascontiguousarray(X64[:, exact], dtype=np.float32)
+    X_real = np.ascontiguousarray(X64[:, ~exact])
+    top = np.abs(X_real).max(0, initial=0.0)
+    # 2**e, a power of two so scaling and unscaling are exact, with e = floor(log2(2**52 / (top * bound))) (the
+    # finest exact grid), capped at 32 - floor(log2(top)) for top < 1 and 32 otherwise: 2**-32 is far below
+    # any printed digit, and two evaluations of the same examples (a review's baseline and candidate) then
+    # share one grid unless their columns' ranges differ, so their paired differences on equal examples are 0.
+    # (1 for a column of zeros or one holding an infinity, which no scale makes exact)
+    usable = np.isfinite(top) & (top > 0)
+    safe = np.where(usable, top, 1.0)
+    finest = np.floor(np.log2(2.0**52 / (safe * bound)))
+    cap = 32.0 + np.maximum(0.0, -np.floor(np.log2(safe)))
+    scale = np.where(usable, np.exp2(np.clip(np.minimum(finest, cap), -1000, 1000)), 1.0)
+    np.rint(X_real * scale, out=X_real)
+    # float64 copies of ~2 MiB of weight rows at a time (cache-sized: 1.5x faster than 16 MiB blocks)
+    real_rows = max(64, (2 << 20) // 8 // max(1, min(replicates, 1 << 20)))
+    local = threading.local()          # each thread's scratch buffers
+
+    def weighted_sums(Wn: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """(r, columns) float64: Wn.T @ X64[idx], every entry an exact sum (see above)."""
+        out = np.empty((Wn.shape[1], X64.shape[1]))
+        if exact.any():
+            out[:, exact] = Wn.T @ X_exact[idx]
+        if not exact.all():
+            if Wn.dtype == np.float64:
+                acc = Wn.T @ X_real[idx]
+            else:                          # float32 weights: through a float64 copy, a block of rows at a time
+                acc = np.zeros((Wn.shape[1], X_real.shape[1]))
+                cast = getattr(local, "cast", None)
+                if cast is None or cast.shape != (real_rows, Wn.shape[1]):
+                    cast = local.cast = np.empty((real_rows, Wn.shape[1]))
+                for start in range(0, len(idx), real_rows):
+                    rows = cast[:min(real_rows, len(idx) - start)]
+                    np.copyto(rows, Wn[start:start + real_rows])
+                    acc += rows.T @ X_real[idx[start:start + real_rows]]
+            out[:, ~exact] = acc / scale
+        return out
+
     data = [SliceData(labels[idx], predictions[idx], probabilities[idx]) for _, _, idx in live]
 
     samples: dict[tuple[str, str, str, str], list[np.ndarray]] = {}
     point: dict[tuple[str, str, str, str], float] = {}
 
-    local = threading.local()
+    # Atoms: the sets of examples that lie in exactly the same slices. Where slices overlap (overall, site,
+    # site x group, ...) every slice is a union of atoms, and because the sums are exact, a slice's sums are
+    # exactly the sum of its atoms' sums: each example's weight row then enters one product, not one per
+    # slice it lies in. Used where that is less work and the atoms' sums fit in memory.
+    atoms = _atoms(n, [idx for _, _, idx in live])
+    needs_weights = any(m.columns is None for m in chosen)     # a metric that reads the weights themselves
+
+    def atom_plan(r: int):
+        if atoms is None or X64.shape[1] == 0:
+            return None
+        atom, perm, bounds, members = atoms
+        work = n + sum(len(a) for a in members)
+        if work >= 0.8 * sum(len(idx) for _, _, idx in live) or len(bounds) * r * X64.shape[1] * 8 > 256 << 20:
+            return None
+        return atoms
+
+    def atom_sums(W_full: np.ndarray, plan) -> np.ndarray:
+        """(atoms, r, columns): each atom's exact weighted sums."""
+        atom, perm, bounds, members = plan
+        W_perm = np.take(W_full, perm, axis=0)
+        edges = list(zip(bounds[:-1], bounds[1:]))
+
+        def one(a: int) -> np.ndarray:
+            lo, hi = edges[a]
+            return weighted_sums(W_perm[lo:hi], perm[lo:hi])
+        if workers == 1 or len(edges) < 2:
+            return np.stack([one(a) for a in range(len(edges))])
+        with ThreadPoolExecutor(workers) as pool:
+            return np.stack(list(pool.map(one, range(len(edges)))))
+
+    current: dict[str, np.ndarray | None] = {"atoms": None}
 
     def one_slice(i: int, W_full: np.ndarray | None) -> list[tuple[tuple[str, str, str, str], np.ndarray]]:
         """Every metric of slice i under W_full ((n, r) replicate weights; None: the point estimate)."""
         (key, value, idx), d = live[i], data[i]
+        by_atom = current["atoms"]
+        Wn = None
         if W_full is None:
             Wn = np.ones((len(idx), 1))                                        # the point estimate, float64
             sums = X64[idx].sum(0, keepdims=True)
         else:
             if len(idx) == n:
                 Wn = W_full
-            else:                       # the slice's weight rows, gathered into this thread's buffer
+            elif by_atom is None or needs_weights:   # the slice's weight rows, gathered into this thread's buffer
                 buffer = getattr(local, "buffer", None)
                 if buffer is None or buffer.shape != (largest, W_full.shape[1]):
-                    buffer = local.buffer = np.empty((largest, W_full.shape[1]), np.float32)
+                    buffer = local.buffer = np.empty((largest, W_full.shape[1]), W_full.dtype)
                 Wn = buffer[:len(idx)]
                 np.take(W_full, idx, axis=0, out=Wn)
-            sums = Wn.T @ X32[idx] if X32.shape[1] else np.zeros((Wn.shape[1], 0), np.float32)
+            sums = by_atom[atoms[3][i]].sum(0) if by_atom is not None else weighted_sums(Wn, idx)
         results: list[tuple[str, str, np.ndarray]] = []
         for m in chosen:
             v = m.finish(sums[:, spans[m.columns]], d) if m.columns is not None else m.fn(d, Wn.T)
@@ -351,7 +466,10 @@ def evaluate(
     run(None)
     if replicates > 0:
         for W_chunk in replicate_weights(n, replicates, seed, weights_budget_bytes):
+            plan = atom_plan(W_chunk.shape[1])
+            current["atoms"] = atom_sums(W_chunk, plan) if plan is not None else None
             run(W_chunk)
+            current["atoms"] = None
     stacked = {kk: np.concatenate(v) for kk, v in samples.items()}
     rows: list[dict] = []
 
