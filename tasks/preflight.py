@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -340,9 +341,22 @@ def preflight_review(config: ReviewConfig,
     device, source, slice_keys = _run_basics(config)
     cards = {role: check_model(getattr(config, role), device, config.attribution, config.seed, role, load)
              for role in ("baseline", "candidate")}
-    if cards["baseline"].class_names != cards["candidate"].class_names:
-        raise XAuditError(f"preflight: 'candidate' has classes {list(cards['candidate'].class_names)} but "
-                          f"'baseline' has {list(cards['baseline'].class_names)}; a review compares the same classes")
+    bnames, cnames = cards["baseline"].class_names, cards["candidate"].class_names
+    if sorted(bnames) != sorted(cnames):
+        raise XAuditError(f"preflight: 'candidate' has classes {list(cnames)} but 'baseline' has {list(bnames)}; "
+                          f"a review compares the same classes")
+    if bnames != cnames:
+        # the same classes in another order: the review aligns the candidate's outputs to the baseline's by
+        # name, which needs labels that name their class (a number would mean a different class to each model)
+        label = source.schema.field(config.data.label_column) if config.data.label_column in source.schema.names \
+            else None
+        if label is not None and not (pa.types.is_string(label.type) or pa.types.is_large_string(label.type)
+                                      or pa.types.is_dictionary(label.type)):
+            raise XAuditError(
+                f"preflight: 'candidate' orders its classes {list(cnames)} and 'baseline' {list(bnames)}: the review "
+                f"aligns them by name, but 'data.label_column' {config.data.label_column!r} holds numbers "
+                f"({label.type}), which would mean different classes to the two models; give the labels as class "
+                f"names, or a candidate card whose 'class_names' follow the baseline's order")
     known, per_class = _statistics(config)
     names = cards["baseline"].class_names
     for i, ch in enumerate(config.change_thresholds):

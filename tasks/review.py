@@ -38,6 +38,27 @@ class ReviewSummary:
     regressed: tuple[str, ...]
 
 
+def _class_names(run_dir: Path) -> tuple[str, ...]:
+    import json
+    return tuple(json.loads((run_dir / "manifest.json").read_text())["model"]["class_names"])
+
+
+def _aligned_to(cp: pd.DataFrame, cnames: tuple[str, ...], bnames: tuple[str, ...]) -> pd.DataFrame:
+    """The candidate's predictions with its class indices (label, prediction, probability columns) put in the
+    baseline's class order, matched by name; unchanged when the two orders agree."""
+    if cnames == bnames:
+        return cp
+    if sorted(cnames) != sorted(bnames):
+        raise XAuditError(f"review: the candidate's classes {list(cnames)} are not the baseline's {list(bnames)}")
+    order = np.array([cnames.index(c) for c in bnames])      # the candidate's index of each baseline class
+    to_base = np.argsort(order)                               # candidate index -> baseline index
+    cp = cp.copy()
+    cp["label"] = to_base[cp.label.to_numpy()]
+    cp["prediction"] = to_base[cp.prediction.to_numpy()]
+    cp["probabilities"] = list(_probabilities(cp)[:, order].astype(np.float32))
+    return cp
+
+
 def _probabilities(preds: pd.DataFrame) -> np.ndarray:
     return np.stack(preds["probabilities"].to_numpy()).astype(np.float64)
 
@@ -156,12 +177,20 @@ def review_runs(baseline_dir: str | Path, candidate_dir: str | Path, config: Rev
         diff = sorted(set(bp.example_id) ^ set(cp.example_id))[:5]
         raise XAuditError(f"review: both audits must cover the same examples; they differ on {diff} ...")
     cp = cp.set_index("example_id").loc[bp.example_id].reset_index()
+    names = _class_names(bdir)
+    cp = _aligned_to(cp, _class_names(cdir), names)
     be = pq.read_table(bdir / "explanations.parquet")
     ce = pq.read_table(cdir / "explanations.parquet")
     md = bp[sliceable_columns(bp.columns)].reset_index(drop=True)
+    if (bp.label.to_numpy() != cp.label.to_numpy()).any():
+        i = int(np.flatnonzero(bp.label.to_numpy() != cp.label.to_numpy())[0])
+        raise XAuditError(f"review: example {bp.example_id.iloc[i]!r} is labelled {bp.label_name.iloc[i]!r} in the "
+                          f"baseline's audit but {cp.label_name.iloc[i]!r} in the candidate's; labels given as "
+                          f"numbers mean different classes to models that order their classes differently: give "
+                          f"them as class names")
     labels = bp.label.to_numpy()
     spec = config.metrics
-    common = dict(slices=spec.slices, metrics=spec.metrics, class_names=None, replicates=spec.bootstrap_replicates,
+    common = dict(slices=spec.slices, metrics=spec.metrics, class_names=names, replicates=spec.bootstrap_replicates,
                   seed=config.seed, level=spec.confidence_level, min_slice_size=spec.min_slice_size)
     bpa, cpa = pa.Table.from_pandas(bp, preserve_index=False), pa.Table.from_pandas(cp, preserve_index=False)
     ev_b = evaluate(labels, _probabilities(bp), md, example_stats=example_stats(bpa, be), **common)

@@ -117,3 +117,61 @@ def test_baseline_against_itself_passes_with_no_flips_and_no_drift(prefect_harne
     assert cli(["render", str(tmp_path / "self"), "--format", "html"]) == 0
     assert {n: (tmp_path / "self" / n).read_bytes() for n in first} == first
     assert verify_run(tmp_path / "self") == []
+
+
+def test_a_candidate_with_its_classes_in_another_order_is_aligned_by_name(prefect_harness, tmp_path):
+    """The baseline's own weights with the output rows permuted and the card's class names permuted alike
+    are the same model: with labels given as names the review aligns the classes by name and passes like a
+    self-review, per-class change thresholds checked under the class's name; with numeric labels (which
+    would mean different classes to each) it refuses before any work."""
+    import pyarrow as pa
+    from safetensors.torch import load_file, save_file
+    from flows.review import review
+    from tasks.errors import XAuditError
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    card = json.loads((DATA / "models" / "baseline.json").read_text())
+    state = load_file(str(DATA / "models" / card["weights"]))
+    card |= {"weights": str(DATA / "models" / card["weights"]), "class_names": words}
+    (tmp_path / "base.json").write_text(json.dumps(card))
+    perm = [3, 1, 4, 0, 9, 2, 6, 8, 5, 7]                    # the candidate's output j is baseline class perm[j]
+    for key in ("classifier.4.weight", "classifier.4.bias"):
+        state[key] = state[key][perm].contiguous()
+    save_file(state, str(tmp_path / "permuted.safetensors"))
+    card |= {"weights": str(tmp_path / "permuted.safetensors"), "class_names": [words[i] for i in perm]}
+    (tmp_path / "permuted.json").write_text(json.dumps(card))
+    data = {"filter": {"split": "test"}, "roi_column": "roi_png", "metadata_columns": ["site"], "limit": 120}
+    models = {"baseline": {"card": str(tmp_path / "base.json")}, "candidate": {"card": str(tmp_path / "permuted.json")}}
+    per_class = [{"metric": "accuracy", "absolute": 0.02}, {"metric": "recall", "sub_key": "three", "absolute": 0.02}]
+
+    numeric = review_config(tmp_path, "numeric", **models, data={"path": str(DATA / "digits.parquet"), **data})
+    with pytest.raises(XAuditError, match="'data.label_column' 'label' holds numbers"):
+        review(numeric)
+    assert not (tmp_path / "numeric").exists()
+    (tmp_path / "other.json").write_text(json.dumps(card | {"class_names": [*card["class_names"][:-1], "ten"]}))
+    other = review_config(tmp_path, "other", **(models | {"candidate": {"card": str(tmp_path / "other.json")}}),
+                          data={"path": str(DATA / "digits.parquet"), **data})
+    with pytest.raises(XAuditError, match="a review compares the same classes"):
+        review(other)
+    assert not (tmp_path / "other").exists()
+
+    table = pq.read_table(DATA / "digits.parquet")
+    named_labels = pa.array([words[i] for i in table["label"].to_pylist()])
+    table = table.set_column(table.schema.get_field_index("label"), "label", named_labels)
+    pq.write_table(table, tmp_path / "named.parquet")
+    named = review_config(tmp_path, "named", **models, change_thresholds=per_class,
+                          data={"path": str(tmp_path / "named.parquet"), **data})
+    result = review(named)
+    assert result["verdict"] == "PASS" and result["n_failed"] == 0
+    validation = json.loads((tmp_path / "named" / "validation.json").read_text())
+    recall = [c for c in validation["checks"] if c["metric"] == "delta.recall"]
+    assert recall and {c["sub_key"] for c in recall} == {"three"} and {c["status"] for c in recall} == {"PASS"}
+    metrics = pq.read_table(tmp_path / "named" / "review_metrics.parquet").to_pandas()
+    assert set(metrics[metrics.metric == "delta.recall"].sub_key) <= set(words)
+    flips = metrics[metrics.metric.str.startswith("flip_")]
+    assert len(flips) and (flips.value == 0).all()
+    deltas = metrics[metrics.metric.str.startswith("delta.") & ~metrics.suppressed]
+    assert len(deltas) and (deltas.value.abs() < 1e-6).all()
+    examples = pq.read_table(tmp_path / "named" / "review_examples.parquet").to_pandas()
+    assert (examples.baseline_prediction == examples.candidate_prediction).all()
+    drift = pq.read_table(tmp_path / "named" / "review_drift.parquet").to_pandas()
+    assert (drift.rank_corr > 0.999).all()
