@@ -402,12 +402,17 @@ def evaluate(
     def atom_sums(W_full: np.ndarray, plan) -> np.ndarray:
         """(atoms, r, columns): each atom's exact weighted sums."""
         atom, perm, bounds, members = plan
-        W_perm = np.take(W_full, perm, axis=0)
         edges = list(zip(bounds[:-1], bounds[1:]))
+        widest = int(np.diff(bounds).max())
 
-        def one(a: int) -> np.ndarray:
+        def one(a: int) -> np.ndarray:        # the atom's weight rows, gathered into this thread's buffer
             lo, hi = edges[a]
-            return weighted_sums(W_perm[lo:hi], perm[lo:hi])
+            buffer = getattr(local, "atom_rows", None)
+            if buffer is None or buffer.shape != (widest, W_full.shape[1]):
+                buffer = local.atom_rows = np.empty((widest, W_full.shape[1]), W_full.dtype)
+            rows = buffer[:hi - lo]
+            np.take(W_full, perm[lo:hi], axis=0, out=rows)
+            return weighted_sums(rows, perm[lo:hi])
         if workers == 1 or len(edges) < 2:
             return np.stack([one(a) for a in range(len(edges))])
         with ThreadPoolExecutor(workers) as pool:
