@@ -358,6 +358,16 @@ def evaluate(
     real_rows = max(64, (2 << 20) // 8 // max(1, min(replicates, 1 << 20)))
     local = threading.local()          # each thread's scratch buffers
 
+    def gathered(name: str, most: int, W: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """W[rows], gathered into this thread's buffer `name` (at most `most` rows, reused across calls)."""
+        buffer = getattr(local, name, None)
+        if buffer is None or buffer.shape != (most, W.shape[1]) or buffer.dtype != W.dtype:
+            buffer = np.empty((most, W.shape[1]), W.dtype)
+            setattr(local, name, buffer)
+        out = buffer[:len(rows)]
+        np.take(W, rows, axis=0, out=out)
+        return out
+
     def weighted_sums(Wn: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """(r, columns) float64: Wn.T @ X64[idx], every entry an exact sum (see above)."""
         out = np.empty((Wn.shape[1], X64.shape[1]))
@@ -405,14 +415,9 @@ def evaluate(
         edges = list(zip(bounds[:-1], bounds[1:]))
         widest = int(np.diff(bounds).max())
 
-        def one(a: int) -> np.ndarray:        # the atom's weight rows, gathered into this thread's buffer
+        def one(a: int) -> np.ndarray:
             lo, hi = edges[a]
-            buffer = getattr(local, "atom_rows", None)
-            if buffer is None or buffer.shape != (widest, W_full.shape[1]):
-                buffer = local.atom_rows = np.empty((widest, W_full.shape[1]), W_full.dtype)
-            rows = buffer[:hi - lo]
-            np.take(W_full, perm[lo:hi], axis=0, out=rows)
-            return weighted_sums(rows, perm[lo:hi])
+            return weighted_sums(gathered("atom_rows", widest, W_full, perm[lo:hi]), perm[lo:hi])
         if workers == 1 or len(edges) < 2:
             return np.stack([one(a) for a in range(len(edges))])
         with ThreadPoolExecutor(workers) as pool:
@@ -431,12 +436,8 @@ def evaluate(
         else:
             if len(idx) == n:
                 Wn = W_full
-            elif by_atom is None or needs_weights:   # the slice's weight rows, gathered into this thread's buffer
-                buffer = getattr(local, "buffer", None)
-                if buffer is None or buffer.shape != (largest, W_full.shape[1]):
-                    buffer = local.buffer = np.empty((largest, W_full.shape[1]), W_full.dtype)
-                Wn = buffer[:len(idx)]
-                np.take(W_full, idx, axis=0, out=Wn)
+            elif by_atom is None or needs_weights:
+                Wn = gathered("slice_rows", largest, W_full, idx)
             sums = by_atom[atoms[3][i]].sum(0) if by_atom is not None else weighted_sums(Wn, idx)
         results: list[tuple[str, str, np.ndarray]] = []
         for m in chosen:
