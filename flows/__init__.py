@@ -36,27 +36,78 @@ def local_run_settings():
         yield
 
 
+# The embedded server's subprocess logs only CRITICAL records, from any library. A root level alone is not
+# enough: SQLAlchemy sets its own logger to WARNING when imported, so its 'Exception during reset' traceback
+# (the server writing to its SQLite as this process ends) still reached the user's terminal. Hence a whole
+# logging configuration for that subprocess, in which SQLAlchemy's logger is named.
+_SERVER_LOGGING = """\
+# Written by xaudit (flows/__init__.py) for the embedded Prefect server's subprocess only.
+version: 1
+disable_existing_loggers: false
+formatters:
+  standard:
+    format: "%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s"
+    datefmt: "%H:%M:%S"
+handlers:
+  console:
+    level: 0
+    class: logging.StreamHandler
+    formatter: standard
+    stream: ext://sys.stderr
+loggers:
+  prefect: {level: CRITICAL}
+  uvicorn: {level: CRITICAL, handlers: [console], propagate: false}
+  uvicorn.access: {level: CRITICAL, handlers: [console], propagate: false}
+  fastapi: {level: CRITICAL}
+  sqlalchemy: {level: CRITICAL}
+  aiosqlite: {level: CRITICAL}
+  alembic: {level: CRITICAL}
+  asyncio: {level: CRITICAL}
+root:
+  level: CRITICAL
+  handlers: [console]
+"""
+_USER_LOGGING = ("PREFECT_LOGGING_ROOT_LEVEL", "PREFECT_LOGGING_CONFIG_PATH", "PREFECT_LOGGING_SETTINGS_PATH")
+
+
+def _server_logging_config() -> Path:
+    """The embedded server's logging configuration, written (atomically) under PREFECT_HOME."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path.cwd() / ".prefect")
+    path = home / "xaudit-embedded-server-logging.yml"
+    if not path.is_file() or path.read_text() != _SERVER_LOGGING:
+        import tempfile
+        home.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=home, prefix=".logging-", suffix=".yml")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(_SERVER_LOGGING)
+        os.replace(tmp, path)
+    return path
+
+
 def _embedded_server():
     """Prefect's temporary API server for this process (one per process: Prefect's own start finds this one),
-    whose subprocess logs nothing below CRITICAL from any library.
+    whose subprocess logs nothing below CRITICAL from any library (`_SERVER_LOGGING`).
 
-    `PREFECT_SERVER_LOGGING_LEVEL` quiets Prefect's and uvicorn's loggers there, not the root logger: when
-    this process ends while the server is writing (an audit that stops on an input error), SQLAlchemy logged
-    'Exception during reset' with a traceback on the user's terminal, after the one error message. The root
-    level is set for the server's subprocess only (for the moment it is spawned), so this process and any
-    worker it starts keep their warnings; a root level the user set stands.
+    `PREFECT_SERVER_LOGGING_LEVEL` quiets Prefect's and uvicorn's loggers there, not the others: when this
+    process ended while the server was writing (an audit that stops on an input error or a signal),
+    SQLAlchemy logged 'Exception during reset' with a traceback on the user's terminal, after the one error
+    message. The configuration is set for the server's subprocess only (for the moment it is spawned), so
+    this process and any worker it starts keep their warnings; a logging configuration or root level the
+    user set stands.
     """
     from prefect.server.api.server import SubprocessASGIServer
 
     class QuietServer(SubprocessASGIServer):
         def _run_uvicorn_command(self):
-            if "PREFECT_LOGGING_ROOT_LEVEL" in os.environ:
+            if any(k in os.environ for k in _USER_LOGGING):
                 return super()._run_uvicorn_command()
+            os.environ["PREFECT_LOGGING_CONFIG_PATH"] = str(_server_logging_config())
             os.environ["PREFECT_LOGGING_ROOT_LEVEL"] = "CRITICAL"
             try:
                 return super()._run_uvicorn_command()
             finally:
-                os.environ.pop("PREFECT_LOGGING_ROOT_LEVEL", None)
+                for k in ("PREFECT_LOGGING_CONFIG_PATH", "PREFECT_LOGGING_ROOT_LEVEL"):
+                    os.environ.pop(k, None)
 
     existing = SubprocessASGIServer._instances.get(None)
     return existing if existing is not None else QuietServer()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -206,12 +207,14 @@ def test_prefect_yaml_deployments_are_valid_flow_parameters():
 
 
 def test_the_embedded_server_logs_no_library_errors_and_this_process_keeps_its_root_level(tmp_path):
-    """The command line's embedded Prefect server runs with its root logger at CRITICAL (SQLAlchemy printed a
-    pool-reset traceback after an audit's one error message, as the process ended while the server wrote);
-    the audit's own process, and what it spawns later, keep the root level they had. Checked on the real
-    server subprocess's environment, in a fresh interpreter with no API URL (as `xaudit run` starts)."""
+    """The command line's embedded Prefect server logs nothing below CRITICAL, SQLAlchemy included
+    (SQLAlchemy printed a pool-reset traceback after an audit's one error message, as the process ended while
+    the server wrote; it sets its own logger to WARNING, so a root level alone did not quiet it); the audit's
+    own process, and what it spawns later, keep the levels they had. Read from the real server subprocess's
+    environment, in a fresh interpreter with no API URL (as `xaudit run` starts), and then applied as the
+    server applies it (Prefect's `setup_logging`, with SQLAlchemy imported) in another fresh interpreter."""
     script = (
-        "import os, logging\n"
+        "import os, logging, json\n"
         "import flows\n"
         "from flows import api_server_starting\n"
         "from prefect.server.api.server import SubprocessASGIServer\n"
@@ -220,14 +223,32 @@ def test_the_embedded_server_logs_no_library_errors_and_this_process_keeps_its_r
         "server = SubprocessASGIServer()\n"
         "pid = server.server_process.pid\n"
         "env = dict(kv.split('=', 1) for kv in open(f'/proc/{pid}/environ').read().split('\\0') if '=' in kv)\n"
-        "print(env.get('PREFECT_LOGGING_ROOT_LEVEL'), os.environ.get('PREFECT_LOGGING_ROOT_LEVEL'),\n"
-        "      logging.getLevelName(logging.getLogger().level), type(server).__name__)\n"
+        "import sqlalchemy.pool\n"
+        "print(json.dumps({'env': env, 'own_root_env': os.environ.get('PREFECT_LOGGING_ROOT_LEVEL'),\n"
+        "      'own_config_env': os.environ.get('PREFECT_LOGGING_CONFIG_PATH'),\n"
+        "      'own_root': logging.getLevelName(logging.getLogger().level),\n"
+        "      'own_sqlalchemy': logging.getLevelName(logging.getLogger('sqlalchemy.pool.impl').getEffectiveLevel()),\n"
+        "      'kind': type(server).__name__}))\n"
         "server.stop()\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / ".prefect")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], env=env,
-                          capture_output=True, text=True, timeout=180)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=180)
     assert proc.returncode == 0, proc.stderr
-    server_level, own_level, own_root, kind = proc.stdout.split()
-    assert server_level == "CRITICAL" and own_level == "None" and own_root == "WARNING"
-    assert kind == "QuietServer"
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["kind"] == "QuietServer"
+    assert seen["own_root_env"] is None and seen["own_config_env"] is None
+    assert seen["own_root"] == "WARNING" and seen["own_sqlalchemy"] == "WARNING"
+    # the server's own configuration, applied as the server applies it
+    server_env = seen["env"]
+    assert server_env.get("PREFECT_LOGGING_CONFIG_PATH") and Path(server_env["PREFECT_LOGGING_CONFIG_PATH"]).is_file()
+    check = ("import logging, sqlalchemy.pool\n"
+             "from prefect.logging.configuration import setup_logging\n"
+             "setup_logging()\n"
+             "names = ['', 'sqlalchemy.pool.impl', 'prefect.server', 'uvicorn.error', 'aiosqlite']\n"
+             "print(' '.join(logging.getLevelName(logging.getLogger(n).getEffectiveLevel()) for n in names))\n")
+    levels = subprocess.run([sys.executable, "-c", check], cwd=root, env=server_env, capture_output=True, text=True,
+                            timeout=180)
+    assert levels.returncode == 0, levels.stderr
+    assert levels.stdout.split() == ["CRITICAL"] * 5, levels.stdout
