@@ -397,7 +397,7 @@ def evaluate(
     # site x group, ...) every slice is a union of atoms, and because the sums are exact, a slice's sums are
     # exactly the sum of its atoms' sums: each example's weight row then enters one product, not one per
     # slice it lies in. Used where that is less work and the atoms' sums fit in memory.
-    atoms = _atoms(n, [idx for _, _, idx in live])
+    atoms = _atoms(n, [idx for _, _, idx in live]) if replicates > 0 and len(live) > 1 else None
     needs_weights = any(m.columns is None for m in chosen)     # a metric that reads the weights themselves
 
     def atom_plan(r: int):
