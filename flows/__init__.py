@@ -72,15 +72,10 @@ _USER_LOGGING = ("PREFECT_LOGGING_ROOT_LEVEL", "PREFECT_LOGGING_CONFIG_PATH", "P
 
 def _server_logging_config() -> Path:
     """The embedded server's logging configuration, written (atomically) under PREFECT_HOME."""
-    home = Path(os.environ.get("PREFECT_HOME") or Path.cwd() / ".prefect")
-    path = home / "xaudit-embedded-server-logging.yml"
+    from tasks.io import write_bytes
+    path = Path(os.environ.get("PREFECT_HOME") or Path.cwd() / ".prefect") / "xaudit-embedded-server-logging.yml"
     if not path.is_file() or path.read_text() != _SERVER_LOGGING:
-        import tempfile
-        home.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=home, prefix=".logging-", suffix=".yml")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(_SERVER_LOGGING)
-        os.replace(tmp, path)
+        write_bytes(path, _SERVER_LOGGING.encode())
     return path
 
 
