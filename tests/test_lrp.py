@@ -55,3 +55,55 @@ def test_unsupported_families_are_refused_saying_what_to_choose(factory, kwargs,
 def test_unknown_composite_is_refused():
     with pytest.raises(XAuditError, match="'composite' must be one of"):
         attribute(DemoCNN().eval(), torch.randn(1, 1, 32, 32), ["lrp"], params={"lrp": {"composite": "magic"}})
+
+
+class _Block(torch.nn.Module):
+    """A residual block as users write it (not torchvision's, so no canonizer knows it)."""
+
+    def __init__(self, width: int, skip: bool):
+        super().__init__()
+        self.conv1, self.relu1 = torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU()
+        self.conv2, self.relu2 = torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU()
+        self.skip = skip
+
+    def forward(self, x):
+        out = self.conv2(self.relu1(self.conv1(x)))
+        return self.relu2(out + x if self.skip else out)
+
+
+class _UsersResNet(torch.nn.Module):
+    def __init__(self, skip: bool = True):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.blocks = torch.nn.Sequential(_Block(8, skip), _Block(8, skip))
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+
+@pytest.mark.parametrize("make, side", [
+    (lambda: _UsersResNet(skip=True), 32),                       # residual addition without a canonizer
+    (lambda: torchvision.models.googlenet(weights=None, num_classes=4, aux_logits=False, init_weights=True), 64),
+    (lambda: torchvision.models.mnasnet0_5(weights=None, num_classes=4), 64),
+])
+def test_models_whose_paths_the_rules_do_not_reach_are_refused(make, side):
+    """Every layer type of these has a rule, yet relevance leaks on their paths (measured at zero biases: 300%,
+    100% and 100%): they are refused, saying what to choose instead, rather than explained with relevance that does not add up."""
+    torch.manual_seed(0)
+    model = make().eval()
+    with pytest.raises(XAuditError, match=r"lrp: Zennit's rules do not conserve relevance .*choose deeplift"):
+        attribute(model, torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1)), ["lrp"])
+
+
+def test_the_refusal_is_measured_not_read_from_the_layer_types():
+    """The same hand-written network without its skip connections has the same layer types and is explained;
+    its relevance (biases drawn, BatchNorm-free) adds up to the logit up to what the biases absorb."""
+    torch.manual_seed(0)
+    model = _UsersResNet(skip=False).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    res = attribute(model, x, ["lrp"], target=torch.tensor([0, 2]))
+    assert torch.isfinite(res.attributions["lrp"]).all()
+    from tasks.attribution.lrp import STRUCTURAL_TOLERANCE, structural_leak
+    assert structural_leak(model, x[:1]) <= STRUCTURAL_TOLERANCE / 10
+    assert structural_leak(_UsersResNet(skip=True).eval(), x[:1]) > 0.2
