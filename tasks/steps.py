@@ -26,7 +26,7 @@ from .stopping import RunInterrupted
 from .io import sha256_file, sha256_json, write_json
 from .attribution import METHODS
 from .attribution.engine import layer_name
-from .models import ModelCard, cached_model, pick_device
+from .models import ModelCard, cached_model, pick_device, probe_inputs
 from .scoring import score_shard
 
 CODE_VERSION = "xaudit-scoring/5"   # bump when scoring output changes, so cached shards are recomputed
@@ -307,7 +307,7 @@ def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any
                                       data_identity, run["flow_run_id"], str(device), run["run_dir"], verdict)
     if any(METHODS[m].layer for m in config.attribution.methods):      # which layer the CAM maps are of
         model = cached_model(model_card, device)                       # (the preflight's, cached)
-        manifest["cam_layer"] = layer_name(model, model_card.target_layer)
+        manifest["cam_layer"] = layer_name(model, model_card.target_layer, probe_inputs(model_card, 1, 1, device))
     inputs = [(data["source"], "data.path"), (card["weights"], "model.weights")]
     if config.model.card is not None:
         inputs.append((str(config.model.card), "model.card"))

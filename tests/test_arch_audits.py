@@ -35,7 +35,7 @@ def _vit_b_16():
 
 
 @pytest.mark.parametrize("arch, make, cam_layer", [
-    ("vgg16", _vgg16, "features.28"),
+    ("vgg16", _vgg16, "features.29"),     # the last ReLU: at 32² the last pool leaves one cell
     ("vit_b_16", _vit_b_16, "encoder.layers.encoder_layer_11.ln_1"),
 ])
 def test_audit_of_a_torchvision_architecture_runs_end_to_end(prefect_harness, tmp_path, arch, make, cam_layer):
@@ -43,7 +43,7 @@ def test_audit_of_a_torchvision_architecture_runs_end_to_end(prefect_harness, tm
     torch.manual_seed(0)
     model, kwargs = make()
     model.eval()
-    assert find_layer(model, None) is model.get_submodule(cam_layer)    # the automatic CAM layer
+    assert find_layer(model, None, torch.zeros(1, 3, SIZE, SIZE)) is model.get_submodule(cam_layer)  # automatic
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / f"{arch}.safetensors"))
     card = {"name": f"random-{arch}", "version": "0", "factory": f"torchvision.models:{arch}", "kwargs": kwargs,
             "weights": f"{arch}.safetensors", "input_size": [SIZE, SIZE], "channels": 3, "resize": "stretch",

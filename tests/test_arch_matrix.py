@@ -120,7 +120,7 @@ def test_saliency_ig_and_gradcam_equal_captum_on_every_architecture(arch):
                           atol=1e-5 * float(ig.abs().max())), f"{arch}: IG differs from Captum"
     assert torch.allclose(res.extras["integrated_gradients"]["delta"].double(), delta.double(), rtol=1e-3,
                           atol=1e-5), f"{arch}: completeness delta differs from Captum's convergence delta"
-    layer = find_layer(model, None)
+    layer = find_layer(model, None, x)
     res = attribute(model, x, ["gradcam"], target=target).attributions["gradcam"]
     if arch in TOKEN_MODELS:
         return          # token layers: covered against pytorch-grad-cam in test_attribution.py

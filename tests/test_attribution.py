@@ -476,8 +476,8 @@ def test_cam_on_vision_transformers_equals_pytorch_grad_cam_with_its_reshape(mak
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     model = make()
     from tasks.attribution import find_layer
-    assert find_layer(model, None) is model.get_submodule(layer_name)     # the automatic target layer
     x, t = inputs_for((3, 32, 32), 3, seed=4), distinct_targets(3)
+    assert find_layer(model, None, x) is model.get_submodule(layer_name)     # the automatic target layer
     res = attribute(model, x, [method], target=t)
     assert res.attributions[method].shape[1] == 1
     peer = pgc.GradCAM if method == "gradcam" else pgc.GradCAMPlusPlus
@@ -531,3 +531,96 @@ def test_gradient_family_in_chunks_takes_its_logits_from_the_shared_pass():
     assert set(chunked.seconds) == set(family) and all(s >= 0 for s in chunked.seconds.values())
     with pytest.raises(XAuditError, match="one class per example"):
         attribute(model, x, family, target=[1, 2], max_batch=3)
+
+
+# --- the automatic CAM layer: the last feature map every path to the logits goes through ----------------------
+
+class _TwoBranch(nn.Module):
+    """An Inception-style block (two branches concatenated) before global pooling and a 1x1 conv head (DLA's
+    `fc`): the last Conv2d in the module list is the head, and the last one to run is a branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.branch_a = nn.Conv2d(8, 4, 1)
+        self.branch_b = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(8, 4, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        s = self.stem(x)
+        y = torch.relu(torch.cat([self.branch_a(s), self.branch_b(s)], 1))
+        return self.fc(self.pool(y)).flatten(1)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+        self.mix = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return self.mix(self.inner(x) + x)
+
+
+class _AuxHead(nn.Module):
+    """GoogLeNet's shape: an auxiliary head registered last that the forward never runs in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _Block()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+        self.aux = nn.Sequential(nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+    def forward(self, x):
+        y = self.block(x)
+        return (self.head(y), self.aux(y)) if self.training else self.head(y)
+
+
+@pytest.mark.parametrize("make, side, expected", [
+    (resnet, 64, "layer4"),                         # the last block's output, not the conv inside its residual
+    (lambda: torchvision.models.googlenet(weights=None, num_classes=5, init_weights=True).eval(), 64,
+     "inception5b"),                                 # its auxiliary heads' convs never run in eval mode
+    (lambda: torchvision.models.vgg16(weights=None, num_classes=5).eval(), 64, "features.29"),   # not a pool
+    (lambda: _TwoBranch().eval(), 16, "stem"),       # no module outputs the concatenation: the map before, not a branch
+    (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval(), 16,
+     "0"),
+    (lambda: _AuxHead().eval(), 16, "block"),
+])
+def test_the_automatic_cam_layer_is_the_last_map_every_path_goes_through(make, side, expected):
+    from captum.attr import LayerGradCam
+    from tasks.attribution import find_layer
+    torch.manual_seed(0)
+    model = make()
+    x, t = inputs_for((3, side, side), 2), torch.tensor([1, 3])
+    layer = find_layer(model, None, x)
+    assert layer is model.get_submodule(expected)
+    ours = attribute(model, x, ["gradcam", "gradcam_plus_plus"], target=t).attributions["gradcam"]
+    theirs = LayerGradCam(model, layer).attribute(x, target=t, relu_attributions=True)
+    assert ours.shape[-2:] == theirs.shape[-2:] and ours.shape[-1] > 1
+    assert torch.allclose(ours, theirs.to(ours.dtype), rtol=1e-4, atol=1e-6 * float(theirs.abs().max()) + 1e-12)
+
+
+def test_a_model_with_no_map_that_every_path_goes_through_is_refused_naming_target_layer():
+    class TwoStreams(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 5)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.fc(torch.cat([self.a(x).mean((2, 3)), self.b(x).mean((2, 3))], 1))
+    with pytest.raises(XAuditError, match="no feature map .* every path .*set 'target_layer'"):
+        attribute(TwoStreams().eval(), inputs_for((3, 16, 16), 2), ["gradcam"])
+
+
+def test_timm_vision_transformers_take_the_last_block_norm_not_the_patch_embedding():
+    """timm's blocks normalise with its own LayerNorm subclass: the automatic layer was the patch embedding's
+    conv (the first layer of the net) for timm ViT, DeiT, BEiT and DINOv2."""
+    timm = pytest.importorskip("timm")
+    from tasks.attribution import find_layer
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=5, img_size=32).eval()
+    x = inputs_for((3, 32, 32), 2)
+    assert find_layer(model, None, x) is model.blocks[-1].norm1
+    cam = attribute(model, x, ["gradcam"], target=torch.tensor([0, 1])).attributions["gradcam"]
+    assert cam.shape == (2, 1, 2, 2)          # the 2x2 patch grid, the class and distillation tokens dropped

@@ -236,3 +236,40 @@ def test_deeplift_when_the_network_modifies_an_activations_output_in_place(act):
         torch.testing.assert_close(got[0].attributions[m], got[1].attributions[m])
         assert torch.isfinite(got[0].attributions[m]).all()
     assert got[0].extras["deeplift"]["delta"].abs().max() < 1e-4      # summation to delta holds through it
+
+
+class _PatchFold(nn.Module):
+    """Folds 2x2 patches of its input into the batch axis, runs a conv and a ReLU on them and unfolds them back
+    (MobileViT's unfold): a one-row reference of a constant baseline does not line up with the inputs' calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.act0 = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.inner, self.act1 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+
+    def forward(self, x):
+        y = self.act0(self.stem(x))
+        n, c, h, w = y.shape
+        p = y.reshape(n, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5).reshape(n * 4, c, h // 2, w // 2)
+        p = self.act1(self.inner(p))
+        y = p.reshape(n, 2, 2, c, h // 2, w // 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+        return self.head(y)
+
+
+def test_deeplift_on_a_model_that_folds_patches_into_the_batch_equals_captum():
+    """timm's MobileViT raised a raw size mismatch: the zero baseline's one-row reference unfolds to 4 rows, the
+    inputs' to 4 per image. The reference then gets one row per input, and the result is Captum's."""
+    from captum.attr import DeepLift
+    torch.manual_seed(0)
+    model = _biased(_PatchFold()).double()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    t = torch.tensor([1, 4, 2])
+    for _ in range(2):             # the second call starts with one row per input (the model is remembered)
+        res = attribute(model, x, ["deeplift", "deep_shap"], target=t, params={"deep_shap": {"n_samples": 2}})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = DeepLift(model).attribute(x, baselines=torch.zeros_like(x), target=t).detach()
+        assert torch.allclose(res.attributions["deeplift"], theirs, rtol=1e-6, atol=1e-9 * float(theirs.abs().max()))
+        assert res.extras["deeplift"]["delta"].abs().max() < 1e-9
+        assert res.extras["deep_shap"]["delta"].abs().max() < 1e-9

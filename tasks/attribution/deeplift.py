@@ -123,6 +123,12 @@ class _PoolRescale(torch.autograd.Function):
         return g.view(ctx.shape), None, None, None, None, None
 
 
+class _ReferenceShape(Exception):
+    """A reference call whose shape does not broadcast to the inputs' call: the model folds something into the
+    batch axis (MobileViT unfolds patches into it), so a one-row reference of a constant baseline does not line
+    up with the inputs; the reference then needs one row per input."""
+
+
 class RescaleRules:
     """Hooks that turn a forward into DeepLIFT's. `reference(b)` runs the baselines without autograd and keeps
     every hooked module's input and output in call order; `forward(x)` then runs the inputs, and each hooked
@@ -190,6 +196,10 @@ class RescaleRules:
             raise XAuditError("deeplift: the model's forward calls its activations in a different order for the "
                               "inputs than for the baseline; DeepLIFT needs one path for both")
         call = self.calls[self.cursor]
+        xr = call[1]
+        if xr.shape[1:] != x.shape[1:] or len(xr) not in (1, len(x)):
+            raise _ReferenceShape(f"{type(module).__name__} saw {tuple(x.shape)} for the inputs and "
+                                  f"{tuple(xr.shape)} for the baseline")
         self.cursor += 1
         return call
 
@@ -263,6 +273,7 @@ class RescaleRules:
 _REFERENCES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _REFERENCES_LOCK = threading.Lock()
 _ZEROS_SEEN: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()     # models whose ReLUs met x = b (0 / 0)
+_ROW_PER_INPUT: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models a one-row reference does not fit
 
 
 def _model_state(model: nn.Module) -> tuple[tuple, torch.Tensor | None]:
@@ -300,19 +311,30 @@ def deeplift_pairs(ctx, x: torch.Tensor, b: torch.Tensor, target: torch.Tensor, 
     once (and kept for the next call on the same model in the same state: `_cached_reference`)."""
     attr = torch.empty_like(x)
     delta = torch.empty(len(x), device=x.device, dtype=x.dtype)
-    constant = len(b) > 0 and bool((b == b[:1]).all())
+    constant = len(b) > 0 and ctx.model not in _ROW_PER_INPUT and bool((b == b[:1]).all())
     rules = RescaleRules(ctx.model, eps)
     try:
         ref_logits = _cached_reference(rules, b[:1].detach()) if constant else None
 
+        one_row = [constant]        # a constant baseline's one-row reference, until a model's shapes refuse it
+
         def step(s: slice) -> None:
-            ref = ref_logits if constant else rules.reference(b[s].detach())
+            ref = ref_logits if one_row[0] else rules.reference(b[s].detach())
             while True:
                 xs = x[s].detach().clone().requires_grad_(True)
-                with torch.enable_grad():
-                    out = rules.forward(xs)
-                    picked = out.gather(1, target[s][:, None])[:, 0]
-                    (grad,) = torch.autograd.grad(picked.sum(), xs)
+                try:
+                    with torch.enable_grad():
+                        out = rules.forward(xs)
+                        picked = out.gather(1, target[s][:, None])[:, 0]
+                        (grad,) = torch.autograd.grad(picked.sum(), xs)
+                except _ReferenceShape as exc:
+                    if not one_row[0]:
+                        raise XAuditError(f"deeplift: the model's activations have other shapes for the inputs "
+                                          f"than for the baseline ({exc}); DeepLIFT needs one path for both") from None
+                    one_row[0] = False
+                    _ROW_PER_INPUT.add(ctx.model)
+                    ref = rules.reference(b[s].detach())
+                    continue
                 if rules.check_zeros or not bool(torch.isnan(grad.sum())):
                     break
                 # a ReLU input equal to its reference somewhere (x = b on a whole receptive field, say): run the

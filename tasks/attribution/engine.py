@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -19,55 +20,158 @@ from ..errors import XAuditError
 from ._registry import get_method, resolve_params
 
 
-# The first norm of a transformer block (torchvision ViT's `ln_1`; timm ViT/DeiT/Swin's and torchvision Swin's
-# `norm1`): where pytorch-grad-cam's documentation puts Grad-CAM for vision transformers.
+# The first norm of a transformer block (torchvision ViT's `ln_1`; timm ViT/DeiT/BEiT/Swin's and torchvision
+# Swin's `norm1`, timm's own LayerNorm subclass included): where pytorch-grad-cam's documentation puts Grad-CAM
+# for vision transformers (the last block's output would give the patch tokens no gradient: the head reads the
+# class token alone).
 _BLOCK_NORMS = ("ln_1", "norm1")
+# pooling only coarsens the map before it (and an adaptive pool's size is set by the configuration: VGG's 7x7
+# `avgpool` copies a 1x1 map), so a pool's output is never the CAM layer: the map it pools is
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
+# the automatic layer found for a model and input shape (one probe forward per model object)
+_AUTO_LAYER: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, str]]" = weakref.WeakKeyDictionary()
 
 
-def find_layer(model: nn.Module, name: str | None) -> nn.Module:
-    """Return the module at dotted path `name`; when `name` is None, the last transformer block's first
-    LayerNorm for a vision transformer (ViT, DeiT, Swin), else the last `Conv2d`."""
+def find_layer(model: nn.Module, name: str | None, inputs: torch.Tensor | None = None) -> nn.Module:
+    """Return the module at dotted path `name`; when `name` is None, the automatic CAM layer that `auto_layer`
+    finds with a probe forward of `inputs`' first row."""
     if name:
         try:
             return model.get_submodule(name)
         except AttributeError:
             raise XAuditError(f"attribute: 'target_layer' {name!r} is not a submodule of "
                               f"{type(model).__name__}") from None
-    norms = [m for n, m in model.named_modules() if type(m) is nn.LayerNorm and n.rsplit(".", 1)[-1] in _BLOCK_NORMS]
-    if norms:
-        return norms[-1]
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise XAuditError(f"attribute: CAM methods need a convolutional layer; {type(model).__name__} has no "
-                          f"Conv2d, so give 'target_layer' in the model card")
-    return convs[-1]
+    if inputs is None:
+        raise TypeError("find_layer: the automatic CAM layer needs 'inputs' (a probe forward finds it)")
+    return model.get_submodule(auto_layer(model, inputs[:1]))
 
 
-def layer_name(model: nn.Module, name: str | None) -> str:
+def layer_name(model: nn.Module, name: str | None, inputs: torch.Tensor | None = None) -> str:
     """Return the dotted path of the CAM layer `find_layer` picks (for the manifest and the report: which layer
     the automatic choice was)."""
-    layer = find_layer(model, name)
+    layer = find_layer(model, name, inputs)
     return next((n for n, m in model.named_modules() if m is layer), name or "")
+
+
+def _channels_first(layer: nn.Module) -> bool:
+    """A LayerNorm subclass that normalises the channels of (N, C, h, w) (timm's LayerNorm2d), not the last
+    axis."""
+    return type(layer).__name__.endswith("2d")
+
+
+def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
+    """Return the dotted name of the automatic CAM layer of `model` for inputs shaped like the row `x`
+    (1, C, H, W), found by one probe forward, in the order modules finish:
+
+    - a vision transformer (ViT, DeiT, BEiT, Swin, PVT): the last block's first LayerNorm (`ln_1`, `norm1`)
+      whose output holds this image's patch tokens, (1, T, C) on the image's grid after up to 16 leading
+      class/register tokens, or channels-last (1, h, w, C); MobileViT's norms, which see unfolded patches
+      (a larger batch), do not count;
+    - else the last feature map that every path from the input to the logits goes through: a module's
+      (1, C, h, w) output of more than one cell (or patch tokens (1, h*w, C) with no class token), not a
+      pool's (ResNet's `layer4`, DenseNet's `features`, VGG-16's `features.29`, Inception's `Mixed_7c`).
+
+    Why not the last `Conv2d`: that can be a layer the forward never runs (GoogLeNet's auxiliary heads in eval
+    mode), one branch of a block whose branches are concatenated (Inception's `branch_pool`), a layer inside a
+    residual or MLP branch (ResNet's `conv3`, PoolFormer's and PVT's MLP), or a 1x1 head applied after global
+    pooling (DLA's `fc`). Cached per model object and input shape."""
+    key = (tuple(x.shape[1:]), x.dtype, str(x.device))
+    known = _AUTO_LAYER.setdefault(model, {})
+    if key in known:
+        return known[key]
+    names = {m: n for n, m in model.named_modules() if n}
+    maps: list[tuple[str, Any]] = []
+    norms: list[str] = []
+    pooled: set[int] = set()
+
+    def record(module: nn.Module, _inputs: Any, output: Any) -> None:
+        if not isinstance(output, torch.Tensor) or output.grad_fn is None or len(output) != 1:
+            return
+        if isinstance(module, _POOLS):
+            pooled.add(id(output.grad_fn))
+            return
+        name = names[module]
+        if isinstance(module, nn.LayerNorm) and name.rsplit(".", 1)[-1] in _BLOCK_NORMS:
+            channels_last = output.ndim == 4 and not _channels_first(module)
+            if channels_last or (output.ndim == 3 and _token_grid(output.shape[1], x.shape[-2:]) is not None):
+                norms.append(name)
+        spatial = output.ndim == 4 and output.shape[-2] * output.shape[-1] > 1
+        if (spatial or (output.ndim == 3 and _token_grid(output.shape[1], x.shape[-2:]) == 0)) \
+                and id(output.grad_fn) not in pooled:
+            maps.append((name, output.grad_fn))
+    handles = [m.register_forward_hook(record) for m in names]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            xg = x.detach().clone().requires_grad_(True)
+            logits = model(xg)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    if norms:
+        known[key] = norms[-1]
+        return norms[-1]
+    if not isinstance(logits, torch.Tensor) or logits.grad_fn is None:
+        raise XAuditError(f"attribute: the automatic CAM layer needs logits that depend on the input; "
+                          f"{type(model).__name__} gave none: set 'target_layer'")
+    for name, node in reversed(maps):
+        if not _reaches_input(logits.grad_fn, xg, avoid=node):
+            known[key] = name
+            return name
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise XAuditError(f"attribute: CAM methods need a convolutional layer; {type(model).__name__} has no "
+                          f"Conv2d, so give 'target_layer' in the model card")
+    raise XAuditError(f"attribute: {type(model).__name__} has no feature map of more than one cell that every "
+                      f"path from the input to the logits goes through (for an input of shape "
+                      f"{tuple(x.shape[1:])}), so no automatic CAM layer; set 'target_layer' in the model card")
+
+
+def _token_grid(tokens: int, image_size: Sequence[int]) -> int | None:
+    """Return how many leading tokens (class, distillation, register: at most 16) to drop so that the rest of
+    `tokens` lie on a patch grid with the image's aspect ratio (None: no such number)."""
+    height, width = int(image_size[0]), int(image_size[1])
+    for extra in range(0, min(tokens, 17)):
+        cells = tokens - extra
+        gh = max(1, round((cells * height / width) ** 0.5))
+        if cells % gh == 0 and abs(gh / (cells // gh) - height / width) <= 0.05 * height / width:
+            return extra
+    return None
+
+
+def _reaches_input(root: Any, xg: torch.Tensor, avoid: Any) -> bool:
+    """Whether the autograd graph from `root` reaches the input leaf `xg` without passing the node `avoid`."""
+    stack, visited = [root], {id(avoid)}
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        if getattr(node, "variable", None) is xg:
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
 
 
 def to_grid(t: torch.Tensor, layer: nn.Module, image_size: tuple[int, int]) -> torch.Tensor:
     """Return a CAM layer's output (or its gradient) as (N, C, h, w).
 
-    (N, C, h, w) stays as it is. A plain `nn.LayerNorm` normalises the last axis, so its 4-D output is
-    channels-last (N, h, w, C) (Swin) and is permuted. A 3-D output (N, tokens, C) of a vision transformer
-    loses its leading class/distillation/register tokens, the fewest that leave a patch grid with the image's
-    aspect ratio, and the patch tokens are laid out on that grid (pytorch-grad-cam's `reshape_transform`)."""
+    (N, C, h, w) stays as it is. A LayerNorm normalises the last axis, so its 4-D output is channels-last
+    (N, h, w, C) (Swin) and is permuted (not timm's LayerNorm2d, which normalises the channels of (N, C, h, w)).
+    A 3-D output (N, tokens, C) of a vision transformer loses its leading class/distillation/register tokens,
+    the fewest that leave a patch grid with the image's aspect ratio, and the patch tokens are laid out on that
+    grid (pytorch-grad-cam's `reshape_transform`)."""
     where = f"the CAM layer ({type(layer).__name__})"
     if t.ndim == 4:
-        return t.permute(0, 3, 1, 2) if type(layer) is nn.LayerNorm else t
+        return t.permute(0, 3, 1, 2) if isinstance(layer, nn.LayerNorm) and not _channels_first(layer) else t
     if t.ndim == 3:
         n, tokens, c = t.shape
-        height, width = image_size
-        for extra in range(0, min(tokens, 17)):
+        extra = _token_grid(tokens, image_size)
+        if extra is not None:
             cells = tokens - extra
-            gh = max(1, round((cells * height / width) ** 0.5))
-            if cells % gh == 0 and abs(gh / (cells // gh) - height / width) <= 0.05 * height / width:
-                return t[:, extra:].reshape(n, gh, cells // gh, c).permute(0, 3, 1, 2)
+            gh = max(1, round((cells * image_size[0] / image_size[1]) ** 0.5))
+            return t[:, extra:].reshape(n, gh, cells // gh, c).permute(0, 3, 1, 2)
         raise XAuditError(f"attribute: {where} outputs {tokens} tokens, which do not form a patch grid with the "
                           f"image's aspect ratio (after up to 16 leading tokens); set 'target_layer'")
     raise XAuditError(f"attribute: CAM methods need a layer whose output is (N, C, h, w), channels-last or "
@@ -355,7 +459,7 @@ def attribute(
     was_training = model.training
     model.eval()
     try:
-        layer = find_layer(model, target_layer) if any(m.layer for m in specs) else None
+        layer = find_layer(model, target_layer, inputs) if any(m.layer for m in specs) else None
         # CAM methods need gradients at the CAM layer only; saliency and input x gradient need them at the input
         input_grad = any(m.gradient_pass and not m.layer for m in specs)
         shared = None
