@@ -29,7 +29,7 @@ from .attribution.engine import layer_name
 from .models import ModelCard, cached_model, pick_device, probe_inputs
 from .scoring import score_shard
 
-CODE_VERSION = "xaudit-scoring/5"   # bump when scoring output changes, so cached shards are recomputed
+CODE_VERSION = "xaudit-scoring/6"   # bump when scoring output changes, so cached shards are recomputed
 def _retry_unless_input_error(task, task_run, state) -> bool:
     """Retry a failed task (an I/O error may pass), but never an input error: it would fail the same way."""
     try:

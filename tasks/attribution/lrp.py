@@ -11,12 +11,13 @@ no conservative rule there, and DenseNet's BatchNorm after concatenation breaks 
 
 The layer types alone do not say whether the rules reach every path: what `forward` does between the layers
 (a residual addition outside the canonizers' models, as in a user's own ResNet or MNASNet's inverted
-residuals; GoogLeNet's inception blocks) can pass relevance on unruled, and it is silently not conserved. So every model is also checked by what the rules do (`structural_leak`), once per model object and
-composite: on a copy with every bias and BatchNorm shift set to zero nothing may absorb relevance, and a
-conservative propagation gives back the explained logit within `STRUCTURAL_TOLERANCE`; a model where it does
-not is refused. The check propagates with EpsilonPlusFlat whatever composite is asked for: every composite
-goes through the same canonizers and layer types, and the alpha-beta rule alone also loses relevance by
-design wherever a neuron has no negative contribution (1-2% on the demo CNN), which is not what is tested.
+residuals; GoogLeNet's inception blocks) can pass relevance on unruled, and it is silently not conserved. So
+every model is also checked by what the rules do (`structural_leak`), once per model object: on a copy with
+every bias and BatchNorm shift set to zero nothing may absorb relevance, and a conservative propagation gives
+back the explained logit within `STRUCTURAL_TOLERANCE`; a model where it does not is refused. The check
+propagates with EpsilonPlusFlat whatever composite is asked for: every composite goes through the same
+canonizers and layer types, and the alpha-beta rule alone also loses relevance by design wherever a neuron has
+no negative contribution (1-2% on the demo CNN), which is not what is tested.
 """
 from __future__ import annotations
 
