@@ -110,6 +110,9 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
     weights = storage.local(weights_ref, "model.weights")             # a URL: fetched once, hashed below
     if not weights.is_file():
         raise XAuditError(f"{where}: 'weights' must be an existing safetensors or state-dict file; got {str(weights)!r}")
+    if values.get("outputs") == "binary_logit" and len(values["class_names"]) != 2:
+        raise XAuditError(f"{where}: 'outputs: binary_logit' needs two 'class_names' (the negative class, then the "
+                          f"one the logit is of); got {len(values['class_names'])}")
     channels = int(values.get("channels") or 3)
     mean = tuple(float(m) for m in (values.get("mean") or [0.0] * channels))
     std = tuple(float(s) for s in (values.get("std") or [1.0] * channels))
@@ -272,6 +275,25 @@ def _probabilities_hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.
     return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
 
 
+def _binary_logit_hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+    """For a card with `outputs: binary_logit`: the model's one logit z per image, (N, 1) or (N,), of the second
+    class, as the two logits (-z/2, z/2): softmax of them is (1 - sigmoid(z), sigmoid(z)), the model's own
+    probabilities, and an attribution of either class explains half of z (with its sign), so the negative class
+    gets maps too."""
+    z = model_logits(output)
+    if z.ndim == 1:
+        z = z[:, None]
+    if z.ndim != 2 or z.shape[1] != 1:
+        raise XAuditError(f"load_model: the card says 'outputs: binary_logit' (one logit per image), but the "
+                          f"model returned shape {tuple(z.shape)}; leave 'outputs' out for a model with one logit "
+                          f"per class")
+    half = z / 2
+    return torch.cat([-half, half], 1)
+
+
+OUTPUT_HOOKS = {"logits": _logits_hook, "probabilities": _probabilities_hook, "binary_logit": _binary_logit_hook}
+
+
 def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Module:
     """Return the model described by `card`, with its weights loaded strictly, in eval mode on `device`.
 
@@ -297,7 +319,7 @@ def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Modul
     except RuntimeError as exc:
         raise XAuditError(f"load_model: weights {card.weights!r} do not fit {card.factory!r}: "
                           f"{first_lines(exc, 4, 600)}") from None
-    model.register_forward_hook(_probabilities_hook if card.outputs == "probabilities" else _logits_hook)
+    model.register_forward_hook(OUTPUT_HOOKS[card.outputs])
     return model.eval().to(device)
 
 
@@ -343,12 +365,14 @@ def probe_model(model: nn.Module, card: ModelCard, device: torch.device) -> None
         raise XAuditError(f"load_model: a probe forward of a {tuple(x.shape)} input (the card's 'channels' "
                           f"{c} and 'input_size' {[h, w]}) failed: {type(exc).__name__}: {first_lines(exc, 2, 600)}; "
                           f"check 'channels' and 'input_size' against what the model takes") from None
+    binary = "; for a binary model with one logit per image, set 'outputs: binary_logit' in the model card" \
+        if tuple(out.shape) in ((2,), (2, 1)) else ""
     if out.ndim != 2 or out.shape[0] != 2:
         raise XAuditError(f"load_model: the model must return logits of shape (N, num_classes); for a "
-                          f"{tuple(x.shape)} input it returned {tuple(out.shape)}")
+                          f"{tuple(x.shape)} input it returned {tuple(out.shape)}{binary}")
     if out.shape[1] != card.num_classes:
         raise XAuditError(f"load_model: 'class_names' has {card.num_classes} names but the model returns "
-                          f"{out.shape[1]} logits per image; give one name per output")
+                          f"{out.shape[1]} logits per image; give one name per output{binary}")
     if not torch.isfinite(out).all():
         raise XAuditError(f"load_model: the model returned non-finite logits (NaN or inf) for a probe input "
                           f"of shape {tuple(x.shape)}; check the weights")

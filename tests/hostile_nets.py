@@ -111,3 +111,12 @@ class BatchOfOneNet(DemoCNN):
         if len(x) == 1:
             raise ValueError("expected more than 1 value per channel")
         return super().forward(x)
+
+
+class BinaryNet(DemoCNN):
+    """A binary classifier with one logit per image, shape (N,) (as trained with BCEWithLogitsLoss): "a 3
+    rather than a 5", from the demo CNN's two logits."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return out[:, 3] - out[:, 5]

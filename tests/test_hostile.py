@@ -903,3 +903,40 @@ def test_verify_and_render_on_what_is_not_a_run(capsys, tmp_path, run_copy):
     (run_copy / "report.pdf").unlink()       # without the PDF to compare with, the missing 'model' is met
     rc, _, err = run_cli(capsys, ["render", str(run_copy), "--format", "html"])
     assert rc == 2 and "does not hold a run as xaudit writes it" in err and "Traceback" not in err
+
+
+def test_a_binary_model_with_one_logit_is_audited_when_its_card_says_so(tmp_path, clean_rows, monkeypatch):
+    """`outputs: binary_logit`: one logit z per image, of the second class name. The audit sees the logits
+    (-z/2, z/2): probabilities sigmoid(z) and its complement, and an attribution of either class explains
+    half of z with its sign (so the negative class gets maps too); without the setting the model is refused
+    naming the count of outputs, and the setting is refused on a model with one logit per class or a card
+    without exactly two classes."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
+    from tasks.attribution import attribute
+    from tasks.config import ModelSpec, parse_config
+    from tasks.errors import XAuditError
+    from tasks.models import build_model, probe_model, resolve_card
+    from tasks.preflight import preflight_audit
+    model = {"card": str(CARD), "factory": "hostile_nets:BinaryNet", "outputs": "binary_logit",
+             "class_names": ["5", "3"]}
+    preflight_audit(parse_config(base_config(clean_rows, tmp_path / "runs", model=model)))
+    assert not (tmp_path / "runs").exists()
+    ours = build_model(resolve_card(ModelSpec(**model)))
+    plain = build_model(resolve_card(ModelSpec(card=CARD)))
+    x = torch.randn(3, 1, 32, 32)
+    z = plain(x)[:, 3] - plain(x)[:, 5]
+    torch.testing.assert_close(torch.softmax(ours(x), 1)[:, 1], torch.sigmoid(z), rtol=1e-5, atol=1e-6)
+    both = attribute(plain, x, ["input_x_gradient"], target=3).attributions["input_x_gradient"] - \
+        attribute(plain, x, ["input_x_gradient"], target=5).attributions["input_x_gradient"]
+    for target, sign in ((1, 0.5), (0, -0.5)):
+        a = attribute(ours, x, ["input_x_gradient"], target=target).attributions["input_x_gradient"]
+        torch.testing.assert_close(a, sign * both, rtol=1e-4, atol=1e-6)
+    card = resolve_card(ModelSpec(**{**model, "outputs": None}))
+    with pytest.raises(XAuditError, match=r"returned \(2,\); for a binary model .*set 'outputs: binary_logit'"):
+        probe_model(build_model(card), card, torch.device("cpu"))
+    with pytest.raises(XAuditError, match=r"'outputs: binary_logit' \(one logit per image\).*shape \(2, 10\)"):
+        card = resolve_card(ModelSpec(card=CARD, outputs="binary_logit", class_names=["a", "b"]))
+        probe_model(build_model(card), card, torch.device("cpu"))
+    with pytest.raises(XAuditError, match="'outputs: binary_logit' needs two 'class_names'"):
+        resolve_card(ModelSpec(**{**model, "class_names": ["5", "3", "8"]}))
