@@ -337,6 +337,23 @@ def cached_model(card: ModelCard, device: torch.device | str, replica: int = 0) 
     return _cached(json.dumps(card.to_dict(), sort_keys=True, default=list), str(device), replica)
 
 
+def gradient_problem(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Say why gradients of the logits cannot reach the inputs `x` (None: they do): the forward returns a
+    tensor with no gradient (detached, integers, computed under `torch.no_grad`) or one that does not depend on
+    the input through autograd (a backbone run under `torch.no_grad`)."""
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        out = model(xg)
+        if not out.requires_grad:
+            return (f"its logits carry no gradient (a {out.dtype} tensor without a grad_fn: forward detaches them, "
+                    f"returns integers or runs under torch.no_grad)")
+        (grad,) = torch.autograd.grad(out.float().sum(), xg, allow_unused=True)
+    if grad is None:
+        return "its logits do not depend on the input through autograd (part of forward runs under torch.no_grad " \
+               "or on a detached copy of the input)"
+    return None
+
+
 def first_lines(exc: BaseException, n: int = 1, limit: int = 300) -> str:
     """Return the first `n` non-blank lines of an exception's message, joined, at most `limit` characters (its
     type's name when it has none): enough to say what failed in a one-line error."""
@@ -356,6 +373,7 @@ def probe_model(model: nn.Module, card: ModelCard, device: torch.device) -> None
     size and returns finite (2, num_classes) logits; raise `XAuditError` naming what does not fit."""
     c, (h, w) = card.channels, card.input_size
     x = probe_inputs(card, 2, 0, device)
+    sent = x.clone()
     try:
         with torch.no_grad():
             out = model(x)
@@ -365,6 +383,11 @@ def probe_model(model: nn.Module, card: ModelCard, device: torch.device) -> None
         raise XAuditError(f"load_model: a probe forward of a {tuple(x.shape)} input (the card's 'channels' "
                           f"{c} and 'input_size' {[h, w]}) failed: {type(exc).__name__}: {first_lines(exc, 2, 600)}; "
                           f"check 'channels' and 'input_size' against what the model takes") from None
+    if not torch.equal(x, sent):
+        raise XAuditError(f"load_model: the model's forward changes its input tensor in place (by up to "
+                          f"{float((x - sent).abs().max()):.3g} for a probe image); every method hands the same "
+                          f"images to the model again, and a gradient cannot be taken through such an input: make "
+                          f"forward work out of place (x = x * s instead of x.mul_(s), or x = x.clone() first)")
     binary = "; for a binary model with one logit per image, set 'outputs: binary_logit' in the model card" \
         if tuple(out.shape) in ((2,), (2, 1)) else ""
     if out.ndim != 2 or out.shape[0] != 2:

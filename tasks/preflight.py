@@ -28,7 +28,8 @@ from .data import SourceInfo, inspect_source
 from .errors import XAuditError
 from .metrics import METRICS
 from .metrics.evaluate import parse_term
-from .models import ModelCard, build_model, first_lines, pick_device, probe_inputs, probe_model, resolve_card
+from .models import (ModelCard, build_model, first_lines, gradient_problem, pick_device, probe_inputs, probe_model,
+                     resolve_card)
 from .quality import CHECKS, quality_columns, resolve_check_params
 
 # Columns of predictions.parquet that slices may use besides the metadata columns.
@@ -251,9 +252,16 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
         except XAuditError as exc:
             raise XAuditError(f"preflight: attribution method {m!r} cannot explain this model: {exc}") from None
         except Exception as exc:  # the model's own code, or a method meeting an architecture it cannot handle
+            no_gradient = gradient_problem(model, x)
+            if no_gradient:
+                forward_only = sorted(n for n, spec in METHODS.items() if spec.forward_only)
+                raise XAuditError(f"preflight: attribution method {m!r} needs gradients of the model, but "
+                                  f"{no_gradient}; choose among {', '.join(forward_only)} (forward passes only) "
+                                  f"in 'attribution.methods', or let gradients flow") from None
+            advice = " or set the model's 'target_layer'" if METHODS[m].layer else ""
             raise XAuditError(f"preflight: attribution method {m!r} failed on a probe image of this model: "
                               f"{type(exc).__name__}: {first_lines(exc)}; leave it out of "
-                              f"'attribution.methods' or set the model's 'target_layer'") from None
+                              f"'attribution.methods'{advice}") from None
 
 
 def _run_basics(config: AuditConfig | ReviewConfig) -> tuple[torch.device, SourceInfo, list[str]]:

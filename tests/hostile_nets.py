@@ -120,3 +120,28 @@ class BinaryNet(DemoCNN):
     def forward(self, x):
         out = super().forward(x)
         return out[:, 3] - out[:, 5]
+
+
+class InPlaceInputNet(DemoCNN):
+    """Rescales its input in place: the caller's images change under it."""
+
+    def forward(self, x):
+        x.mul_(1.0001)
+        return super().forward(x)
+
+
+class NoGradBackboneNet(DemoCNN):
+    """Runs its backbone under torch.no_grad (a frozen feature extractor written that way): no gradient reaches
+    the input."""
+
+    def forward(self, x):
+        with torch.no_grad():
+            features = self.features(x)
+        return self.classifier(features)
+
+
+class DetachedNet(DemoCNN):
+    """Returns detached logits."""
+
+    def forward(self, x):
+        return super().forward(x).detach()

@@ -265,7 +265,9 @@ def test_card_file_problems(capsys, tmp_path, clean_rows):
     ("NoLogitsNet", "must return logits"), ("CubeNet", "shape (N, num_classes)"), ("NaNNet", "non-finite"),
     ("DropoutNet", "different logits for the same probe input"), ("BatchMeanNet", "depend on the other images"),
     ("SoftmaxNet", "returns probabilities"), ("SqueezeNet", "must take any batch size"),
-    ("BatchOfOneNet", "must take any batch size"),
+    ("BatchOfOneNet", "must take any batch size"), ("InPlaceInputNet", "changes its input tensor in place"),
+    ("NoGradBackboneNet", "needs gradients of the model, but its logits do not depend on the input through autograd"),
+    ("DetachedNet", "needs gradients of the model, but its logits carry no gradient"),
 ])
 def test_models_whose_output_is_unusable(capsys, tmp_path, clean_rows, monkeypatch, net, needle):
     monkeypatch.syspath_prepend(str(TESTS))
@@ -903,6 +905,18 @@ def test_verify_and_render_on_what_is_not_a_run(capsys, tmp_path, run_copy):
     (run_copy / "report.pdf").unlink()       # without the PDF to compare with, the missing 'model' is met
     rc, _, err = run_cli(capsys, ["render", str(run_copy), "--format", "html"])
     assert rc == 2 and "does not hold a run as xaudit writes it" in err and "Traceback" not in err
+
+
+def test_a_model_without_gradients_is_audited_by_the_forward_only_methods(tmp_path, clean_rows, monkeypatch):
+    """What the refusal of gradient methods for such a model advises works: occlusion passes the preflight."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
+    from tasks.config import parse_config
+    from tasks.preflight import preflight_audit
+    model = {"card": str(CARD), "factory": "hostile_nets:NoGradBackboneNet"}
+    cfg = base_config(clean_rows, tmp_path / "runs", model=model, attribution={"methods": ["occlusion"], "batch_size": 8})
+    preflight_audit(parse_config(cfg))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_binary_model_with_one_logit_is_audited_when_its_card_says_so(tmp_path, clean_rows, monkeypatch):

@@ -31,20 +31,21 @@ class Method:
     paper: str
     resolution: str = "pixel"
     has_delta: bool = False       # returns a per-example `delta` extra (completeness / summation to delta)
+    forward_only: bool = False    # needs forward passes only, no gradient of the model
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, *, layer: bool = False, gradient_pass: bool = False, paper: str = "",
-             resolution: str = "pixel", has_delta: bool = False, **defaults: Any):
+             resolution: str = "pixel", has_delta: bool = False, forward_only: bool = False, **defaults: Any):
     """Register `fn(ctx, **params) -> MethodOutput` under `name`, with its default parameters.
     `gradient_pass=True` says the method only reads `ctx.gradient_pass()` (the shared forward/backward)."""
     def wrap(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
         if name in METHODS:
             raise RuntimeError(f"attribution method {name!r} registered twice")
         METHODS[name] = Method(name, fn, layer, gradient_pass, dict(defaults), paper,
-                               "layer" if layer else resolution, has_delta)
+                               "layer" if layer else resolution, has_delta, forward_only)
         return fn
     return wrap
 

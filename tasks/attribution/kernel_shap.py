@@ -104,7 +104,7 @@ def coalition_weights(z: torch.Tensor, n_features: list[int], n_samples: int) ->
 
 
 @register("kernel_shap", resolution="segment", paper="https://arxiv.org/abs/1705.07874", n_samples=256, segments="grid", n_segments=16,
-          baseline=0.0)
+          baseline=0.0, forward_only=True)
 def kernel_shap(ctx, n_samples: int, segments: str, n_segments: int, baseline: float) -> MethodOutput:
     """Return KernelSHAP attributions (N, C, H, W): each superpixel's Shapley estimate on its pixels."""
     x = ctx.inputs

@@ -11,7 +11,7 @@ from ._surrogate import (baseline_for, compact, draw_per_example, evaluate_pertu
 
 
 @register("lime", resolution="segment", paper="https://arxiv.org/abs/1602.04938", n_samples=256, segments="grid", n_segments=16,
-          kernel_width=1.0, ridge=0.01, baseline=0.0)
+          kernel_width=1.0, ridge=0.01, baseline=0.0, forward_only=True)
 def lime(ctx, n_samples: int, segments: str, n_segments: int, kernel_width: float, ridge: float,
          baseline: float) -> MethodOutput:
     """Return LIME attributions (N, C, H, W): each superpixel's surrogate coefficient on its pixels."""

@@ -9,7 +9,7 @@ from ..errors import XAuditError
 from ._registry import MethodOutput, register
 
 
-@register("occlusion", resolution="window", paper="https://arxiv.org/abs/1311.2901", window=8, stride=4, baseline=0.0)
+@register("occlusion", forward_only=True, resolution="window", paper="https://arxiv.org/abs/1311.2901", window=8, stride=4, baseline=0.0)
 def occlusion(ctx, window: int, stride: int, baseline: float) -> MethodOutput:
     """Return the occlusion attributions (N, C, H, W); every window of every image is batched together.
     Windows start every `stride` pixels; the last one on each side is cut at the border. Pixels no window
