@@ -914,7 +914,8 @@ def test_a_model_without_gradients_is_audited_by_the_forward_only_methods(tmp_pa
     from tasks.config import parse_config
     from tasks.preflight import preflight_audit
     model = {"card": str(CARD), "factory": "hostile_nets:NoGradBackboneNet"}
-    cfg = base_config(clean_rows, tmp_path / "runs", model=model, attribution={"methods": ["occlusion"], "batch_size": 8})
+    cfg = base_config(clean_rows, tmp_path / "runs", model=model,
+                      attribution={"methods": ["occlusion"], "batch_size": 8})
     preflight_audit(parse_config(cfg))
     assert not (tmp_path / "runs").exists()
 

@@ -89,7 +89,8 @@ class _UsersResNet(torch.nn.Module):
 ])
 def test_models_whose_paths_the_rules_do_not_reach_are_refused(make, side):
     """Every layer type of these has a rule, yet relevance leaks on their paths (measured at zero biases: 300%,
-    100% and 100%): they are refused, saying what to choose instead, rather than explained with relevance that does not add up."""
+    100% and 100%): they are refused, saying what to choose instead, rather than explained with relevance that
+    does not add up."""
     torch.manual_seed(0)
     model = make().eval()
     with pytest.raises(XAuditError, match=r"lrp: Zennit's rules do not conserve relevance .*choose deeplift"):

@@ -96,8 +96,8 @@ def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
             if channels_last or (output.ndim == 3 and _token_grid(output.shape[1], x.shape[-2:]) is not None):
                 norms.append(name)
         spatial = output.ndim == 4 and output.shape[-2] * output.shape[-1] > 1
-        if (spatial or (output.ndim == 3 and _token_grid(output.shape[1], x.shape[-2:]) == 0)) \
-                and id(output.grad_fn) not in pooled:
+        patches = output.ndim == 3 and output.shape[1] > 1 and _token_grid(output.shape[1], x.shape[-2:]) == 0
+        if (spatial or patches) and id(output.grad_fn) not in pooled:
             maps.append((name, output.grad_fn))
     handles = [m.register_forward_hook(record) for m in names]
     was_training = model.training
