@@ -99,7 +99,8 @@ def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
         patches = output.ndim == 3 and output.shape[1] > 1 and _token_grid(output.shape[1], x.shape[-2:]) == 0
         if (spatial or patches) and id(output.grad_fn) not in pooled:
             maps.append((name, output.grad_fn))
-    handles = [m.register_forward_hook(record) for m in names]
+    # (a TorchScript submodule takes no hooks: its inside is not searched)
+    handles = [m.register_forward_hook(record) for m in names if not isinstance(m, torch.jit.ScriptModule)]
     was_training = model.training
     model.eval()
     try:
