@@ -128,3 +128,51 @@ def test_saliency_ig_and_gradcam_equal_captum_on_every_architecture(arch):
     assert res.shape[-2:] == cam.shape[-2:]
     assert torch.allclose(res, cam.to(res.dtype), rtol=1e-4, atol=1e-6 * float(cam.abs().max()) + 1e-12), \
         f"{arch}: Grad-CAM differs from Captum's LayerGradCam at {type(layer).__name__}"
+
+
+# Families outside the matrix where the last Conv2d was the wrong CAM layer (or never ran): the automatic layer
+# must be a map of more than one cell that every path from the input to the logits goes through. The oracle is
+# autograd itself, not the graph walk that chose the layer: with that map's output detached, no gradient of the
+# logits reaches the input.
+MORE = {
+    "googlenet": (lambda: torchvision.models.googlenet(weights=None, num_classes=K, init_weights=True), 64),
+    "inception_v3": (lambda: torchvision.models.inception_v3(weights=None, num_classes=K, init_weights=True), 80),
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=K), 64),
+    "mnasnet0_5": (lambda: torchvision.models.mnasnet0_5(weights=None, num_classes=K), 64),
+    "squeezenet1_1": (lambda: torchvision.models.squeezenet1_1(weights=None, num_classes=K), 64),
+    "timm:dla34": (lambda: _timm("dla34")(), 64),
+    "timm:poolformer_s12": (lambda: _timm("poolformer_s12")(), 64),
+    "timm:mobilevit_xxs": (lambda: _timm("mobilevit_xxs")(), 64),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MORE) + [a for a in sorted(ARCHS) if a not in TOKEN_MODELS])
+def test_the_automatic_cam_layer_is_a_map_every_path_goes_through(arch):
+    if arch in MORE:
+        make, side = MORE[arch]
+        torch.manual_seed(0)
+        model = make().eval()
+        x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    else:
+        model, x = built(arch)
+    layer = find_layer(model, None, x)
+    assert not isinstance(layer, (torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.AdaptiveAvgPool2d))
+    seen = {}
+
+    def cut(_module, _inputs, output):
+        seen["shape"] = output.shape
+        return output.detach()
+    handle = layer.register_forward_hook(cut)
+    try:
+        xg = x.clone().requires_grad_(True)
+        out = model(xg)
+        (grad,) = torch.autograd.grad(out.sum(), xg, allow_unused=True) if out.requires_grad else (None,)
+    finally:
+        handle.remove()
+    assert len(seen["shape"]) == 4 and seen["shape"][-2] * seen["shape"][-1] > 1, f"{arch}: {seen['shape']}"
+    assert grad is None or not grad.any(), f"{arch}: a path to the logits bypasses {type(layer).__name__}"
+    from captum.attr import LayerGradCam
+    target = torch.tensor([1, 3])
+    ours = attribute(model, x, ["gradcam"], target=target).attributions["gradcam"]
+    cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True).detach()
+    assert torch.allclose(ours, cam.to(ours.dtype), rtol=1e-4, atol=1e-6 * float(cam.abs().max()) + 1e-12), arch
