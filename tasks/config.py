@@ -81,12 +81,13 @@ class ModelSpec(_Strict):
     class_names: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1)
     target_layer: str | None = Field(None, description="module path of the CAM layer, e.g. 'layer4.1' or "
                                                  "'features.28'; default (null or left out): found by architecture")
-    outputs: Literal["logits", "probabilities", "binary_logit"] | None = Field(
+    outputs: Literal["logits", "probabilities", "binary_logit", "binary_probability"] | None = Field(
         None, description="what the forward returns: 'logits' (default), 'probabilities' (it ends in a softmax: "
                           "xaudit takes their log, so attributions explain the log-probability) or 'binary_logit' "
                           "(one logit z per image, of the second of two class names, as trained with "
                           "BCEWithLogitsLoss: xaudit uses (-z/2, z/2), whose softmax is (1 - sigmoid(z), "
-                          "sigmoid(z)))")
+                          "sigmoid(z))) or 'binary_probability' (one probability per image, a final sigmoid: "
+                          "its logit is used as with 'binary_logit')")
     resize: Literal["stretch", "shorter_side"] | None = Field(
         None, description="'stretch': resize to input_size (aspect not kept); 'shorter_side': resize the shorter "
                           "side to resize_size keeping the aspect, then centre-crop to input_size (torchvision's "

@@ -110,9 +110,9 @@ def resolve_card(spec: ModelSpec) -> ModelCard:
     weights = storage.local(weights_ref, "model.weights")             # a URL: fetched once, hashed below
     if not weights.is_file():
         raise XAuditError(f"{where}: 'weights' must be an existing safetensors or state-dict file; got {str(weights)!r}")
-    if values.get("outputs") == "binary_logit" and len(values["class_names"]) != 2:
-        raise XAuditError(f"{where}: 'outputs: binary_logit' needs two 'class_names' (the negative class, then the "
-                          f"one the logit is of); got {len(values['class_names'])}")
+    if str(values.get("outputs")).startswith("binary_") and len(values["class_names"]) != 2:
+        raise XAuditError(f"{where}: 'outputs: {values['outputs']}' needs two 'class_names' (the negative class, "
+                          f"then the one the model's output is of); got {len(values['class_names'])}")
     channels = int(values.get("channels") or 3)
     mean = tuple(float(m) for m in (values.get("mean") or [0.0] * channels))
     std = tuple(float(s) for s in (values.get("std") or [1.0] * channels))
@@ -275,23 +275,40 @@ def _probabilities_hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.
     return torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
 
 
+def _one_per_image(output: Any, outputs: str) -> torch.Tensor:
+    """Return a binary model's one output per image as (N, 1), or raise naming the card's `outputs`."""
+    z = model_logits(output)
+    if z.ndim == 1:
+        z = z[:, None]
+    if z.ndim != 2 or z.shape[1] != 1:
+        raise XAuditError(f"load_model: the card says 'outputs: {outputs}' (one value per image), but the model "
+                          f"returned shape {tuple(z.shape)}; leave 'outputs' out for a model with one logit per class")
+    return z
+
+
 def _binary_logit_hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
     """For a card with `outputs: binary_logit`: the model's one logit z per image, (N, 1) or (N,), of the second
     class, as the two logits (-z/2, z/2): softmax of them is (1 - sigmoid(z), sigmoid(z)), the model's own
     probabilities, and an attribution of either class explains half of z (with its sign), so the negative class
     gets maps too."""
-    z = model_logits(output)
-    if z.ndim == 1:
-        z = z[:, None]
-    if z.ndim != 2 or z.shape[1] != 1:
-        raise XAuditError(f"load_model: the card says 'outputs: binary_logit' (one logit per image), but the "
-                          f"model returned shape {tuple(z.shape)}; leave 'outputs' out for a model with one logit "
-                          f"per class")
-    half = z / 2
+    half = _one_per_image(output, "binary_logit") / 2
     return torch.cat([-half, half], 1)
 
 
-OUTPUT_HOOKS = {"logits": _logits_hook, "probabilities": _probabilities_hook, "binary_logit": _binary_logit_hook}
+def _binary_probability_hook(_module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
+    """For a card with `outputs: binary_probability`: the model's one probability p per image (it ends in a
+    sigmoid), of the second class, as the logits of `_binary_logit_hook` for z = log(p) - log(1 - p)."""
+    p = _one_per_image(output, "binary_probability")
+    if not bool(((p >= 0) & (p <= 1)).all()):
+        raise XAuditError("load_model: the card says 'outputs: binary_probability', but the model returned values "
+                          "outside [0, 1]; set 'outputs: binary_logit' for a model that returns a logit")
+    tiny = torch.finfo(p.dtype).tiny
+    half = (torch.log(p.clamp_min(tiny)) - torch.log((1 - p).clamp_min(tiny))) / 2
+    return torch.cat([-half, half], 1)
+
+
+OUTPUT_HOOKS = {"logits": _logits_hook, "probabilities": _probabilities_hook, "binary_logit": _binary_logit_hook,
+                "binary_probability": _binary_probability_hook}
 
 
 def build_model(card: ModelCard, device: torch.device | str = "cpu") -> nn.Module:
@@ -388,7 +405,8 @@ def probe_model(model: nn.Module, card: ModelCard, device: torch.device) -> None
                           f"{float((x - sent).abs().max()):.3g} for a probe image); every method hands the same "
                           f"images to the model again, and a gradient cannot be taken through such an input: make "
                           f"forward work out of place (x = x * s instead of x.mul_(s), or x = x.clone() first)")
-    binary = "; for a binary model with one logit per image, set 'outputs: binary_logit' in the model card" \
+    binary = "; for a binary model with one output per image, set 'outputs: binary_logit' (or binary_probability, " \
+             "for a final sigmoid) in the model card" \
         if tuple(out.shape) in ((2,), (2, 1)) else ""
     if out.ndim != 2 or out.shape[0] != 2:
         raise XAuditError(f"load_model: the model must return logits of shape (N, num_classes); for a "

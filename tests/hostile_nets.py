@@ -122,6 +122,13 @@ class BinaryNet(DemoCNN):
         return out[:, 3] - out[:, 5]
 
 
+class SigmoidBinaryNet(BinaryNet):
+    """The same binary model ending in a sigmoid: one probability per image, shape (N, 1)."""
+
+    def forward(self, x):
+        return torch.sigmoid(super().forward(x))[:, None]
+
+
 class InPlaceInputNet(DemoCNN):
     """Rescales its input in place: the caller's images change under it."""
 

@@ -948,10 +948,16 @@ def test_a_binary_model_with_one_logit_is_audited_when_its_card_says_so(tmp_path
         a = attribute(ours, x, ["input_x_gradient"], target=target).attributions["input_x_gradient"]
         torch.testing.assert_close(a, sign * both, rtol=1e-4, atol=1e-6)
     card = resolve_card(ModelSpec(**{**model, "outputs": None}))
+    sigmoid = build_model(resolve_card(ModelSpec(**{**model, "factory": "hostile_nets:SigmoidBinaryNet",
+                                                    "outputs": "binary_probability"})))
+    torch.testing.assert_close(sigmoid(x), ours(x), rtol=1e-4, atol=1e-5)     # the same logits, from p
     with pytest.raises(XAuditError, match=r"returned \(2,\); for a binary model .*set 'outputs: binary_logit'"):
         probe_model(build_model(card), card, torch.device("cpu"))
-    with pytest.raises(XAuditError, match=r"'outputs: binary_logit' \(one logit per image\).*shape \(2, 10\)"):
+    with pytest.raises(XAuditError, match=r"'outputs: binary_logit' \(one value per image\).*shape \(2, 10\)"):
         card = resolve_card(ModelSpec(card=CARD, outputs="binary_logit", class_names=["a", "b"]))
+        probe_model(build_model(card), card, torch.device("cpu"))
+    with pytest.raises(XAuditError, match=r"'outputs: binary_probability'.* values outside \[0, 1\]"):
+        card = resolve_card(ModelSpec(**{**model, "outputs": "binary_probability"}))      # a logit, not p
         probe_model(build_model(card), card, torch.device("cpu"))
     with pytest.raises(XAuditError, match="'outputs: binary_logit' needs two 'class_names'"):
         resolve_card(ModelSpec(**{**model, "class_names": ["5", "3", "8"]}))
