@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -376,6 +377,25 @@ def _again(args: argparse.Namespace, local: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return its exit status. Python warnings raised meanwhile (a user's model
+    constructor, Pillow on a palette image, ...) are printed once each, one line apiece, after the command's own
+    output: the first line of an error stays the one message, and no warning prints a line of source code."""
+    seen: list[str] = []
+
+    def collect(message, category, filename, lineno, file=None, line=None) -> None:
+        text = f"xaudit: warning: {category.__name__}: {str(message).strip()} ({Path(filename).name}:{lineno})"
+        if text not in seen:
+            seen.append(text)
+    with warnings.catch_warnings():
+        warnings.showwarning = collect
+        try:
+            return _main(argv)
+        finally:
+            for text in seen:
+                print(text, file=sys.stderr)
+
+
+def _main(argv: list[str] | None) -> int:
     from tasks.storage import is_url
     args = _parser().parse_args(argv)
     from tasks.devices import keep_cpu_buffers

@@ -152,3 +152,12 @@ class DetachedNet(DemoCNN):
 
     def forward(self, x):
         return super().forward(x).detach()
+
+
+class WarningNet(DemoCNN):
+    """Warns in its constructor, as library model classes do about deprecated arguments."""
+
+    def __init__(self, **kwargs):
+        import warnings
+        warnings.warn("the argument 'width' will be removed in a later version", UserWarning)
+        super().__init__(**kwargs)

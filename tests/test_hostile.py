@@ -961,3 +961,22 @@ def test_a_binary_model_with_one_logit_is_audited_when_its_card_says_so(tmp_path
         probe_model(build_model(card), card, torch.device("cpu"))
     with pytest.raises(XAuditError, match="'outputs: binary_logit' needs two 'class_names'"):
         resolve_card(ModelSpec(**{**model, "class_names": ["5", "3", "8"]}))
+
+
+def test_warnings_of_the_users_code_follow_the_one_error_message_one_line_each(capsys, tmp_path, clean_rows,
+                                                                              monkeypatch):
+    """A model constructor's warning used to print before the error with a line of source code
+    (`warnings.warn(...)`); it now follows the one message, one line, once."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    card = json.loads(CARD.read_text())
+    card["class_names"] = card["class_names"][:9]                   # the weights have 10 outputs: refused
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({**card, "weights": str(CARD.parent / card["weights"])}))
+    err = expect_refused(capsys, tmp_path, clean_rows, "'class_names' has 9 names",
+                         argv=["--trust-factory", "hostile_nets"],
+                         model={"card": str(path), "factory": "hostile_nets:WarningNet"})
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("xaudit: error:")
+    warned = [ln for ln in lines if "will be removed" in ln]
+    assert len(warned) == 1 and warned[0].startswith("xaudit: warning: UserWarning: the argument 'width'"), lines
+    assert "warnings.warn" not in err
