@@ -111,7 +111,15 @@ def kernel_shap(ctx, n_samples: int, segments: str, n_segments: int, baseline: f
     c = x.shape[1]
     masks, m = compact(feature_masks(x, segments, n_segments))
     z = draw_per_example(ctx, 43, masks, m, lambda g, mi: shapley_coalitions(1, n_samples, mi, g, x.device)[0])
-    y = evaluate_perturbations(ctx, z, masks, baseline_for(ctx, baseline))
+    # rows 0 and 1 are every image's full and empty coalitions: the input itself, whose target logit the clean
+    # forward gave, and the constant baseline, one forward of one image for the whole batch (two model inputs
+    # per image fewer: 6% of the passes at 32 samples)
+    y = torch.empty(z.shape[:2], device=x.device, dtype=ctx.logits.dtype)
+    y[:, 0] = ctx.logits.gather(1, ctx.target[:, None])[:, 0]
+    b = baseline_for(ctx, baseline)
+    with torch.inference_mode():
+        y[:, 1] = ctx.model(b[:1]).to(y.dtype)[0, ctx.target]
+    y[:, 2:] = evaluate_perturbations(ctx, z[:, 2:], masks, b)
     weights = coalition_weights(z, feature_counts(masks), n_samples)
     phi = weighted_least_squares(z, y, weights, ridge=0.0)
     return MethodOutput(spread(phi, masks, c, x.dtype))
