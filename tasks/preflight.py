@@ -252,7 +252,10 @@ def check_attribution(card: ModelCard, model: nn.Module, device: torch.device, m
         except XAuditError as exc:
             raise XAuditError(f"preflight: attribution method {m!r} cannot explain this model: {exc}") from None
         except Exception as exc:  # the model's own code, or a method meeting an architecture it cannot handle
-            no_gradient = gradient_problem(model, x)
+            try:
+                no_gradient = gradient_problem(model, x)
+            except Exception:  # noqa: BLE001 - the model's own failure is reported below as it is
+                no_gradient = None
             if no_gradient:
                 forward_only = sorted(n for n, spec in METHODS.items() if spec.forward_only)
                 raise XAuditError(f"preflight: attribution method {m!r} needs gradients of the model, but "
