@@ -91,12 +91,12 @@ def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
             pooled.add(id(output.grad_fn))
             return
         name = names[module]
+        grid = _token_grid(output.shape[1], x.shape[-2:]) if output.ndim == 3 else None
         if isinstance(module, nn.LayerNorm) and name.rsplit(".", 1)[-1] in _BLOCK_NORMS:
-            channels_last = output.ndim == 4 and not _channels_first(module)
-            if channels_last or (output.ndim == 3 and _token_grid(output.shape[1], x.shape[-2:]) is not None):
+            if (output.ndim == 4 and not _channels_first(module)) or grid is not None:
                 norms.append(name)
         spatial = output.ndim == 4 and output.shape[-2] * output.shape[-1] > 1
-        patches = output.ndim == 3 and output.shape[1] > 1 and _token_grid(output.shape[1], x.shape[-2:]) == 0
+        patches = grid is not None and grid[0] == 0 and output.shape[1] > 1
         if (spatial or patches) and id(output.grad_fn) not in pooled:
             maps.append((name, output.grad_fn))
     # (a TorchScript submodule takes no hooks: its inside is not searched)
@@ -129,15 +129,16 @@ def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
                       f"{tuple(x.shape[1:])}), so no automatic CAM layer; set 'target_layer' in the model card")
 
 
-def _token_grid(tokens: int, image_size: Sequence[int]) -> int | None:
-    """Return how many leading tokens (class, distillation, register: at most 16) to drop so that the rest of
-    `tokens` lie on a patch grid with the image's aspect ratio (None: no such number)."""
+def _token_grid(tokens: int, image_size: Sequence[int]) -> tuple[int, int, int] | None:
+    """Return (extra, rows, columns): how many leading tokens (class, distillation, register: at most 16) to drop
+    so that the rest of `tokens` lie on a rows x columns patch grid with the image's aspect ratio (None: no
+    such number)."""
     height, width = int(image_size[0]), int(image_size[1])
     for extra in range(0, min(tokens, 17)):
         cells = tokens - extra
         gh = max(1, round((cells * height / width) ** 0.5))
         if cells % gh == 0 and abs(gh / (cells // gh) - height / width) <= 0.05 * height / width:
-            return extra
+            return extra, gh, cells // gh
     return None
 
 
@@ -168,11 +169,10 @@ def to_grid(t: torch.Tensor, layer: nn.Module, image_size: tuple[int, int]) -> t
         return t.permute(0, 3, 1, 2) if isinstance(layer, nn.LayerNorm) and not _channels_first(layer) else t
     if t.ndim == 3:
         n, tokens, c = t.shape
-        extra = _token_grid(tokens, image_size)
-        if extra is not None:
-            cells = tokens - extra
-            gh = max(1, round((cells * image_size[0] / image_size[1]) ** 0.5))
-            return t[:, extra:].reshape(n, gh, cells // gh, c).permute(0, 3, 1, 2)
+        grid = _token_grid(tokens, image_size)
+        if grid is not None:
+            extra, rows, cols = grid
+            return t[:, extra:].reshape(n, rows, cols, c).permute(0, 3, 1, 2)
         raise XAuditError(f"attribute: {where} outputs {tokens} tokens, which do not form a patch grid with the "
                           f"image's aspect ratio (after up to 16 leading tokens); set 'target_layer'")
     raise XAuditError(f"attribute: CAM methods need a layer whose output is (N, C, h, w), channels-last or "
