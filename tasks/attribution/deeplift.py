@@ -316,10 +316,11 @@ def deeplift_pairs(ctx, x: torch.Tensor, b: torch.Tensor, target: torch.Tensor, 
     try:
         ref_logits = _cached_reference(rules, b[:1].detach()) if constant else None
 
-        one_row = [constant]        # a constant baseline's one-row reference, until a model's shapes refuse it
+        def one_row() -> bool:     # a constant baseline's one-row reference, unless the model's shapes refuse it
+            return constant and ctx.model not in _ROW_PER_INPUT
 
         def step(s: slice) -> None:
-            ref = ref_logits if one_row[0] else rules.reference(b[s].detach())
+            ref = ref_logits if one_row() else rules.reference(b[s].detach())
             while True:
                 xs = x[s].detach().clone().requires_grad_(True)
                 try:
@@ -328,10 +329,9 @@ def deeplift_pairs(ctx, x: torch.Tensor, b: torch.Tensor, target: torch.Tensor, 
                         picked = out.gather(1, target[s][:, None])[:, 0]
                         (grad,) = torch.autograd.grad(picked.sum(), xs)
                 except _ReferenceShape as exc:
-                    if not one_row[0]:
+                    if not one_row():
                         raise XAuditError(f"deeplift: the model's activations have other shapes for the inputs "
                                           f"than for the baseline ({exc}); DeepLIFT needs one path for both") from None
-                    one_row[0] = False
                     _ROW_PER_INPUT.add(ctx.model)
                     ref = rules.reference(b[s].detach())
                     continue
