@@ -31,9 +31,9 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from tasks.attribution import attribute  # noqa: E402
-from tasks.attribution._surrogate import feature_masks  # noqa: E402
-from tasks.nets import DemoCNN  # noqa: E402
+from xaudit.tasks.attribution import attribute  # noqa: E402
+from xaudit.tasks.attribution._surrogate import feature_masks  # noqa: E402
+from xaudit.tasks.nets import DemoCNN  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -270,7 +270,7 @@ def table_kernel_shap_error(budgets, seeds: int) -> None:
 
 
 def table_layout(quick: bool) -> None:
-    from tasks.models import use_channels_last
+    from xaudit.tasks.models import use_channels_last
     torch.manual_seed(0)
     demo, resnet = DemoCNN(in_channels=1).eval(), torchvision.models.resnet18(weights=None, num_classes=10).eval()
     x_demo, x_resnet = torch.randn(256, 1, 32, 32), torch.randn(8, 3, 224, 224)
@@ -358,7 +358,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     if not args.default_malloc:
-        from tasks.devices import keep_cpu_buffers
+        from xaudit.tasks.devices import keep_cpu_buffers
         keep_cpu_buffers()        # as the xaudit command does; applies to Captum's calls in this process too
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device cpu\n")

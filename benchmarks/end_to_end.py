@@ -44,7 +44,7 @@ CLASSES = ["beach", "forest", "city", "snow"]
 RUN_CHILD = r'''
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
-from flows.cli import main
+from xaudit.flows.cli import main
 rc = main(["run", sys.argv[2], "--output-dir", sys.argv[3], "--no-progress"])
 print("@@" + json.dumps({"rc": rc, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 '''
@@ -53,7 +53,7 @@ PREFECT_CHILD = r'''
 import sys, time
 t0 = time.perf_counter()
 sys.path.insert(0, sys.argv[1])
-from flows import local_run_settings
+from xaudit.flows import local_run_settings
 from prefect import flow, task
 @task
 def one():
@@ -149,9 +149,9 @@ def bare_limit(card_path: Path, data: Path, n: int, batch: int) -> float:
     with the malloc settings `xaudit run` uses (without them the limit reads up to 1.4x lower here)."""
     import torch
     sys.path.insert(0, str(ROOT))
-    from tasks.config import DataSpec, ModelSpec
-    from tasks.data import decode_shard, ingest
-    from tasks.models import build_model, resolve_card
+    from xaudit.tasks.config import DataSpec, ModelSpec
+    from xaudit.tasks.data import decode_shard, ingest
+    from xaudit.tasks.models import build_model, resolve_card
     card = resolve_card(ModelSpec(card=card_path))
     model = build_model(card, "cpu")
     spec = DataSpec(path=data, limit=n, image_column="image", label_column="label")
@@ -184,7 +184,7 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="make the data and runs here (kept) instead of a temporary folder")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
-    from tasks.devices import keep_cpu_buffers
+    from xaudit.tasks.devices import keep_cpu_buffers
     keep_cpu_buffers()          # before torch starts its threads, as `xaudit run` does: the limit runs here
     scales = [int(s) for s in args.scales.split(",")]
     largest = max(scales)

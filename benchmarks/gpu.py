@@ -27,7 +27,7 @@ import torchvision
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tasks.attribution import attribute, display_heatmap  # noqa: E402
+from xaudit.tasks.attribution import attribute, display_heatmap  # noqa: E402
 
 METHOD_SETS = {   # name: (methods, params, passes per image)
     "gradient family": (["saliency", "input_x_gradient", "gradcam", "gradcam_plus_plus"], {}, 1),

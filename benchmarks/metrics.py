@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tasks.metrics import evaluate  # noqa: E402
-from tasks.metrics.probabilistic import ece_bins  # noqa: E402
+from xaudit.tasks.metrics import evaluate  # noqa: E402
+from xaudit.tasks.metrics.probabilistic import ece_bins  # noqa: E402
 
 METRICS = ["accuracy", "top_3_accuracy", "precision_macro", "recall_macro", "f1_macro", "log_loss", "brier", "ece",
            "auc_ovr_macro"]

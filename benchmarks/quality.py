@@ -19,12 +19,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tasks.attribution import attribute, display_heatmap  # noqa: E402
-from tasks.config import DataSpec, ModelSpec  # noqa: E402
-from tasks.data import decode_shard, ingest  # noqa: E402
-from tasks.models import build_model, resolve_card  # noqa: E402
-from tasks.quality import CHECKS, QualityContext, run_checks  # noqa: E402
-from tasks.quality.sanity import randomisation_check  # noqa: E402
+from xaudit.tasks.attribution import attribute, display_heatmap  # noqa: E402
+from xaudit.tasks.config import DataSpec, ModelSpec  # noqa: E402
+from xaudit.tasks.data import decode_shard, ingest  # noqa: E402
+from xaudit.tasks.models import build_model, resolve_card  # noqa: E402
+from xaudit.tasks.quality import CHECKS, QualityContext, run_checks  # noqa: E402
+from xaudit.tasks.quality.sanity import randomisation_check  # noqa: E402
 
 METHODS = ["saliency", "gradcam", "integrated_gradients"]
 PARAMS = {"integrated_gradients": {"n_steps": 16}}

@@ -23,19 +23,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from tasks.attribution import attribute, display_heatmap  # noqa: E402
-from tasks.quality import QualityContext  # noqa: E402
-from tasks.quality.faithfulness import faithfulness  # noqa: E402
-from tasks.quality.stability import sensitivities  # noqa: E402
+from xaudit.tasks.attribution import attribute, display_heatmap  # noqa: E402
+from xaudit.tasks.quality import QualityContext  # noqa: E402
+from xaudit.tasks.quality.faithfulness import faithfulness  # noqa: E402
+from xaudit.tasks.quality.stability import sensitivities  # noqa: E402
 
 METHODS = ["saliency", "gradcam", "integrated_gradients"]
 PARAMS = {"integrated_gradients": {"n_steps": 16}}
 
 
 def demo_inputs(n: int):
-    from tasks.config import DataSpec, ModelSpec
-    from tasks.data import decode_shard, ingest
-    from tasks.models import build_model, resolve_card
+    from xaudit.tasks.config import DataSpec, ModelSpec
+    from xaudit.tasks.data import decode_shard, ingest
+    from xaudit.tasks.models import build_model, resolve_card
     card = resolve_card(ModelSpec(card=ROOT / "data" / "models" / "baseline.json"))
     spec = DataSpec(path=ROOT / "data" / "digits.parquet", filter={"split": "test"}, limit=n)
     with tempfile.TemporaryDirectory() as tmp:

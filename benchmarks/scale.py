@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r'''
 import asyncio, json, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from flows import local_run_settings  # also sets the Prefect defaults
-from flows.audit import audit
-from tasks.config import load_config
+from xaudit.flows import local_run_settings  # also sets the Prefect defaults
+from xaudit.flows.audit import audit
+from xaudit.tasks.config import load_config
 cfg = load_config(sys.argv[2], json.loads(sys.argv[3]))
 warm = load_config(sys.argv[2], {**json.loads(sys.argv[3]), "run_id": "warm-up",
                                  "data": {**json.loads(sys.argv[3])["data"], "limit": 16}})

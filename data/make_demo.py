@@ -25,7 +25,7 @@ from sklearn.datasets import load_digits
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
-from tasks.nets import DemoCNN  # noqa: E402
+from xaudit.tasks.nets import DemoCNN  # noqa: E402
 
 SEED = 20261122
 SIZE = 32
@@ -151,7 +151,7 @@ def write_model(name: str, model: DemoCNN, description: str, out: Path, seed: in
         "name": f"digits-{name}",
         "version": "1.0.0",
         "description": description,
-        "factory": "tasks.nets:demo_cnn",
+        "factory": "xaudit.tasks.nets:demo_cnn",
         "kwargs": {"in_channels": 1, "num_classes": 10},
         "weights": weights.name,
         "input_size": [SIZE, SIZE],

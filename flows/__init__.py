@@ -72,11 +72,23 @@ _USER_LOGGING = ("PREFECT_LOGGING_ROOT_LEVEL", "PREFECT_LOGGING_CONFIG_PATH", "P
 
 def _server_logging_config() -> Path:
     """The embedded server's logging configuration, written (atomically) under PREFECT_HOME."""
-    from tasks.io import write_bytes
+    from xaudit.tasks.io import write_bytes
     path = Path(os.environ.get("PREFECT_HOME") or Path.cwd() / ".prefect") / "xaudit-embedded-server-logging.yml"
     if not path.is_file() or path.read_text() != _SERVER_LOGGING:
         write_bytes(path, _SERVER_LOGGING.encode())
     return path
+
+
+# what _embedded_server uses of Prefect's private server class (present in prefect 3.8.8-3.9)
+_PRIVATE_SERVER_API = ("_instances", "_run_uvicorn_command", "start", "stop")
+
+
+def _prefect_version() -> str:
+    from importlib import metadata
+    try:
+        return "prefect " + metadata.version("prefect")
+    except metadata.PackageNotFoundError:
+        return "prefect"
 
 
 def _embedded_server():
@@ -90,7 +102,20 @@ def _embedded_server():
     this process and any worker it starts keep their warnings; a logging configuration or root level the
     user set stands.
     """
-    from prefect.server.api.server import SubprocessASGIServer
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:
+        SubprocessASGIServer = None
+    missing = [a for a in _PRIVATE_SERVER_API if not hasattr(SubprocessASGIServer, a)]
+    if missing:
+        # a Prefect release outside the tested range changed its private server class: run without the
+        # early start and the quiet server logging (Prefect starts its own server at the first flow)
+        import warnings
+        warnings.warn(f"xaudit: this Prefect ({_prefect_version()}) has no SubprocessASGIServer."
+                      f"{missing[0]}; the embedded server starts with the first flow, with Prefect's own "
+                      "logging (xaudit is tested with the prefect versions its package metadata allows)",
+                      RuntimeWarning, stacklevel=2)
+        return None
 
     class QuietServer(SubprocessASGIServer):
         def _run_uvicorn_command(self):
@@ -126,6 +151,9 @@ def api_server_starting():
         yield
         return
     server = _embedded_server()
+    if server is None:
+        yield
+        return
 
     def start() -> None:
         try:
@@ -137,7 +165,7 @@ def api_server_starting():
     try:
         yield
     except BaseException:
-        while starter.is_alive() and server.server_process is None:     # (it is spawned within moments)
+        while starter.is_alive() and getattr(server, "server_process", 1) is None:     # (it is spawned within moments)
             time.sleep(0.01)
         server.stop()           # at once: an input error is reported without waiting for the server
         raise
@@ -150,8 +178,8 @@ class _InputErrorFilter(logging.Filter):
     for a requested stop (`RunInterrupted`, and the crash reports that follow a SIGTERM)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.errors import XAuditError
-        from tasks.stopping import STOP, RunInterrupted
+        from xaudit.tasks.errors import XAuditError
+        from xaudit.tasks.stopping import STOP, RunInterrupted
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (XAuditError, RunInterrupted)):
             return False
@@ -193,7 +221,7 @@ def final_state(result: dict, fails_on: str, n_failed: int):
     `VerdictFailed(result)`: the run's outputs are all written; only the run's state tells the scheduler."""
     from prefect.states import Failed
 
-    from tasks.errors import VerdictFailed
+    from xaudit.tasks.errors import VerdictFailed
     if fails_on == "never" or _SEVERITY[result["verdict"]] < _SEVERITY[fails_on]:
         return result
     message = (f"verdict {result['verdict']}: {n_failed} check(s) failed (flow_run_fails_on={fails_on}); "

@@ -1,6 +1,6 @@
 """The audit flow: wires the tasks; all logic lives in `tasks`.
 
-    python -m flows.audit data/demo_audit.yaml      # same as: xaudit run data/demo_audit.yaml
+    python -m xaudit.flows.audit data/demo_audit.yaml      # same as: xaudit run data/demo_audit.yaml
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import final_state
-from tasks import steps
-from tasks.config import AuditConfig
-from tasks.scoring import cost_per_image
+from xaudit.flows import final_state
+from xaudit.tasks import steps
+from xaudit.tasks.config import AuditConfig
+from xaudit.tasks.scoring import cost_per_image
 
 def default_workers() -> int:
     """One shard task per visible GPU at a time; on the CPU one, so torch's own threads use every core."""
@@ -65,5 +65,5 @@ def audit(config: AuditConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from flows.cli import main
+    from xaudit.flows.cli import main
     sys.exit(main(["run", *sys.argv[1:]]))

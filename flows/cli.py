@@ -28,8 +28,9 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from flows import api_server_starting, local_run_settings, quiet_input_errors
-from tasks.errors import VerdictFailed, XAuditError
+from xaudit.flows import api_server_starting, local_run_settings, quiet_input_errors
+from xaudit.tasks.errors import StoreUnavailable, VerdictFailed, XAuditError, require_extra
+from xaudit.tasks.storage import redact
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -43,7 +44,7 @@ def _install_stop_handlers() -> None:
     every finished shard; a second signal exits at once (every file is written atomically, so nothing
     half-written is left that looks whole)."""
     import signal
-    from tasks.stopping import STOP, request_stop
+    from xaudit.tasks.stopping import STOP, request_stop
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 def _passphrase(key_path: str | None, pkcs12: str | None) -> bytes | None:
     """The signing passphrase: $XAUDIT_SIGNING_PASSPHRASE, else a prompt when the key needs one and stdin is
     a terminal (never an argument: it would stay in the shell history and the process list)."""
-    from tasks.signing import PASSPHRASE_ENV, passphrase_from_env
+    from xaudit.tasks.signing import PASSPHRASE_ENV, passphrase_from_env
     value = passphrase_from_env(PASSPHRASE_ENV)
     if value is not None:
         return value
@@ -130,7 +131,8 @@ def _passphrase(key_path: str | None, pkcs12: str | None) -> bytes | None:
 
 
 def _sign(args) -> int:
-    from tasks.signing import load_credentials, sign_run
+    require_extra("sign", "xaudit sign")
+    from xaudit.tasks.signing import load_credentials, sign_run
     cred = load_credentials(args.key, args.cert, args.pkcs12, args.chain, _passphrase(args.key, args.pkcs12))
     done = sign_run(args.run_dir, cred, args.tsa, args.reason, args.location)
     for pdf in done["pdfs"]:
@@ -141,7 +143,16 @@ def _sign(args) -> int:
 
 
 def _history(args) -> int:
-    from tasks.history import folder_for, format_history, history_names, read_history
+    from xaudit.tasks.history import FOLDER, folder_for, format_history, history_names, read_history
+    from xaudit.tasks.storage import is_url, join, pull
+    if args.history and is_url(args.history):
+        raise XAuditError("history: '--history' must be a local folder; for a history in an object store give "
+                          "its output_dir: --output-dir s3://bucket/runs")
+    if is_url(args.output_dir):               # the store's history, read from a fresh local copy
+        import tempfile
+        tmp = Path(tempfile.mkdtemp(prefix="xaudit-history-"))
+        pull(join(str(args.output_dir), FOLDER), tmp)
+        args.output_dir, args.history = str(tmp), str(tmp)
     folder = folder_for(args.output_dir, args.history)
     if not folder.is_dir():
         raise XAuditError(f"history: no history folder at {str(folder)!r} (audits write one under their "
@@ -164,7 +175,7 @@ def _history(args) -> int:
 def _trust(prefixes: list[str]) -> None:
     """Add operator-trusted factory prefixes to the environment (so shard tasks in threads, and workers started
     from this process, see them too)."""
-    from tasks.models import TRUSTED_FACTORIES_ENV
+    from xaudit.tasks.models import TRUSTED_FACTORIES_ENV
     if prefixes:
         current = os.environ.get(TRUSTED_FACTORIES_ENV, "")
         os.environ[TRUSTED_FACTORIES_ENV] = ",".join(p for p in [current, *prefixes] if p)
@@ -173,7 +184,7 @@ def _trust(prefixes: list[str]) -> None:
 def _settled(config, new_id):
     """Return the config with an absolute output_dir (workers elsewhere resolve relative paths in their own
     working directory) and a run id chosen now, so a run that stops part-way can be named and resumed."""
-    from tasks.storage import is_url
+    from xaudit.tasks.storage import is_url
     out = config.output_dir if is_url(config.output_dir) else Path(config.output_dir).resolve()
     return config.model_copy(update={"output_dir": out, "run_id": config.run_id or new_id()})
 
@@ -181,8 +192,8 @@ def _settled(config, new_id):
 def _flow_call(fn, config):
     """Run a flow; an input error is re-raised as is, any other failure of a started run as `RunStopped`
     naming its kept run directory."""
-    from tasks.stopping import STOP, reason
-    from tasks.storage import local_output_dir
+    from xaudit.tasks.stopping import STOP, reason
+    from xaudit.tasks.storage import local_output_dir
     run_dir = local_output_dir(config.output_dir) / config.run_id       # a URL's run: its staged copy
     try:
         try:
@@ -210,7 +221,7 @@ def _flow_call(fn, config):
 
 def _loaded_configs(args: argparse.Namespace) -> list:
     """Load every config of `xaudit run` (a bad field fails here, in moments)."""
-    from tasks.config import load_config, new_run_id
+    from xaudit.tasks.config import load_config, new_run_id
     _trust(args.trust_factory)
     overrides = {k: v for k, v in (("run_id", args.run_id), ("output_dir", args.output_dir),
                                    ("device", args.device)) if v}
@@ -230,8 +241,8 @@ def _loaded_configs(args: argparse.Namespace) -> list:
 
 def _preflight_all(paths: list[str], configs: list) -> None:
     """Preflight every config in full (model, probe forward, data schema) before any runs."""
-    from tasks.models import cached_model
-    from tasks.preflight import preflight_audit
+    from xaudit.tasks.models import cached_model
+    from xaudit.tasks.preflight import preflight_audit
     for c, config in zip(paths, configs):
         try:
             preflight_audit(config, load=cached_model)
@@ -240,11 +251,11 @@ def _preflight_all(paths: list[str], configs: list) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tasks.storage import is_url
+    from xaudit.tasks.storage import is_url
     configs = _loaded_configs(args)
     with api_server_starting():             # Prefect's server comes up while the configs are checked
         _preflight_all(args.configs, configs)
-    import flows.audit as audit_flow
+    import xaudit.flows.audit as audit_flow
     flow_fn = audit_flow.audit
     if args.runner == "dask" or args.dask_address:
         flow_fn = flow_fn.with_options(task_runner=dask_runner(args.dask_address))
@@ -273,7 +284,8 @@ def dask_runner(address: str | None):
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
-        raise XAuditError("xaudit run: '--runner dask' needs prefect-dask: pip install -e '.[dask]'") from None
+        require_extra("dask", "xaudit run: '--runner dask'")
+        raise
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={"processes": False, "n_workers": 1, "threads_per_worker": 2,
@@ -285,7 +297,7 @@ def progress_bars(show: bool, label: str):
     """Draw a bar per phase of the run (scoring in images, the randomisation check in rounds, ...) with an ETA
     on stderr while the block runs, when `show`; the phases' notes (a check's size and estimated cost) are
     printed to stderr either way."""
-    from tasks import progress
+    from xaudit.tasks import progress
     if not show:
         def quiet(phase: str, advance: int, total: int | None, note: str | None = None) -> None:
             if note:
@@ -326,16 +338,16 @@ def cost_line(cost: dict | None) -> str:
 
 
 def _review(args: argparse.Namespace) -> int:
-    from tasks.config import load_review_config, new_run_id
-    from tasks.models import cached_model
-    from tasks.preflight import preflight_review
+    from xaudit.tasks.config import load_review_config, new_run_id
+    from xaudit.tasks.models import cached_model
+    from xaudit.tasks.preflight import preflight_review
     _trust(args.trust_factory)
     overrides = {k: v for k, v in (("run_id", args.run_id), ("output_dir", args.output_dir),
                                    ("device", args.device)) if v}
     config = _settled(load_review_config(args.config, overrides), lambda: new_run_id("review-"))
     with api_server_starting():
         preflight_review(config, load=cached_model)
-    from flows.review import review
+    from xaudit.flows.review import review
     t0 = time.perf_counter()
     result, failed_run = _flow_call(review, config)
     print(f"{args.config}: {result['verdict']} · {result['n_failed']} of {result['n_checks']} checks failed · "
@@ -350,7 +362,7 @@ def _on_remote_run(args: argparse.Namespace) -> int:
     """`verify` / `render` of a run in a store: copy it into a temporary folder, do the same there, and for
     `render` upload the new reports and manifest.json (last) back."""
     import tempfile
-    from tasks import storage
+    from xaudit.tasks import storage
     url = args.run_dir.rstrip("/")
     storage.check_url(url, "RUN_DIR", write=args.command == "render")
     with tempfile.TemporaryDirectory(prefix="xaudit-remote-") as tmp:
@@ -383,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     seen: list[str] = []
 
     def collect(message, category, filename, lineno, file=None, line=None) -> None:
-        text = f"xaudit: warning: {category.__name__}: {str(message).strip()} ({Path(filename).name}:{lineno})"
+        text = f"xaudit: warning: {category.__name__}: {redact(str(message).strip())} ({Path(filename).name}:{lineno})"
         if text not in seen:
             seen.append(text)
     with warnings.catch_warnings():
@@ -396,9 +408,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from tasks.storage import is_url
+    from xaudit.tasks.storage import is_url
     args = _parser().parse_args(argv)
-    from tasks.devices import keep_cpu_buffers
+    from xaudit.tasks.devices import keep_cpu_buffers
     keep_cpu_buffers()            # large CPU buffers are reused instead of page-faulted afresh per model call
     try:
         if args.command == "run":
@@ -410,8 +422,8 @@ def _main(argv: list[str] | None) -> int:
         if args.command in ("render", "verify") and is_url(args.run_dir):
             return _on_remote_run(args)
         if args.command == "render":
-            from tasks.outputs import REPORTS, seal, verify_run
-            from tasks.report import render_report, render_review
+            from xaudit.tasks.outputs import REPORTS, seal, verify_run
+            from xaudit.tasks.report import render_report, render_review
             review = (Path(args.run_dir) / "review_metrics.parquet").is_file()
             render = render_review if review else render_report
             if (Path(args.run_dir) / "attestation.intoto.json").exists():
@@ -444,16 +456,11 @@ def _main(argv: list[str] | None) -> int:
         if args.command == "history":
             return _history(args)
         if args.command == "verify":
-            from tasks.outputs import verify_run
+            from xaudit.tasks.outputs import verify_run
             problems = verify_run(args.run_dir)
-            try:
-                from tasks.signing import load_trust, verify_signatures
-            except ImportError:
-                found, sig_problems = ["signatures not checked: pyHanko is not installed (pip install "
-                                       "'xaudit[sign]')"], []
-            else:
-                trust = load_trust(args.trust) if args.trust is not None else None
-                found, sig_problems = verify_signatures(args.run_dir, trust)
+            from xaudit.tasks.signing import load_trust, verify_signatures
+            trust = load_trust(args.trust) if args.trust is not None else None
+            found, sig_problems = verify_signatures(args.run_dir, trust)
             problems += sig_problems
             for line in found:
                 print(line)
@@ -464,13 +471,16 @@ def _main(argv: list[str] | None) -> int:
                   f"{len(problems)} problem(s)")
             return EXIT_FAIL if problems else EXIT_OK
     except XAuditError as exc:
-        print(f"xaudit: error: {exc}", file=sys.stderr)
+        print(f"xaudit: error: {redact(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StoreUnavailable as exc:         # before a run started (preflight, verify, history, sign)
+        print(f"xaudit: error: {redact(exc)}; nothing was written: run the same command again", file=sys.stderr)
+        return EXIT_STOPPED
     except RunStopped as exc:
-        print(f"xaudit: error: {exc}", file=sys.stderr)
+        print(f"xaudit: error: {redact(exc)}", file=sys.stderr)
         return EXIT_STOPPED
     except Interrupted as exc:
-        print(f"xaudit: {exc}", file=sys.stderr)
+        print(f"xaudit: {redact(exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_BAD_INPUT
 

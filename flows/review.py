@@ -11,10 +11,10 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import final_state
-from flows.audit import audit
-from tasks import steps
-from tasks.config import ReviewConfig, new_run_id
+from xaudit.flows import final_state
+from xaudit.flows.audit import audit
+from xaudit.tasks import steps
+from xaudit.tasks.config import ReviewConfig, new_run_id
 
 
 @flow(name="xaudit-review")

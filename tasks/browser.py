@@ -15,6 +15,7 @@ import io
 import json
 import math
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-SCRIPT_PATH = Path(__file__).resolve().parent.parent / "templates" / "browser.js"
+SCRIPT_PATH = Path(str(resources.files("xaudit.templates"))) / "browser.js"   # package data
 # examples embedded beyond those the report itself shows, and the bytes all embedded examples may take
 SAMPLE_EXAMPLES = 240
 EXAMPLE_BUDGET = 3_500_000

@@ -33,17 +33,36 @@ def _location(value: Any) -> Any:
     's3:/b', a local folder). A URL holding a user name or password is refused: the config is recorded in the
     manifest and the reports, and credentials belong in the store's environment."""
     if isinstance(value, str) and is_url(value):
-        from urllib.parse import urlsplit
-        parts = urlsplit(value)
-        if parts.password is not None or (parts.username is not None and parts.scheme in ("http", "https")):
-            raise ValueError("must not hold credentials (user:password@); give them through the store's "
-                             "environment or configuration files (AWS_ACCESS_KEY_ID, a profile, ...)")
+        _no_credentials(value)
         return value
     return value if value is None or isinstance(value, Path) else Path(value)
 
 
+def _no_credentials(value: str) -> None:
+    from .storage import credentials_in
+    if credentials_in(value):
+        raise ValueError(f"must not hold credentials ({credentials_in(value)}); give them through the store's "
+                         "environment or configuration files (AWS_ACCESS_KEY_ID, a profile, ~/.netrc, ...)")
+
+
+def _local_path(value: Any) -> Any:
+    """A local file or folder only: a URL here is refused (pathlib would fold 's3://b/k' into a local folder
+    's3:/b/k' and nothing would reach the store)."""
+    if isinstance(value, str) and is_url(value):
+        raise ValueError("must be a local path; URLs are not read or written here")
+    return value
+
+
+def _url_without_credentials(value: Any) -> Any:
+    if isinstance(value, str):
+        _no_credentials(value)
+    return value
+
+
 # a local path or a URL read (and, for output_dir, written) through fsspec: see tasks/storage.py
 Location = Annotated[Path | str, BeforeValidator(_location)]
+# a local path only (signing keys, a separate history folder)
+LocalPath = Annotated[Path, BeforeValidator(_local_path)]
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
 
@@ -155,6 +174,9 @@ class DataSpec(_Strict):
                                                  "manifest's folder) or URLs")
     metadata_file: Location | None = Field(None, description="ImageFolder: a CSV or Parquet of metadata keyed "
                                                              "by 'id_column' (the image's path under the folder)")
+    allow_outside_members: bool = Field(False, description="manifest: also read members outside the manifest's "
+                                        "folder (absolute paths, URLs elsewhere, symlinks out of it); by default "
+                                        "such a member is a reject")
     filter: dict[str, Any] = Field(default_factory=dict, description="column: value, or column: [values]")
     id_column: str = "example_id"
     image_column: str = "image_png"
@@ -278,13 +300,13 @@ class SigningSpec(_Strict):
     statement). The passphrase of an encrypted key or PKCS#12 bundle is read from the environment variable
     `passphrase_env`, never from the config."""
 
-    key: Path | None = Field(None, description="PEM (or DER) private key: RSA, ECDSA or Ed25519")
-    cert: Path | None = Field(None, description="its PEM certificate (more certificates after it: the chain)")
-    chain: list[Path] = Field(default_factory=list, description="further certificates to embed")
-    pkcs12: Path | None = Field(None, description="instead of key and cert: a PKCS#12 (.p12/.pfx) bundle")
+    key: LocalPath | None = Field(None, description="PEM (or DER) private key: RSA, ECDSA or Ed25519 (a local file)")
+    cert: LocalPath | None = Field(None, description="its PEM certificate (more certificates after it: the chain)")
+    chain: list[LocalPath] = Field(default_factory=list, description="further certificates to embed")
+    pkcs12: LocalPath | None = Field(None, description="instead of key and cert: a PKCS#12 (.p12/.pfx) bundle")
     passphrase_env: str = Field("XAUDIT_SIGNING_PASSPHRASE", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,99}$",
                                 description="name of the environment variable holding the passphrase")
-    tsa_url: str | None = Field(None, pattern=r"^https?://[^\s]{1,500}$",
+    tsa_url: Annotated[str, BeforeValidator(_url_without_credentials)] | None = Field(None, pattern=r"^https?://[^\s]{1,500}$",
                                 description="RFC 3161 timestamp authority (PAdES B-T); none: B-B, signer's clock")
     reason: str = Field("audit sign-off", min_length=1, max_length=200)
     location: str | None = Field(None, max_length=200)
@@ -303,7 +325,8 @@ class HistorySpec(_Strict):
     "Since the last audit" section and `xaudit history` read."""
 
     enabled: bool = True
-    path: Path | None = Field(None, description="folder of the history; default: <output_dir>/_history")
+    path: LocalPath | None = Field(None, description="a local folder for the history; default: <output_dir>/_history "
+                                                     "(in the object store when output_dir is a URL)")
     name: str | None = Field(None, min_length=1, max_length=200,
                              description="which audit this is (runs of one name are compared); default: "
                                          "the report title")
@@ -579,7 +602,7 @@ class ReviewConfig(_RunChecks):
     report: ReportSpec = Field(default_factory=lambda: ReportSpec(title="Release review"))
     signing: SigningSpec | None = Field(None, description="sign the review when it ends (its attestation "
                                                           "covers both audits' files too)")
-    output_dir: Path = Path("runs")
+    output_dir: LocalPath = Field(Path("runs"), description="local folder of the review directories")
     run_id: str | None = Field(None, description="fixed id: a rerun reuses the audits' shards")
     seed: int = 0
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'")

@@ -9,6 +9,8 @@ import hashlib
 import io
 import json
 import math
+import posixpath
+import tarfile
 import re
 import unicodedata
 import warnings
@@ -172,34 +174,78 @@ def _manifest_table(path: Path | str, spec: DataSpec) -> pa.Table:
     return table
 
 
-def _read_member(ref: str | None, base: Path | str) -> tuple[bytes | None, str | None]:
-    """Return (the bytes of the image a manifest row names, None) or (None, why it cannot be read). A relative
-    path is under the manifest's folder (no '..' out of it); absolute paths and URLs are read as given."""
+def _unquoted(path: str) -> str:
+    """`path` percent-decoded until it no longer changes (a server may decode '%252e' twice)."""
+    from urllib.parse import unquote
+    for _ in range(5):
+        nxt = unquote(path)
+        if nxt == path:
+            break
+        path = nxt
+    return path.replace("\\", "/")
+
+
+def _under(url: str, base: str) -> bool:
+    """Whether URL `url` lies under the folder URL `base` once both are decoded and normalised."""
+    from urllib.parse import urlsplit
+    u, b = urlsplit(url), urlsplit(base)
+    if (u.scheme.lower(), u.netloc) != (b.scheme.lower(), b.netloc):
+        return False
+    parts = _unquoted(u.path).split("/")
+    if ".." in parts:
+        return False
+    inner, folder = posixpath.normpath("/" + "/".join(parts)), posixpath.normpath("/" + _unquoted(b.path))
+    return inner.startswith(folder.rstrip("/") + "/")
+
+
+def _read_member(ref: str | None, base: Path | str, anywhere: bool = False) -> tuple[bytes | None, str | None]:
+    """Return (the bytes of the image a manifest row names, None) or (None, why it cannot be read).
+
+    The rule (docs/inputs.md): a member resolves under the manifest's folder, checked after percent-decoding
+    (URLs) and after following symlinks (local files); a member elsewhere (an absolute path, a URL of another
+    folder or host, a symlink out of the folder) is a reject unless `data.allow_outside_members` is set by the
+    operator. What a reason quotes of a member is redacted (no credentials in any table)."""
     if ref is None or not str(ref).strip():
         return None, "missing image path"
     ref = str(ref)
+    shown = storage.redact(ref)
+    outside = (f"image path {shown!r} leaves the manifest's folder (members must lie under it unless "
+               f"'data.allow_outside_members' is true)")
     try:
-        if storage.is_url(ref) or storage.is_url(base) and not Path(ref).is_absolute():
-            url = ref if storage.is_url(ref) else storage.join(str(base), ref)
-            if ".." in url.split("://", 1)[1].split("/"):
-                return None, f"image path {ref!r} leaves the manifest's folder"
+        if storage.is_url(ref) or storage.is_url(base):
+            if storage.is_url(ref):
+                url = ref
+            elif Path(ref).is_absolute():
+                return None, outside
+            else:
+                url = storage.join(str(base), ref)
+            if ".." in _unquoted(url.split("://", 1)[1]).split("/"):
+                return None, outside
+            if not anywhere and not (storage.is_url(base) and _under(url, str(base))):
+                return None, outside
             fs, inner = storage.filesystem(url, "data.path")
             size = fs.size(inner)
             if size is not None and size > MAX_IMAGE_BYTES:
-                return None, f"image {ref!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB"
+                return None, f"image {shown!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB"
             return fs.cat_file(inner), None
         p = Path(ref)
         if not p.is_absolute():
             if ".." in p.parts:
-                return None, f"image path {ref!r} leaves the manifest's folder"
+                return None, outside
             p = Path(base) / p
+        if not anywhere and not p.resolve().is_relative_to(Path(base).resolve()):
+            return None, outside                    # an absolute path elsewhere, or a symlink out of the folder
         if p.stat().st_size > MAX_IMAGE_BYTES:
-            return None, f"image {ref!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB"
+            return None, f"image {shown!r} is larger than {MAX_IMAGE_BYTES // 2**20} MiB"
         return p.read_bytes(), None
     except XAuditError as exc:
-        return None, str(exc)[:200]
+        return None, storage.redact(str(exc)[:200])
     except (OSError, ValueError) as exc:
-        return None, f"image {ref!r} cannot be read: {type(exc).__name__}"
+        return None, f"image {shown!r} cannot be read: {type(exc).__name__}"
+    except Exception as exc:  # noqa: BLE001 - a transport error of the store (fsspec's own types) for one row
+        if storage.transient(exc):
+            raise
+        return None, f"image {shown!r} cannot be read: {type(exc).__name__}"
 
 
 def _manifest_batches(table: pa.Table, base: Path | str, spec: DataSpec, batch_size: int = 64
@@ -209,7 +255,11 @@ def _manifest_batches(table: pa.Table, base: Path | str, spec: DataSpec, batch_s
     with ThreadPoolExecutor(max_workers=8) as pool:
         for batch in table.to_batches(max_chunksize=batch_size):
             refs = batch.column(spec.path_column).to_pylist()
-            got = list(pool.map(lambda r: _read_member(r, base), refs))
+            got = list(pool.map(lambda r: _read_member(r, base, spec.allow_outside_members), refs))
+            # a member's URL may carry credentials: they were used to read it, and are never written
+            i = batch.schema.get_field_index(spec.path_column)
+            batch = batch.set_column(i, batch.schema.field(i), pa.array(
+                [None if r is None else storage.redact(r) for r in refs], batch.schema.field(i).type))
             batch = batch.append_column(pa.field(spec.image_column, pa.binary()), pa.array([g[0] for g in got], pa.binary()))
             yield batch.append_column(pa.field(READ_ERROR, pa.string()), pa.array([g[1] for g in got], pa.string()))
 
@@ -224,16 +274,31 @@ def _webdataset_shards(path: Path | str) -> list[Path | str]:
     return shards
 
 
+class _EndMarkedTarInfo(tarfile.TarInfo):
+    """A TarInfo that notes when the archive's end-of-archive marker (a zero block) is read. Python's tarfile
+    ends its iteration silently at the end of the data too, so a shard cut at a member boundary would read as
+    complete; a shard without the marker is truncated."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.xaudit_end_marker = True
+            raise
+
+
 def _webdataset_samples(path: Path | str, spec: DataSpec, with_bytes: bool = True) -> Iterator[dict[str, Any]]:
     """Yield one dict per sample of a WebDataset (members grouped by key: the member's path up to the first '.'
     of its name): id, image bytes (the first image member), label (from .cls, else the JSON's label_column)
     and the JSON's other scalar fields. A shard that cannot be read is a data error naming it."""
     import json
-    import tarfile
     for shard in _webdataset_shards(path):
         current: dict[str, Any] | None = None
         try:
-            with storage.open_binary(shard, "data.path") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            with storage.open_binary(shard, "data.path") as raw, \
+                    tarfile.open(fileobj=raw, mode="r|*", tarinfo=_EndMarkedTarInfo) as tar:
+                tar.xaudit_end_marker = False
                 for member in tar:
                     if not member.isfile():
                         continue
@@ -262,10 +327,15 @@ def _webdataset_samples(path: Path | str, spec: DataSpec, with_bytes: bool = Tru
                             value = {}
                             current["bad_json"] = True
                         current["json"] = value if isinstance(value, dict) else {}
+                if not tar.xaudit_end_marker:
+                    raise tarfile.ReadError(f"the archive ends after {tar.offset:,} bytes without its end marker "
+                                            f"(a truncated or partly written shard)")
             if current is not None:
                 yield current
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise XAuditError(f"ingest: WebDataset shard {str(shard)!r} could not be read to the end: "
+            if storage.transient(exc):
+                raise storage.store_error("data.path", str(shard), "could not be read to the end", exc) from None
+            raise XAuditError(f"ingest: WebDataset shard {storage.redact(shard)!r} could not be read to the end: "
                               f"{_reason(exc)}") from None
 
 

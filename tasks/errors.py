@@ -27,3 +27,31 @@ class VerdictFailed(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+# Optional features and the extra that installs what each imports: the one place these names live.
+EXTRAS = {"sign": ("pyhanko", "asn1crypto", "pyhanko_certvalidator"), "s3": ("s3fs",), "mlflow": ("mlflow",),
+          "dask": ("prefect_dask",), "lrp": ("zennit",), "slic": ("skimage",)}
+
+
+class MissingExtra(XAuditError):
+    """A feature that needs an optional extra that is not installed (exit 2, naming the extra)."""
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Raise `MissingExtra` naming `pip install 'xaudit[extra]'` unless every module of that extra imports."""
+    import importlib.util
+    for module in EXTRAS[extra]:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise MissingExtra(f"{what} needs the optional extra '{extra}' ({module} is not installed): "
+                               f"pip install 'xaudit[{extra}]'")
+
+
+class StoreUnavailable(Exception):
+    """An object store or registry that could not be reached (connection reset or refused, a timeout, a 5xx
+    answer, throttling), after retries with backoff. Not an input error: the tasks' retry policy retries it,
+    and a run that still fails ends resumable (exit 3), naming the `--run-id` that resumes it."""

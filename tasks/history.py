@@ -76,6 +76,11 @@ def history_files(folder: str | Path) -> list[Path]:
         missing = [n for n in SCHEMA.names if n not in schema.names]
         if missing:
             raise XAuditError(f"history: {f} lacks the columns {missing}; it is not an xaudit history file")
+        wrong = [f"{n} is {schema.field(n).type}, not {SCHEMA.field(n).type}" for n in SCHEMA.names
+                 if schema.field(n).type != SCHEMA.field(n).type]
+        if wrong:
+            raise XAuditError(f"history: {f}: the column {wrong[0]}; it is not an xaudit history file (the "
+                              f"history folder holds only the runs' history files)")
     return files
 
 
@@ -84,8 +89,12 @@ def read_history(folder: str | Path, audit: str | None = None) -> pa.Table:
     files = history_files(folder)
     if not files:
         return SCHEMA.empty_table()
-    table = ds.dataset([str(f) for f in files], format="parquet", schema=SCHEMA).to_table(
-        filter=(pc.field("audit") == audit) if audit is not None else None)
+    try:
+        table = ds.dataset([str(f) for f in files], format="parquet", schema=SCHEMA).to_table(
+            filter=(pc.field("audit") == audit) if audit is not None else None)
+    except (pa.ArrowException, OSError) as exc:      # a file whose schema reads but whose pages do not
+        raise XAuditError(f"history: a file in {str(folder)!r} cannot be read ({type(exc).__name__}: "
+                          f"{str(exc)[:160]}); the history folder holds only the runs' history files") from None
     return table.sort_by([("created_utc", "ascending"), ("run_id", "ascending")])
 
 

@@ -168,7 +168,7 @@ def preprocess_policy(values: dict[str, Any], input_size: tuple[int, int]) -> di
 
 # A model factory named in a config is code that xaudit calls: only these import prefixes are trusted, plus
 # the ones the operator (never the audited config) adds in XAUDIT_TRUSTED_FACTORIES or with --trust-factory.
-TRUSTED_FACTORIES = ("torchvision.models", "timm", "tasks.nets")
+TRUSTED_FACTORIES = ("torchvision.models", "timm", "xaudit.tasks.nets")
 TRUSTED_FACTORIES_ENV = "XAUDIT_TRUSTED_FACTORIES"
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 

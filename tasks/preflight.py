@@ -25,7 +25,7 @@ from .attribution import METHODS, get_method
 from .attribution._registry import resolve_params
 from .config import AttributionSpec, AuditConfig, ModelSpec, ReviewConfig, Threshold
 from .data import SourceInfo, inspect_source
-from .errors import XAuditError
+from .errors import XAuditError, require_extra
 from .metrics import METRICS
 from .metrics.evaluate import parse_term
 from .models import (ModelCard, build_model, first_lines, gradient_problem, pick_device, probe_inputs, probe_model,
@@ -304,10 +304,9 @@ def check_signing(config: AuditConfig | ReviewConfig) -> None:
     if s is None:
         return
     from .signing import load_credentials, passphrase_from_env
-    import importlib.util
-    if importlib.util.find_spec("pyhanko") is None:
-        raise XAuditError("config: 'signing' needs pyHanko: pip install 'xaudit[sign]'")
-    load_credentials(s.key, s.cert, s.pkcs12, s.chain, passphrase_from_env(s.passphrase_env), where="config: signing")
+    require_extra("sign", "config: 'signing'")
+    load_credentials(s.key, s.cert, s.pkcs12, s.chain, passphrase_from_env(s.passphrase_env), where="config: signing",
+                     passphrase_env=s.passphrase_env)
 
 
 def check_history(config: AuditConfig | ReviewConfig) -> None:

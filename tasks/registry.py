@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import XAuditError
+from .errors import XAuditError, require_extra
 from .storage import cache_root
 
 REF = re.compile(r"^models:/(?P<name>[^/@\s][^/@]*)(?:/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_.-]+))$")
@@ -53,7 +53,8 @@ def resolve(ref: str) -> tuple[Path, dict[str, Any]]:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
     except ImportError:
-        raise XAuditError("'model.mlflow' needs MLflow: pip install -e '.[mlflow]'") from None
+        require_extra("mlflow", "'model.mlflow'")
+        raise
     # fail in seconds, not after MLflow's default minutes of retries, when the registry cannot be reached
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 from dataclasses import dataclass
+from importlib import resources
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from .history import audit_name
 from .io import atomic_path, write_bytes
 from .metrics.probabilistic import ece_bins
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# package data (templates/ installs as xaudit.templates): found the same way in a clone and in a wheel
+TEMPLATES = Path(str(resources.files("xaudit.templates")))
 KEY_METRICS = ("accuracy", "f1_macro", "auc_ovr_macro", "ece", "log_loss")
 THUMB = 96
 

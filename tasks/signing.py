@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import XAuditError
+from .errors import XAuditError, require_extra
 from .io import atomic_path, sha256_file, write_json
 
 ATTESTATION = "attestation.intoto.json"
@@ -82,7 +82,8 @@ def _certificates(data: bytes, what: str) -> list[Any]:
 
 def load_credentials(key: str | Path | None = None, cert: str | Path | None = None,
                      pkcs12: str | Path | None = None, chain: list[str | Path] | tuple = (),
-                     passphrase: bytes | None = None, where: str = "sign") -> Credentials:
+                     passphrase: bytes | None = None, where: str = "sign",
+                     passphrase_env: str = PASSPHRASE_ENV) -> Credentials:
     """Return the signing key and certificate from PEM/DER files (`key`, `cert`) or a PKCS#12 bundle; the
     key must belong to the certificate, and be RSA, ECDSA or Ed25519."""
     from cryptography.hazmat.primitives import serialization
@@ -96,7 +97,7 @@ def load_credentials(key: str | Path | None = None, cert: str | Path | None = No
         try:
             k, c, more = p12.load_key_and_certificates(data, passphrase)
         except ValueError as exc:
-            hint = f" (set {PASSPHRASE_ENV})" if passphrase is None else " (check the passphrase)"
+            hint = f" (set {passphrase_env})" if passphrase is None else " (check the passphrase)"
             raise XAuditError(f"{where}: 'pkcs12' {pkcs12} cannot be opened{hint}: {exc}") from None
         if k is None or c is None:
             raise XAuditError(f"{where}: 'pkcs12' {pkcs12} must hold a private key and its certificate")
@@ -109,9 +110,9 @@ def load_credentials(key: str | Path | None = None, cert: str | Path | None = No
             k = (serialization.load_pem_private_key if b"-----BEGIN" in data else
                  serialization.load_der_private_key)(data, passphrase)
         except TypeError:
-            raise XAuditError(f"{where}: 'key' {key} is encrypted: set {PASSPHRASE_ENV} (or type the passphrase "
+            raise XAuditError(f"{where}: 'key' {key} is encrypted: set {passphrase_env} (or type the passphrase "
                               f"at the prompt)" if passphrase is None else
-                              f"{where}: 'key' {key} is not encrypted; unset {PASSPHRASE_ENV}") from None
+                              f"{where}: 'key' {key} is not encrypted; unset {passphrase_env}") from None
         except ValueError as exc:
             raise XAuditError(f"{where}: 'key' {key} is not a private key this can read (or the passphrase is "
                               f"wrong): {str(exc)[:200]}") from None
@@ -184,6 +185,7 @@ def _signature_box(pdf: bytes) -> tuple[int, tuple[float, float, float, float]]:
 def sign_pdf(path: Path, cred: Credentials, tsa_url: str | None = None, reason: str = "audit sign-off",
              location: str | None = None) -> dict[str, Any]:
     """Add a PAdES signature to the PDF at `path` (atomically replaced) and return what was signed."""
+    require_extra("sign", "sign: a PAdES signature")
     from asn1crypto import keys as asn1_keys
     from asn1crypto import x509 as asn1_x509
     from cryptography.hazmat.primitives import serialization
@@ -363,8 +365,23 @@ def verify_signatures(run_dir: str | Path, trust: list[Any] | None = None) -> tu
     return lines, problems
 
 
+def _signature_count(pdf: Path) -> int:
+    """Return how many signed signature fields `pdf` has, read with pypdf (a core dependency); a PDF pypdf
+    cannot read counts as one, so pyHanko (which reports why) gets to look at it."""
+    from pypdf import PdfReader
+    try:
+        fields = PdfReader(pdf, strict=False).get_fields() or {}
+    except Exception:  # noqa: BLE001 - damaged: let the full check say so
+        return 1
+    return sum(1 for f in fields.values() if f.get("/FT") == "/Sig" and f.get("/V") is not None)
+
+
 def _verify_pdf(pdf: Path, trust: list[Any] | None, lines: list[str], problems: list[str]) -> int:
-    """Validate every signature in `pdf` with pyHanko; returns how many there are."""
+    """Validate every signature in `pdf` with pyHanko; returns how many there are. Without pyHanko (the `sign`
+    extra) a PDF without signatures needs nothing more; one with signatures is refused naming the extra."""
+    if _signature_count(pdf) == 0:
+        return 0
+    require_extra("sign", f"verify: {pdf.name} carries PAdES signatures; checking them")
     from asn1crypto import x509 as asn1_x509
     from pyhanko.pdf_utils.reader import PdfFileReader
     from pyhanko.sign.validation import validate_pdf_signature

@@ -39,7 +39,8 @@ def _retry_unless_input_error(task, task_run, state) -> bool:
     return not isinstance(error, (XAuditError, RunInterrupted))
 
 
-IO_RETRIES = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_unless_input_error)
+# on top of the store operations' own retries (tasks/storage.py: retrying): the whole step again, later
+IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_unless_input_error)
 
 
 @task(name="prepare-run")
@@ -401,6 +402,7 @@ def sign_run(run_dir: str, config: AuditConfig | ReviewConfig) -> dict[str, Any]
     from . import signing
     s = config.signing
     cred = signing.load_credentials(s.key, s.cert, s.pkcs12, s.chain, signing.passphrase_from_env(s.passphrase_env),
+                                    passphrase_env=s.passphrase_env,
                                     where="signing")
     return signing.sign_run(run_dir, cred, s.tsa_url, s.reason, s.location)
 

@@ -37,6 +37,39 @@ MANIFEST = "manifest.json"
 FETCHED: dict[str, dict[str, Any]] = {}
 
 
+# query parameters that carry credentials: presigned S3/GCS URLs, Azure SAS, OAuth tokens, API keys
+_SECRET_QUERY = re.compile(
+    r"(?i)^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|sig|signature|se|sp|sv|"
+    r"skoid|sktid|token|access_token|id_token|auth|authorization|key|api_key|apikey|password|passwd|pwd|secret|"
+    r"client_secret|code)$")
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#@\s'\"]*)@")
+_QUERY_PARAM = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
+REDACTED = "***"
+
+
+def credentials_in(url: str) -> str | None:
+    """Return what kind of credential `url` holds ('user:password@', 'the query parameter sig'), or None."""
+    m = _USERINFO.search(url)
+    if m:
+        return "user:password@" if ":" in m["userinfo"] else "a user name or token before '@'"
+    for q in _QUERY_PARAM.finditer(url):
+        if _SECRET_QUERY.match(q["name"]) and q["value"]:
+            return f"the query parameter {q['name']}"
+    return None
+
+
+def redact(text: Any) -> str:
+    """Return `text` with the credentials of every URL in it replaced by '***': the user information before
+    '@' and the values of query parameters that carry secrets (presigned signatures, SAS, tokens, keys). What
+    xaudit writes or prints about a URL goes through this (tables, reports, messages)."""
+    text = str(text)
+    if "://" not in text:
+        return text
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", text)
+    return _QUERY_PARAM.sub(lambda m: f"{m['sep']}{m['name']}={REDACTED}" if _SECRET_QUERY.match(m["name"])
+                            else m[0], text)
+
+
 def is_url(value: Any) -> bool:
     """True for a string with a scheme (`s3://...`); a Windows drive letter is not one."""
     return isinstance(value, str) and bool(URL.match(value)) and len(URL.match(value)["scheme"]) > 1
@@ -51,15 +84,15 @@ def check_url(url: str, field: str, write: bool = False) -> None:
     s = scheme(url)
     allowed = WRITABLE if write else READABLE
     if s not in allowed:
-        raise XAuditError(f"'{field}' {url!r}: the scheme {s}:// is not supported{' for outputs' if write else ''}; "
+        raise XAuditError(f"'{field}' {redact(url)!r}: the scheme {s}:// is not supported{' for outputs' if write else ''}; "
                           f"use a local path or one of {', '.join(x + '://' for x in allowed if x != 'file')}")
     try:
         import fsspec
         fsspec.get_filesystem_class(s)
     except (ImportError, ValueError) as exc:
         package = PACKAGES.get(s, "its fsspec backend")
-        raise XAuditError(f"'{field}' {url!r} needs the package {package} (pip install {package}): "
-                          f"{str(exc)[:120]}") from None
+        how = "pip install 'xaudit[s3]'" if package == "s3fs" else f"pip install {package}"
+        raise XAuditError(f"'{field}' {redact(url)!r} needs the package {package}: {how}") from None
 
 
 def filesystem(url: str, field: str):
@@ -69,22 +102,115 @@ def filesystem(url: str, field: str):
     try:
         return url_to_fs(url)
     except Exception as exc:                       # a bad bucket name, missing credentials, ...
-        raise XAuditError(f"'{field}' {url!r} cannot be opened: {type(exc).__name__}: {str(exc)[:200]}") from None
+        raise store_error(field, url, "cannot be opened", exc) from None
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    return f"{type(exc).__name__}: {redact(str(exc).strip()[:200])}"
+
+
+# --- transient faults ------------------------------------------------------------------------------------
+
+_TRANSIENT_NAMES = {
+    "ServerDisconnectedError", "ClientConnectionError", "ClientConnectorError", "ClientOSError",
+    "ClientPayloadError", "ServerTimeoutError", "EndpointConnectionError", "ConnectTimeoutError",
+    "ReadTimeoutError", "ConnectionClosedError", "ProxyConnectionError", "ResponseStreamingError",
+    "IncompleteReadError", "RemoteDisconnected", "ProtocolError", "ChunkedEncodingError", "ReadTimeout",
+    "ConnectTimeout", "IncompleteRead",
+}
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                    "ServiceUnavailable", "InternalError", "RequestLimitExceeded", "TooManyRequests", "503", "500",
+                    "502", "504", "429"}
+_TRANSIENT_TEXT = re.compile(r"(?i)(50[0-4]|429)|service unavailable|slow ?down|throttl|timed? ?out|"
+                             r"connection (reset|refused|aborted|closed)|server disconnected|broken pipe|"
+                             r"temporarily unavailable|too many requests|remote end closed")
+
+
+def _status(exc: BaseException) -> int | None:
+    for attr in ("status", "status_code", "code"):
+        v = getattr(exc, attr, None)
+        if isinstance(v, int) and 100 <= v < 600:
+            return v
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, dict):
+        v = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        if isinstance(v, int):
+            return v
+    return None
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether `exc` (or any exception it was raised from) is a fault that may pass: a connection reset or
+    refused, a timeout, a 5xx or 429 answer, throttling. A missing object, a refused permission or bad data
+    is not (the user has to fix those)."""
+    import asyncio
+    import errno
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, XAuditError):
+            return False
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            # fsspec's HTTP answers FileNotFoundError for any failed request: what it was raised from decides
+            todo += [e.__cause__, None if e.__suppress_context__ else e.__context__]
+            continue
+        if isinstance(e, (ConnectionError, TimeoutError, asyncio.TimeoutError)) or type(e).__name__ in _TRANSIENT_NAMES:
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT,
+                                                  errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN):
+            return True
+        status = _status(e)
+        if status is not None and (status >= 500 or status == 429):
+            return True
+        code = (getattr(e, "response", None) or {}).get("Error", {}).get("Code") \
+            if isinstance(getattr(e, "response", None), dict) else None
+        if code in _TRANSIENT_CODES:
+            return True
+        if isinstance(e, OSError) and _TRANSIENT_TEXT.search(str(e)):
+            return True                 # s3fs turns a botocore error it gave up retrying into a bare OSError
+        todo += [e.__cause__, None if e.__suppress_context__ else e.__context__]
+    return False
+
+
+def store_error(field: str, url: str, what: str, exc: BaseException) -> Exception:
+    """Return the error to raise for a failed store operation: `StoreUnavailable` for a transient fault
+    (retried by the tasks, exit 3 when it persists), else `XAuditError` (the user's to fix, exit 2)."""
+    from .errors import StoreUnavailable
+    if transient(exc):
+        return StoreUnavailable(f"'{field}' {redact(url)!r}: {what}: the store could not be reached "
+                                f"({_reason(exc)})")
+    return XAuditError(f"'{field}' {redact(url)!r} {what}: {_reason(exc)}")
+
+
+RETRY_DELAYS = (0.5, 2.0, 5.0)        # seconds before the 2nd, 3rd and 4th attempt of one store operation
+
+
+def retrying(call, *args, **kwargs):
+    """Return call(*args, **kwargs), trying again after RETRY_DELAYS while it fails with a transient fault."""
+    import time
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if delay is None or not transient(exc):
+                raise
+            time.sleep(delay)
 
 
 def info(url: str, field: str) -> dict[str, Any]:
     """Return the store's facts about the object at `url` (size, ETag, version id); raise when it is absent."""
     fs, path = filesystem(url, field)
     try:
-        meta = fs.info(path)
-    except FileNotFoundError:
-        raise XAuditError(f"'{field}' {url!r} does not exist") from None
+        meta = retrying(fs.info, path)
+    except FileNotFoundError as exc:
+        if transient(exc):
+            raise store_error(field, url, "cannot be read", exc) from None
+        raise XAuditError(f"'{field}' {redact(url)!r} does not exist") from None
     except Exception as exc:
-        raise XAuditError(f"'{field}' {url!r} cannot be read: {_reason(exc)}") from None
+        raise store_error(field, url, "cannot be read", exc) from None
     etag = meta.get("ETag") or meta.get("etag")
     return dict(type=meta.get("type", "file"), size=meta.get("size"), etag=etag.strip('"') if isinstance(etag, str) else etag,
                 version_id=meta.get("VersionId") or meta.get("version_id") or meta.get("generation"))
@@ -100,7 +226,7 @@ def fetch(url: str, field: str) -> Path:
     from .io import sha256_file
     facts = info(url, field)
     if facts["type"] == "directory":
-        raise XAuditError(f"'{field}' {url!r} is a folder; it must name a file")
+        raise XAuditError(f"'{field}' {redact(url)!r} is a folder; it must name a file")
     key = hashlib.sha256(f"{url}\0{facts['etag']}\0{facts['version_id']}\0{facts['size']}".encode()).hexdigest()[:32]
     target = cache_root() / "fetch" / key / (posixpath.basename(url.rstrip("/")) or "object")
     known = FETCHED.get(url) or {}
@@ -113,14 +239,14 @@ def fetch(url: str, field: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + f".part-{os.getpid()}")
         try:
-            fs.get_file(path, str(tmp))
+            retrying(fs.get_file, path, str(tmp))
             os.replace(tmp, target)
         except Exception as exc:
             tmp.unlink(missing_ok=True)
-            raise XAuditError(f"'{field}' {url!r} could not be downloaded: {_reason(exc)}") from None
+            raise store_error(field, url, "could not be downloaded", exc) from None
     if facts["size"] is not None and target.stat().st_size != facts["size"]:
         target.unlink(missing_ok=True)
-        raise XAuditError(f"'{field}' {url!r}: the copy has {target.stat().st_size} bytes, the store says "
+        raise XAuditError(f"'{field}' {redact(url)!r}: the copy has {target.stat().st_size} bytes, the store says "
                           f"{facts['size']}; run again")
     FETCHED[url] = dict(url=url, etag=facts["etag"], version_id=facts["version_id"], sha256=sha256_file(target),
                         bytes=target.stat().st_size)
@@ -144,13 +270,17 @@ def parquet_dataset(url: str, field: str):
     from pyarrow.fs import FSSpecHandler, PyFileSystem
     if scheme(url) in ("http", "https"):
         # a web server may not serve byte ranges (Parquet reads its footer first): take the file whole, once
-        return ds.dataset(str(fetch(url, field)), format="parquet")
+        local_copy = fetch(url, field)
+        try:
+            return ds.dataset(str(local_copy), format="parquet")
+        except Exception as exc:
+            raise XAuditError(f"'{field}' {redact(url)!r} is not readable Parquet: {_reason(exc)}") from None
     fs, path = filesystem(url, field)
     facts = info(url, field)
     try:
         dataset = ds.dataset(path, format="parquet", filesystem=PyFileSystem(FSSpecHandler(fs)))
     except Exception as exc:
-        raise XAuditError(f"'{field}' {url!r} is not readable Parquet: {_reason(exc)}") from None
+        raise store_error(field, url, "is not readable Parquet", exc) from None
     if facts["type"] != "directory":
         FETCHED.setdefault(url, dict(url=url, etag=facts["etag"], version_id=facts["version_id"], sha256=None,
                                      bytes=facts["size"]))
@@ -170,16 +300,16 @@ def check_output_url(url: str, run_id: str | None) -> None:
     fs, path = filesystem(url, "output_dir")
     try:
         if fs.isfile(path):
-            raise XAuditError(f"preflight: 'output_dir' {url!r} must be a folder; it is a file")
+            raise XAuditError(f"preflight: 'output_dir' {redact(url)!r} must be a folder; it is a file")
         fs.ls(path.split("/", 1)[0]) if scheme(url) != "file" else None
     except XAuditError:
         raise
     except FileNotFoundError:
-        raise XAuditError(f"preflight: 'output_dir' {url!r}: its bucket does not exist") from None
+        raise XAuditError(f"preflight: 'output_dir' {redact(url)!r}: its bucket does not exist") from None
     except Exception as exc:
-        raise XAuditError(f"preflight: 'output_dir' {url!r} cannot be reached: {_reason(exc)}") from None
+        raise store_error("output_dir", url, "cannot be reached", exc) from None
     if run_id and fs.isfile(f"{path.rstrip('/')}/{run_id}"):
-        raise XAuditError(f"preflight: 'output_dir' {url!r}: {run_id!r} there is a file, not a run folder")
+        raise XAuditError(f"preflight: 'output_dir' {redact(url)!r}: {run_id!r} there is a file, not a run folder")
 
 
 def pull(url: str, local_dir: Path, field: str = "output_dir") -> int:
@@ -187,11 +317,11 @@ def pull(url: str, local_dir: Path, field: str = "output_dir") -> int:
     MD5 ETag); returns how many."""
     fs, path = filesystem(url, field)
     try:
-        if not fs.exists(path):
+        if not retrying(fs.exists, path):
             return 0
-        found = fs.find(path, detail=True)
+        found = retrying(fs.find, path, detail=True)
     except Exception as exc:
-        raise XAuditError(f"'{field}' {url!r} cannot be listed: {_reason(exc)}") from None
+        raise store_error(field, url, "cannot be listed", exc) from None
     n = 0
     root = path.rstrip("/")
     for name, meta in sorted(found.items()):
@@ -209,7 +339,11 @@ def _download(fs, name: str, meta: dict[str, Any], target: Path) -> int:
         return 0
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".part-{os.getpid()}")
-    fs.get_file(name, str(tmp))
+    try:
+        retrying(fs.get_file, name, str(tmp))
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise store_error("output_dir", name, "could not be downloaded", exc) from None
     os.replace(tmp, target)
     return 1
 
@@ -220,10 +354,10 @@ def publish(local_dir: Path, url: str, field: str = "output_dir") -> int:
     fs, path = filesystem(url, field)
     root = path.rstrip("/")
     try:
-        remote = {name[len(root):].lstrip("/"): meta for name, meta in fs.find(root, detail=True).items()} \
-            if fs.exists(root) else {}
+        remote = {name[len(root):].lstrip("/"): meta for name, meta in retrying(fs.find, root, detail=True).items()} \
+            if retrying(fs.exists, root) else {}
     except Exception as exc:
-        raise XAuditError(f"'{field}' {url!r} cannot be listed: {_reason(exc)}") from None
+        raise store_error(field, url, "cannot be listed", exc) from None
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and ".part-" not in p.name)
     files.sort(key=lambda p: p.relative_to(local_dir).as_posix() == MANIFEST)      # the manifest last
     n = 0
@@ -233,10 +367,10 @@ def publish(local_dir: Path, url: str, field: str = "output_dir") -> int:
         if there is not None and there.get("size") == p.stat().st_size and rel != MANIFEST and not _changed(there, p):
             continue
         try:
-            fs.put_file(str(p), f"{root}/{rel}")
+            retrying(fs.put_file, str(p), f"{root}/{rel}")
         except Exception as exc:
-            raise XAuditError(f"'{field}' {url!r}: uploading {rel} failed: {_reason(exc)}; the run is complete "
-                              f"in {local_dir}: rerun to publish it") from None
+            raise store_error(field, url, f"uploading {rel} failed (the run is complete in {local_dir}; "
+                                          f"rerun with the same --run-id to publish it)", exc) from None
         n += 1
     return n
 
@@ -318,9 +452,11 @@ def pull_matching(url_dir: str, local_dir: Path, prefix: str, field: str = "outp
     here or differing: size, or the store's MD5 ETag); returns how many."""
     fs, path = filesystem(url_dir, field)
     try:
-        found = fs.ls(path, detail=True) if fs.exists(path) else []
+        found = retrying(fs.ls, path, detail=True) if retrying(fs.exists, path) else []
     except FileNotFoundError:
         return 0
+    except Exception as exc:
+        raise store_error(field, url_dir, "cannot be listed", exc) from None
     n = 0
     for meta in found:
         name = meta["name"].rstrip("/").rsplit("/", 1)[-1]
@@ -334,7 +470,10 @@ def push_files(files: list[Path], url_dir: str, field: str = "output_dir") -> No
     """Upload `files` into `url_dir` under their names (a shard's parts, from the worker that scored it)."""
     fs, path = filesystem(url_dir, field)
     for f in files:
-        fs.put_file(str(f), f"{path.rstrip('/')}/{f.name}")
+        try:
+            retrying(fs.put_file, str(f), f"{path.rstrip('/')}/{f.name}")
+        except Exception as exc:
+            raise store_error(field, url_dir, f"uploading {f.name} failed", exc) from None
 
 
 PART_KEYS = ("predictions", "explanations", "rejects")

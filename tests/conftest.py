@@ -29,8 +29,8 @@ def prefect_harness():
 
 @pytest.fixture
 def demo_card():
-    from tasks.config import ModelSpec
-    from tasks.models import resolve_card
+    from xaudit.tasks.config import ModelSpec
+    from xaudit.tasks.models import resolve_card
     return resolve_card(ModelSpec(card=DATA / "models" / "baseline.json"))
 
 

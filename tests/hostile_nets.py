@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks.nets import DemoCNN
+from xaudit.tasks.nets import DemoCNN
 
 
 class TupleNet(DemoCNN):

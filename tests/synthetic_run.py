@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from tasks.config import parse_config
-from tasks.io import write_json
-from tasks.metrics import ExampleStat, evaluate, validate
-from tasks.outputs import artifact_hashes
+from xaudit.tasks.config import parse_config
+from xaudit.tasks.io import write_json
+from xaudit.tasks.metrics import ExampleStat, evaluate, validate
+from xaudit.tasks.outputs import artifact_hashes
 
 CLASSES = ["cat", "dog", "<img src=x onerror=alert(1)>"]
 
@@ -85,7 +85,7 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
     pq.write_table(pa.Table.from_pylist([{"example_id": "ex-bad", "stage": "decode",
                                           "reason": "corrupt image: <b>not a PNG</b>"}]), run_dir / "rejects.parquet")
     config = parse_config({
-        "model": {"name": "pets", "factory": "tasks.nets:demo_cnn", "weights": "pets.safetensors"},
+        "model": {"name": "pets", "factory": "xaudit.tasks.nets:demo_cnn", "weights": "pets.safetensors"},
         "data": {"path": "pets.parquet", "filter": {"site": ["north", "south"]}},
         "run_id": run_id, "attribution": {"methods": ["saliency", "gradcam"], "heatmap_size": 8},
         "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200, "min_slice_size": 5,
@@ -105,7 +105,7 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
     result = validate(ev, config.metrics.thresholds)
     write_json(run_dir / "validation.json", {"run_id": run_id, "model": "pets@2.0", **result.to_dict(),
                "interval": {"ci_method": ev.method, "ci_replicates": "200", "ci_seed": "0", "ci_level": "0.95"}})
-    card = {"name": "pets", "version": "2.0", "factory": "tasks.nets:demo_cnn", "weights": "pets.safetensors",
+    card = {"name": "pets", "version": "2.0", "factory": "xaudit.tasks.nets:demo_cnn", "weights": "pets.safetensors",
             "weights_sha256": "0" * 64, "kwargs": {}, "input_size": [colour or 16, colour or 16],
             "channels": 3 if colour else 1, "mean": [0.5] * (3 if colour else 1), "std": [0.25] * (3 if colour else 1), "class_names": classes, "target_layer": None, "description": "A pets model.", "extra": {}}
     manifest = {
@@ -125,9 +125,9 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
 def build_review(review_dir: Path) -> Path:
     """Write a finished release review (fixed ids and clock) of a synthetic candidate that is worse on site
     'south' against its baseline, with the real comparison code (`tasks.review.review_runs`)."""
-    from tasks.config import ReviewConfig
-    from tasks.io import sha256_file
-    from tasks.review import review_runs
+    from xaudit.tasks.config import ReviewConfig
+    from xaudit.tasks.io import sha256_file
+    from xaudit.tasks.review import review_runs
     review_dir.mkdir(parents=True, exist_ok=True)
     build(review_dir / "baseline", run_id="baseline")
     build(review_dir / "candidate", degrade=2.5, run_id="candidate")

@@ -17,9 +17,9 @@ import torchvision
 import yaml
 
 from conftest import DATA
-from flows.cli import main as cli
-from tasks.attribution import find_layer
-from tasks.outputs import verify_run
+from xaudit.flows.cli import main as cli
+from xaudit.tasks.attribution import find_layer
+from xaudit.tasks.outputs import verify_run
 
 SIZE = 32          # the demo's digits; ViT-B/16 then has a 2x2 patch grid plus its class token
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torchvision
 
-from tasks.attribution import METHODS, attribute
-from tasks.attribution.engine import find_layer
-from tasks.errors import XAuditError
+from xaudit.tasks.attribution import METHODS, attribute
+from xaudit.tasks.attribution.engine import find_layer
+from xaudit.tasks.errors import XAuditError
 
 K = 5
 

@@ -9,10 +9,10 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.attribution import METHODS, attribute, display_heatmap
-from tasks.attribution._surrogate import feature_masks
-from tasks.errors import XAuditError
-from tasks.nets import DemoCNN
+from xaudit.tasks.attribution import METHODS, attribute, display_heatmap
+from xaudit.tasks.attribution._surrogate import feature_masks
+from xaudit.tasks.errors import XAuditError
+from xaudit.tasks.nets import DemoCNN
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -204,7 +204,7 @@ def test_contract_every_registered_method(name):
 def test_surrogates_on_slic_superpixels_batch_equals_row_by_row(name):
     """SLIC gives each image its own number of superpixels; a batch pads the smaller ones with features that
     never vary, which must leave every image's coefficients as it gets them alone."""
-    from tasks.attribution.integrated_gradients import gaussian_blur
+    from xaudit.tasks.attribution.integrated_gradients import gaussian_blur
     model = demo_model()
     x = gaussian_blur(torch.rand((4, 3, 32, 32), generator=torch.Generator().manual_seed(1)), 2.0)
     x = (x - x.amin((1, 2, 3), keepdim=True)) / (x.amax((1, 2, 3), keepdim=True) - x.amin((1, 2, 3), keepdim=True))
@@ -258,7 +258,7 @@ def exact_shapley(model, x, target, masks, n_features):
 
 
 def test_kernel_shap_converges_to_exact_shapley_and_beats_captum_per_evaluation():
-    from tasks.attribution._surrogate import feature_masks
+    from xaudit.tasks.attribution._surrogate import feature_masks
     model = demo_model()
     x = inputs_for((3, 32, 32), 2)
     masks = feature_masks(x, "grid", 9)                       # 3 x 3 grid: 9 features, 512 coalitions
@@ -269,7 +269,7 @@ def test_kernel_shap_converges_to_exact_shapley_and_beats_captum_per_evaluation(
         torch.tensor([int((masks[i].flatten() == f).nonzero()[0]) for f in range(9)])] for i in range(2)])
     torch.testing.assert_close(ours, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
     # below that, enumerated sizes and sampled pairs share the kernel's mass exactly
-    from tasks.attribution.kernel_shap import coalition_plan
+    from xaudit.tasks.attribution.kernel_shap import coalition_plan
     for budget in (11, 12, 15, 24, 48, 96, 200, 512):
         enumerated, pairs, w = coalition_plan(9, budget)
         sampled = [t for t in range(1, 9) if t not in enumerated and 9 - t not in enumerated]
@@ -314,7 +314,7 @@ def test_kernel_shap_converges_to_exact_shapley_and_beats_captum_per_evaluation(
 
 def test_lime_agrees_with_captum_lime_on_the_same_mask_and_surrogate():
     from captum._utils.models.linear_model import SkLearnLinearRegression
-    from tasks.attribution._surrogate import feature_masks
+    from xaudit.tasks.attribution._surrogate import feature_masks
     model = demo_model()
     x = inputs_for((3, 32, 32), 2)
     masks = feature_masks(x, "grid", 16)
@@ -475,7 +475,7 @@ def test_cam_on_vision_transformers_equals_pytorch_grad_cam_with_its_reshape(mak
     pgc = pytest.importorskip("pytorch_grad_cam")
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     model = make()
-    from tasks.attribution import find_layer
+    from xaudit.tasks.attribution import find_layer
     x, t = inputs_for((3, 32, 32), 3, seed=4), distinct_targets(3)
     assert find_layer(model, None, x) is model.get_submodule(layer_name)     # the automatic target layer
     res = attribute(model, x, [method], target=t)
@@ -499,7 +499,7 @@ def test_cam_on_vision_transformers_equals_pytorch_grad_cam_with_its_reshape(mak
 
 
 def test_token_grids_follow_the_image_aspect_and_extra_tokens():
-    from tasks.attribution.engine import to_grid
+    from xaudit.tasks.attribution.engine import to_grid
     ln = nn.LayerNorm(8)
     tokens = torch.arange(2 * (2 + 12) * 8, dtype=torch.float).reshape(2, 14, 8)    # 2 extra + 3x4 patches
     grid = to_grid(tokens, ln, (30, 40))
@@ -589,7 +589,7 @@ class _AuxHead(nn.Module):
 ])
 def test_the_automatic_cam_layer_is_the_last_map_every_path_goes_through(make, side, expected):
     from captum.attr import LayerGradCam
-    from tasks.attribution import find_layer
+    from xaudit.tasks.attribution import find_layer
     torch.manual_seed(0)
     model = make()
     x, t = inputs_for((3, side, side), 2), torch.tensor([1, 3])
@@ -618,7 +618,7 @@ def test_timm_vision_transformers_take_the_last_block_norm_not_the_patch_embeddi
     """timm's blocks normalise with its own LayerNorm subclass: the automatic layer was the patch embedding's
     conv (the first layer of the net) for timm ViT, DeiT, BEiT and DINOv2."""
     timm = pytest.importorskip("timm")
-    from tasks.attribution import find_layer
+    from xaudit.tasks.attribution import find_layer
     model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=5, img_size=32).eval()
     x = inputs_for((3, 32, 32), 2)
     assert find_layer(model, None, x) is model.blocks[-1].norm1

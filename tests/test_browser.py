@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthetic_run import build, build_review
-from tasks import browser
-from tasks.report import render_report, render_review
+from xaudit.tasks import browser
+from xaudit.tasks.report import render_report, render_review
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -280,7 +280,7 @@ def test_without_javascript_the_report_reads_as_the_static_one(tmp_path, audit):
     assert policy.endswith(f"; script-src 'sha256-{digest}'") and "default-src 'none'" in policy
     assert f"<script>{script}</script>" in html
     assert html.count("<script") == 2                      # the data block and the one admitted script
-    from tasks.report import _documents, report_context
+    from xaudit.tasks.report import _documents, report_context
     pdf_html = _documents("report.html.j2", report_context(run), ("pdf",))["pdf"]
     assert "<script" not in pdf_html and "script-src" not in pdf_html and 'id="browse"' not in pdf_html
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.attribution import attribute
+from xaudit.tasks.attribution import attribute
 
 
 def _biased(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -136,7 +136,7 @@ def test_deeplift_where_the_input_equals_the_baseline_equals_captum():
     model; a model that never meets one never pays for the check."""
     from captum.attr import DeepLift
 
-    from tasks.attribution.deeplift import _ZEROS_SEEN
+    from xaudit.tasks.attribution.deeplift import _ZEROS_SEEN
     torch.manual_seed(5)
     model = _biased(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(6, 6, 3, padding=1),
                                   nn.ReLU(), nn.Flatten(), nn.Linear(6 * 16 * 16, 4))).double()

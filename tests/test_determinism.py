@@ -54,7 +54,7 @@ def setup(prefect_harness, tmp_path_factory):
 
 
 def _command(setup) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "run", str(setup["config"])]
+    return [sys.executable, "-m", "xaudit.flows.cli", "run", str(setup["config"])]
 
 
 def run_to_end(setup) -> None:

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATA
-from flows.audit import audit
-from flows.cli import main as cli
-from tasks.config import load_config
-from tasks.outputs import verify_run
+from xaudit.flows.audit import audit
+from xaudit.flows.cli import main as cli
+from xaudit.tasks.config import load_config
+from xaudit.tasks.outputs import verify_run
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_input_errors_are_not_retried(prefect_harness, small_data, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, TaskRunFilter, TaskRunFilterName
     from prefect.client.schemas.sorting import TaskRunSort
-    from tasks.errors import XAuditError
+    from xaudit.tasks.errors import XAuditError
     config = config_for(small_data, tmp_path, run_id="bad-filter")
     config = config.model_copy(update={"data": config.data.model_copy(update={"filter": {"hospital": "X"}})})
     with pytest.raises(XAuditError, match="'data.filter' names column 'hospital'"):
@@ -161,7 +161,7 @@ def test_failing_verdict_can_fail_the_flow_run_after_writing_everything(prefect_
     import asyncio
     import uuid
     from prefect.client.orchestration import get_client
-    from tasks.errors import VerdictFailed
+    from xaudit.tasks.errors import VerdictFailed
     strict = {"metrics": {"slices": [[]], "bootstrap_replicates": 50,
                           "thresholds": [{"metric": "accuracy", "lower": 0.9999}]}}
     config = config_for(small_data, tmp_path, run_id="strict", flow_run_fails_on="FAIL", **strict)

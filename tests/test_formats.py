@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import DATA
-from tasks.config import DataSpec, ModelSpec
-from tasks.data import decode_shard, ingest, inspect_source
-from tasks.errors import XAuditError
-from tasks.models import resolve_card
+from xaudit.tasks.config import DataSpec, ModelSpec
+from xaudit.tasks.data import decode_shard, ingest, inspect_source
+from xaudit.tasks.errors import XAuditError
+from xaudit.tasks.models import resolve_card
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -74,14 +74,15 @@ def test_a_manifest_of_image_paths_and_urls_decodes_as_the_images_do_and_bad_mem
     paths[6] = ""                                                      # no path
     manifest = pd.DataFrame({"example_id": rows.example_id, "path": paths, "label": rows.label, "site": rows.site})
     manifest.to_csv(tmp_path / "manifest.csv", index=False)
-    spec = DataSpec(path=tmp_path / "manifest.csv")
+    spec = DataSpec(path=tmp_path / "manifest.csv", allow_outside_members=True)     # the URL member
     info = inspect_source(spec)
     assert info.format == "manifest" and info.n_rows == 12 and set(info.metadata_columns) == {"path", "site"}
     result = ingest(spec, tmp_path / "a", 64)
     rejects = pq.read_table(tmp_path / "a" / "ingest-rejects.parquet").to_pylist()
     assert [(r["example_id"], r["reason"]) for r in rejects] == [
         (rows.example_id[2], "image 'imgs/missing.png' cannot be read: FileNotFoundError"),
-        (rows.example_id[4], "image path '../outside.png' leaves the manifest's folder"),
+        (rows.example_id[4], "image path '../outside.png' leaves the manifest's folder (members must lie under "
+                             "it unless 'data.allow_outside_members' is true)"),
         (rows.example_id[6], "missing image path")]
     got = decode_shard(result.shards[0], card, spec)
     plain = tmp_path / "plain.parquet"
@@ -184,7 +185,7 @@ def test_webdataset_shards_decode_as_the_images_do_and_bad_samples_are_rejects(r
 def test_oversized_members_are_not_read_and_are_rejects_with_their_reason(rows, tmp_path, monkeypatch):
     """A tar or manifest member above the size cap (a decompression- or memory-bomb) is never read into memory."""
     import pandas as pd
-    import tasks.data as data
+    import xaudit.tasks.data as data
     monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 100)
     big = next(i for i, b in enumerate(rows.image_png) if len(b) > 100)
     _write_images(rows, tmp_path / "imgs")

@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import DATA
-from flows.audit import audit
-from flows.cli import main as cli
-from tasks.config import load_config
-from tasks.errors import XAuditError
-from tasks.history import read_history
-from tasks.outputs import verify_run
+from xaudit.flows.audit import audit
+from xaudit.flows.cli import main as cli
+from xaudit.tasks.config import load_config
+from xaudit.tasks.errors import XAuditError
+from xaudit.tasks.history import read_history
+from xaudit.tasks.outputs import verify_run
 
 NAME = "nightly digits audit"
 
@@ -88,7 +88,7 @@ def test_three_audits_with_a_changed_model_in_the_middle(prefect_harness, tmp_pa
 
 
 def test_a_history_folder_holding_other_files_is_refused_before_the_run(tmp_path):
-    from tasks.preflight import check_history
+    from xaudit.tasks.preflight import check_history
     (tmp_path / "_history").mkdir()
     (tmp_path / "_history" / "notes.parquet").write_bytes(b"not parquet")
     with pytest.raises(XAuditError, match="notes.parquet is not a Parquet file"):

@@ -28,7 +28,7 @@ import yaml
 from PIL import Image
 
 from conftest import DATA, ROOT, png
-from flows.cli import main as cli
+from xaudit.flows.cli import main as cli
 
 CARD = DATA / "models" / "baseline.json"
 WEIGHTS = DATA / "models" / "baseline.safetensors"
@@ -112,9 +112,9 @@ def test_factory_os_system_is_refused_before_import(capsys, tmp_path, clean_rows
     ("builtins:exec", "trusted"),
     ("subprocess:run", "trusted"),
     ("tasks.netsevil:demo_cnn", "trusted"),                    # a look-alike prefix
-    ("tasks.nets:demo_cnn; rm -rf /", "import path"),
-    ("tasks.nets:__class__", "public names"),
-    ("tasks.nets:nn", "class or function"),                    # a module re-exported by a trusted one
+    ("xaudit.tasks.nets:demo_cnn; rm -rf /", "import path"),
+    ("xaudit.tasks.nets:__class__", "public names"),
+    ("xaudit.tasks.nets:nn", "class or function"),                    # a module re-exported by a trusted one
     ("torchvision.models.resnet:torch.load", "class or function defined under a trusted prefix"),
 ])
 def test_untrusted_or_malformed_factories_are_refused(capsys, tmp_path, clean_rows, factory, needle):
@@ -150,8 +150,8 @@ def test_the_operator_can_trust_a_prefix_and_the_payload_then_runs_only_then(cap
     model = {"card": str(CARD), "factory": "hostile_nets:payload", "kwargs": {"path": str(mark)}}
     expect_refused(capsys, tmp_path, clean_rows, "'factory'", "trusted", model=model)
     assert not mark.exists()
-    from tasks.config import parse_config
-    from tasks.preflight import preflight_audit
+    from xaudit.tasks.config import parse_config
+    from xaudit.tasks.preflight import preflight_audit
     config = parse_config(base_config(clean_rows, tmp_path / "runs", model=model))
     monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
     preflight_audit(config)                                # called now (its DemoCNN fits the demo weights)
@@ -173,7 +173,7 @@ def _save(path: Path, state: dict) -> Path:
 
 
 def weights_pickled(tmp):
-    from tasks.nets import DemoCNN
+    from xaudit.tasks.nets import DemoCNN
     p = tmp / "model.pt"
     torch.save(DemoCNN(), p)
     return p
@@ -582,9 +582,9 @@ def test_hostile_run_accounts_for_every_row(hostile_run):
 
 
 def test_sixteen_bit_images_keep_their_grey_levels():
-    from tasks.data import _decode_image
-    from tasks.models import ModelCard
-    card = ModelCard("m", "1", "tasks.nets:demo_cnn", "", "", {}, (16, 16), 1, (0.0,), (1.0,), tuple("ab"), None)
+    from xaudit.tasks.data import _decode_image
+    from xaudit.tasks.models import ModelCard
+    card = ModelCard("m", "1", "xaudit.tasks.nets:demo_cnn", "", "", {}, (16, 16), 1, (0.0,), (1.0,), tuple("ab"), None)
     ramp = np.tile(np.linspace(0, 65535, 16), (16, 1))
     arr = _decode_image(_png16(ramp), card)
     assert len(np.unique(arr)) > 8 and arr.max() == pytest.approx(1.0) and arr.min() == 0.0
@@ -599,7 +599,7 @@ def test_sixteen_bit_images_keep_their_grey_levels():
     ("\x00", None, "\\x00"),
 ])
 def test_label_forms(label, index, words):
-    from tasks.data import label_index
+    from xaudit.tasks.data import label_index
     got, reason = label_index(label, tuple(str(i) for i in range(10)))
     assert got == index
     assert (reason is None) == (words is None) and (words is None or words in reason), reason
@@ -629,7 +629,7 @@ def nan_run(prefect_harness, tmp_path_factory, clean_rows):
     env.pop("PREFECT_API_URL", None)
     cfg = {**cfg, "run_id": "over", "max_reject_fraction": 0.1}
     results["over"] = subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", str(write_config(tmp, cfg, "over.yaml")), "--trust-factory",
+        [sys.executable, "-m", "xaudit.flows.cli", "run", str(write_config(tmp, cfg, "over.yaml")), "--trust-factory",
          "hostile_nets"], capture_output=True, text=True, env=env, cwd=tmp, timeout=600)
     return {"dir": tmp / "runs", "results": results}
 
@@ -659,7 +659,7 @@ def test_the_installed_command_prints_one_line_and_no_traceback(tmp_path, clean_
     cfg = base_config(clean_rows, out, model={"card": str(CARD), "factory": "os:system",
                                               "kwargs": {"command": f"touch {mark}"}})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(write_config(tmp_path, cfg))],
+    proc = subprocess.run([sys.executable, "-m", "xaudit.flows.cli", "run", str(write_config(tmp_path, cfg))],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and not mark.exists() and not out.exists()
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("xaudit: error: load_model: 'factory'")
@@ -714,10 +714,10 @@ def test_models_returning_tuples_dicts_or_objects_are_audited_through_one_rule(t
                                                                               net):
     monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
-    from tasks.attribution import attribute
-    from tasks.config import ModelSpec, parse_config
-    from tasks.models import build_model, resolve_card
-    from tasks.preflight import preflight_audit
+    from xaudit.tasks.attribution import attribute
+    from xaudit.tasks.config import ModelSpec, parse_config
+    from xaudit.tasks.models import build_model, resolve_card
+    from xaudit.tasks.preflight import preflight_audit
     model = {"card": str(CARD), "factory": f"hostile_nets:{net}"}
     preflight_audit(parse_config(base_config(clean_rows, tmp_path / "runs", model=model)))
     assert not (tmp_path / "runs").exists()
@@ -736,8 +736,8 @@ def test_log_probabilities_and_batch_size_noise_pass_the_logits_contract(tmp_pat
     and the demo CNN itself (whose batched kernels differ from one image alone in the last bits) passes."""
     monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
-    from tasks.config import parse_config
-    from tasks.preflight import preflight_audit
+    from xaudit.tasks.config import parse_config
+    from xaudit.tasks.preflight import preflight_audit
     for model in ({"card": str(CARD), "factory": "hostile_nets:LogSoftmaxNet"}, {"card": str(CARD)}):
         preflight_audit(parse_config(base_config(clean_rows, tmp_path / "runs", model=model)))
     assert not (tmp_path / "runs").exists()
@@ -749,10 +749,10 @@ def test_a_model_that_ends_in_softmax_is_audited_when_its_card_says_so(tmp_path,
     log softmax); a card that says so of a model returning logits is refused."""
     monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
-    from tasks.attribution import attribute
-    from tasks.config import ModelSpec, parse_config
-    from tasks.models import build_model, resolve_card
-    from tasks.preflight import preflight_audit
+    from xaudit.tasks.attribution import attribute
+    from xaudit.tasks.config import ModelSpec, parse_config
+    from xaudit.tasks.models import build_model, resolve_card
+    from xaudit.tasks.preflight import preflight_audit
     model = {"card": str(CARD), "factory": "hostile_nets:SoftmaxNet", "outputs": "probabilities"}
     preflight_audit(parse_config(base_config(clean_rows, tmp_path / "runs", model=model)))
     assert not (tmp_path / "runs").exists()
@@ -773,8 +773,8 @@ def test_a_model_that_ends_in_softmax_is_audited_when_its_card_says_so(tmp_path,
 # 3./7. Paths that cross to workers, and what listens on the network.
 
 def test_relative_output_dir_is_made_absolute_before_workers_see_it(tmp_path, clean_rows, monkeypatch):
-    from flows.cli import _settled
-    from tasks.config import new_run_id, parse_config
+    from xaudit.flows.cli import _settled
+    from xaudit.tasks.config import new_run_id, parse_config
     monkeypatch.chdir(tmp_path)
     config = _settled(parse_config(base_config(clean_rows, Path("runs"))), new_run_id)
     assert config.output_dir == tmp_path / "runs" and config.output_dir.is_absolute()
@@ -784,7 +784,7 @@ def test_relative_output_dir_is_made_absolute_before_workers_see_it(tmp_path, cl
 def test_the_local_dask_cluster_listens_on_loopback_only():
     pytest.importorskip("prefect_dask")
     from distributed import LocalCluster
-    from flows.cli import dask_runner
+    from xaudit.flows.cli import dask_runner
     kwargs = dict(dask_runner(None).cluster_kwargs)
     import socket
     with LocalCluster(**kwargs) as cluster:
@@ -845,10 +845,10 @@ def test_a_truncated_image_is_a_reject_even_after_weasyprint_made_pillow_lenient
     from PIL import ImageFile
     # what importing WeasyPrint does (weasyprint/images.py); by now some earlier test may have imported it
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
-    from tasks.config import DataSpec
-    from tasks.data import decode_shard
-    from tasks.models import resolve_card
-    from tasks.config import ModelSpec
+    from xaudit.tasks.config import DataSpec
+    from xaudit.tasks.data import decode_shard
+    from xaudit.tasks.models import resolve_card
+    from xaudit.tasks.config import ModelSpec
     rows = pq.read_table(clean_rows).slice(0, 2).to_pylist()
     rows[1]["image_png"] = rows[1]["image_png"][: len(rows[1]["image_png"]) // 2]
     shard = tmp_path / "shard.parquet"
@@ -911,8 +911,8 @@ def test_a_model_without_gradients_is_audited_by_the_forward_only_methods(tmp_pa
     """What the refusal of gradient methods for such a model advises works: occlusion passes the preflight."""
     monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
-    from tasks.config import parse_config
-    from tasks.preflight import preflight_audit
+    from xaudit.tasks.config import parse_config
+    from xaudit.tasks.preflight import preflight_audit
     model = {"card": str(CARD), "factory": "hostile_nets:NoGradBackboneNet"}
     cfg = base_config(clean_rows, tmp_path / "runs", model=model,
                       attribution={"methods": ["occlusion"], "batch_size": 8})
@@ -928,11 +928,11 @@ def test_a_binary_model_with_one_logit_is_audited_when_its_card_says_so(tmp_path
     without exactly two classes."""
     monkeypatch.syspath_prepend(str(TESTS))
     monkeypatch.setenv("XAUDIT_TRUSTED_FACTORIES", "hostile_nets")
-    from tasks.attribution import attribute
-    from tasks.config import ModelSpec, parse_config
-    from tasks.errors import XAuditError
-    from tasks.models import build_model, probe_model, resolve_card
-    from tasks.preflight import preflight_audit
+    from xaudit.tasks.attribution import attribute
+    from xaudit.tasks.config import ModelSpec, parse_config
+    from xaudit.tasks.errors import XAuditError
+    from xaudit.tasks.models import build_model, probe_model, resolve_card
+    from xaudit.tasks.preflight import preflight_audit
     model = {"card": str(CARD), "factory": "hostile_nets:BinaryNet", "outputs": "binary_logit",
              "class_names": ["5", "3"]}
     preflight_audit(parse_config(base_config(clean_rows, tmp_path / "runs", model=model)))

@@ -6,9 +6,9 @@ import sys
 
 from conftest import ROOT
 
-CORE = ["tasks.config", "tasks.data", "tasks.models", "tasks.attribution", "tasks.metrics", "tasks.scoring",
-        "tasks.outputs", "tasks.report", "tasks.io", "tasks.quality", "tasks.review", "tasks.permutation",
-        "tasks.devices"]
+CORE = ["xaudit.tasks.config", "xaudit.tasks.data", "xaudit.tasks.models", "xaudit.tasks.attribution", "xaudit.tasks.metrics", "xaudit.tasks.scoring",
+        "xaudit.tasks.outputs", "xaudit.tasks.report", "xaudit.tasks.io", "xaudit.tasks.quality", "xaudit.tasks.review", "xaudit.tasks.permutation",
+        "xaudit.tasks.devices"]
 
 
 def test_core_modules_do_not_import_prefect():
@@ -20,8 +20,8 @@ def test_core_modules_do_not_import_prefect():
 
 
 def test_every_method_and_metric_file_registers_itself():
-    from tasks.attribution import METHODS
-    from tasks.metrics import METRICS
+    from xaudit.tasks.attribution import METHODS
+    from xaudit.tasks.metrics import METRICS
     method_files = {p.stem for p in (ROOT / "tasks" / "attribution").glob("*.py") if not p.stem.startswith("_")} - {"engine"}
     assert method_files == set(METHODS)       # one file per method, named after it
     assert len(METRICS) >= 12

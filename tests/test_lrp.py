@@ -5,9 +5,9 @@ import pytest
 import torch
 import torchvision
 
-from tasks.attribution import attribute
-from tasks.errors import XAuditError
-from tasks.nets import DemoCNN
+from xaudit.tasks.attribution import attribute
+from xaudit.tasks.errors import XAuditError
+from xaudit.tasks.nets import DemoCNN
 
 pytest.importorskip("zennit")
 
@@ -33,8 +33,8 @@ def test_relevance_is_conserved_on_the_supported_families(factory, side, composi
 def test_trained_demo_cnn_conserves_within_five_percent():
     from pathlib import Path
 
-    from tasks.config import ModelSpec
-    from tasks.models import build_model, resolve_card
+    from xaudit.tasks.config import ModelSpec
+    from xaudit.tasks.models import build_model, resolve_card
     card = resolve_card(ModelSpec(card=Path(__file__).resolve().parent.parent / "data/models/baseline.json"))
     model = build_model(card)
     x = torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -105,6 +105,6 @@ def test_the_refusal_is_measured_not_read_from_the_layer_types():
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     res = attribute(model, x, ["lrp"], target=torch.tensor([0, 2]))
     assert torch.isfinite(res.attributions["lrp"]).all()
-    from tasks.attribution.lrp import STRUCTURAL_TOLERANCE, structural_leak
+    from xaudit.tasks.attribution.lrp import STRUCTURAL_TOLERANCE, structural_leak
     assert structural_leak(model, x[:1]) <= STRUCTURAL_TOLERANCE / 10
     assert structural_leak(_UsersResNet(skip=True).eval(), x[:1]) > 0.2

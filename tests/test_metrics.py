@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from sklearn import metrics as skm
 
-from tasks.config import Threshold
-from tasks.errors import XAuditError
-from tasks.metrics import METRICS, ExampleStat, evaluate, validate
-from tasks.metrics.probabilistic import ECE_BINS, ece_bins
+from xaudit.tasks.config import Threshold
+from xaudit.tasks.errors import XAuditError
+from xaudit.tasks.metrics import METRICS, ExampleStat, evaluate, validate
+from xaudit.tasks.metrics.probabilistic import ECE_BINS, ece_bins
 
 K = 5
 
@@ -88,7 +88,7 @@ def test_every_metric_equals_sklearn_on_every_slice():
 def test_every_bootstrap_replicate_equals_sklearn_with_its_weights(tied):
     """The replicates behind the intervals (one matrix product per slice for additive metrics, the gap
     scatter for AUC) equal scikit-learn given the same Poisson weights as `sample_weight`."""
-    from tasks.metrics.evaluate import replicate_weights
+    from xaudit.tasks.metrics.evaluate import replicate_weights
     y, p, md = random_data(400, seed=2)
     if tied:      # 12 distinct probability vectors: scores tie across examples (never within one)
         p = p[np.random.default_rng(0).integers(0, 12, len(p))]
@@ -168,7 +168,7 @@ def test_bootstrap_is_seeded_and_recorded():
 
 def test_replicate_weights_are_poisson_one():
     from scipy.stats import chisquare, poisson
-    from tasks.metrics.evaluate import replicate_weights
+    from xaudit.tasks.metrics.evaluate import replicate_weights
     W = np.concatenate(list(replicate_weights(2000, 500, seed=3, budget_bytes=4 * 2000 * 64)), 1)
     assert W.shape == (2000, 500) and W.dtype == np.float32
     counts = np.bincount(W.astype(int).ravel(), minlength=8)
@@ -254,7 +254,7 @@ def test_thresholds_value_gap_interval_and_severity():
 
 def test_benjamini_hochberg_equals_scipy():
     from scipy.stats import false_discovery_control
-    from tasks.metrics.thresholds import benjamini_hochberg
+    from xaudit.tasks.metrics.thresholds import benjamini_hochberg
     rng = np.random.default_rng(0)
     for _ in range(50):
         p = np.concatenate([rng.random(rng.integers(1, 30)), rng.random(rng.integers(0, 10)) * 0.01])
@@ -278,7 +278,7 @@ def test_bh_gate_fails_only_clear_violations_among_many_slices():
 
 
 def test_slice_terms_filters_buckets_and_crosses():
-    from tasks.metrics import slice_groups
+    from xaudit.tasks.metrics import slice_groups
     md = pd.DataFrame({"site": list("ABCAB"), "conf": [0.1, 0.5, 0.9, 0.3, np.nan]})
     g = {(k, v): list(idx) for k, v, idx in slice_groups(md, [["site=C"], ["site=Z"], ["conf:q2"],
                                                                ["site", "conf:bins(0,0.5,1)"], ["site"]])}
@@ -301,7 +301,7 @@ def _bounds(label: str) -> tuple[float, float, bool]:
 
 
 def test_values_outside_fixed_bins_get_their_own_slices_not_the_end_buckets():
-    from tasks.metrics import slice_groups
+    from xaudit.tasks.metrics import slice_groups
     md = pd.DataFrame({"x": [-5.0, 0.0, 0.25, 0.5, 1.0, 7.0, np.nan, "text"]})
     g = {v: list(idx) for _, v, idx in slice_groups(md, [["x:bins(0,0.5,1)"]])}
     assert g == {"< 0": [0], "[0, 0.5)": [1, 2], "[0.5, 1]": [3, 4], "> 1": [5], "null": [6, 7]}
@@ -310,7 +310,7 @@ def test_values_outside_fixed_bins_get_their_own_slices_not_the_end_buckets():
 def test_quantile_buckets_never_share_a_label_and_each_label_holds_its_rows():
     """Confidences bunched near 1 (the README's confidence:q10 on the demo baseline once printed five
     slices, one '[1, 1)' holding 432 of 720 rows)."""
-    from tasks.metrics import slice_groups
+    from xaudit.tasks.metrics import slice_groups
     rng = np.random.default_rng(3)
     conf = np.concatenate([np.ones(432), 1 - rng.exponential(1e-5, 200), rng.uniform(0.3, 1, 88)])
     md = pd.DataFrame({"confidence": conf})
@@ -362,7 +362,7 @@ def test_bh_can_fail_a_lone_clear_violation_among_many_slices():
     ev = evaluate(y, p, md, slices=[["g"]], metrics=["accuracy"], replicates=1000, seed=2)
     res = validate(ev, [Threshold(metric="accuracy", lower=0.8, gate_on="interval", multiple_testing="bh")])
     assert {c.slice_value for c in res.checks if c.outcome == "fail"} == {"13"}
-    from tasks.metrics.thresholds import violation_p_value
+    from xaudit.tasks.metrics.thresholds import violation_p_value
     dist = np.full(1000, 0.3) + rng.normal(0, 0.02, 1000)
     assert violation_p_value(dist, 0.3, 0.8, lambda v: v < 0.8) < 1e-6
     assert violation_p_value(dist, 0.3, 0.2, lambda v: v < 0.2) == 1.0
@@ -400,7 +400,7 @@ def test_paired_replicates_are_exactly_equal_where_two_models_agree():
     """A review's paired deltas on a slice where baseline and candidate give the same probabilities are 0 in
     every replicate, not a rounding residue (the sums behind them are exact, on one grid): and an interval
     of [-0, 0] prints as 0."""
-    from tasks.report import fixed
+    from xaudit.tasks.report import fixed
     y, p, md = random_data(600, seed=4)
     q = p.copy()
     a = (md.site == "A").to_numpy()
@@ -423,7 +423,7 @@ def test_sums_by_atom_equal_sums_by_slice_bit_for_bit(monkeypatch):
     are exact, so the replicates equal those of one product per slice, bit for bit, with every kind of slice
     (overall, a column, a cross, a filter, buckets) and an example statistic."""
     import sys
-    ev_mod = sys.modules["tasks.metrics.evaluate"]
+    ev_mod = sys.modules["xaudit.tasks.metrics.evaluate"]
     y, p, md = random_data(500, seed=7)
     md["score"] = np.random.default_rng(1).normal(size=len(y))
     stat = ExampleStat(np.where(np.arange(len(y)) % 9 == 0, np.nan, np.random.default_rng(2).random(len(y))),

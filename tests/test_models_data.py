@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import DATA, png, write_rows
-from tasks.config import DataSpec, ModelSpec
-from tasks.data import decode_shard, ingest
-from tasks.errors import XAuditError
-from tasks.models import build_model, read_state_dict, resolve_card
-from tasks.nets import DemoCNN
+from xaudit.tasks.config import DataSpec, ModelSpec
+from xaudit.tasks.data import decode_shard, ingest
+from xaudit.tasks.errors import XAuditError
+from xaudit.tasks.models import build_model, read_state_dict, resolve_card
+from xaudit.tasks.nets import DemoCNN
 
 
 def test_demo_card_resolves_and_hashes_weights(demo_card):
@@ -119,8 +119,8 @@ def test_decode_batches_equal_the_whole_shard_in_exact_batches_with_bounded_read
     import threading
     import time as _time
 
-    import tasks.data as data
-    from tasks.data import decode_batches
+    import xaudit.tasks.data as data
+    from xaudit.tasks.data import decode_batches
     rng = np.random.default_rng(0)
     rows = []
     for i in range(23):
@@ -174,7 +174,7 @@ def test_imagefolder_input(tmp_path, demo_card):
 
 
 def test_config_file_resolves_relative_paths_and_reports_every_field(tmp_path):
-    from tasks.config import load_config
+    from xaudit.tasks.config import load_config
     cfg = load_config(DATA / "demo_audit.yaml")
     assert cfg.model.card == DATA / "models" / "baseline.json" and cfg.data.path == DATA / "digits.parquet"
     bad = tmp_path / "bad.yaml"
@@ -184,8 +184,8 @@ def test_config_file_resolves_relative_paths_and_reports_every_field(tmp_path):
 
 
 def test_channels_last_auto_probes_the_model_and_falls_back_to_the_default_layout():
-    from tasks.models import use_channels_last
-    from tasks.nets import DemoCNN
+    from xaudit.tasks.models import use_channels_last
+    from xaudit.tasks.nets import DemoCNN
 
     class ViewsConvOutput(torch.nn.Module):          # `.view` on a conv output fails in channels-last
         def __init__(self):
@@ -213,10 +213,10 @@ def test_channels_last_auto_probes_the_model_and_falls_back_to_the_default_layou
 
 def test_channels_last_scores_like_the_default_layout(tmp_path, demo_card):
     """`attribution.channels_last` changes only the memory layout: same predictions, same attributions."""
-    from tasks.config import load_config
-    from tasks.data import ingest
-    from tasks.models import build_model
-    from tasks.scoring import score_shard
+    from xaudit.tasks.config import load_config
+    from xaudit.tasks.data import ingest
+    from xaudit.tasks.models import build_model
+    from xaudit.tasks.scoring import score_shard
     outs = {}
     for flag in (False, True, "auto"):
         cfg = load_config(DATA / "demo_audit.yaml", {
@@ -239,7 +239,7 @@ def test_channels_last_scores_like_the_default_layout(tmp_path, demo_card):
 # --- preprocessing as the model expects ------------------------------------------------------------------------
 
 def _card(**fields):
-    from tasks.models import ModelCard, preprocess_policy
+    from xaudit.tasks.models import ModelCard, preprocess_policy
     base = dict(name="m", version="1", factory="torchvision.models:resnet18", weights="", weights_sha256="",
                 kwargs={}, input_size=(224, 224), channels=3, mean=(0.0,) * 3, std=(1.0,) * 3,
                 class_names=tuple("ab"), target_layer=None)
@@ -254,7 +254,7 @@ def _card(**fields):
 def test_shorter_side_and_centre_crop_equal_torchvision_transforms(size, interpolation):
     """The torchvision convention (Resize(256) + CenterCrop(224)) gives what torchvision's own transforms give."""
     import torchvision.transforms as T
-    from tasks.data import _decode_image
+    from xaudit.tasks.data import _decode_image
     rng = np.random.default_rng(0)
     im = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     buf = io.BytesIO()
@@ -270,7 +270,7 @@ def test_shorter_side_and_centre_crop_equal_torchvision_transforms(size, interpo
 
 
 def test_masks_follow_their_images_through_resize_and_crop():
-    from tasks.data import _decode_image, _decode_mask
+    from xaudit.tasks.data import _decode_image, _decode_mask
     arr = np.zeros((300, 400), dtype=np.uint8)
     arr[100:200, 250:350] = 255                       # a bright box off centre
     card = _card(channels=1, mean=(0.0,), std=(1.0,))
@@ -283,10 +283,10 @@ def test_preprocessing_defaults_follow_the_factory_and_can_be_set():
     assert _card().preprocess["resize"] == "shorter_side"
     assert _card(factory="timm:create_model").preprocess == {"resize": "shorter_side", "resize_size": 256,
                                                              "crop": "center", "interpolation": "bicubic"}
-    assert _card(factory="tasks.nets:demo_cnn").preprocess == {"resize": "stretch", "interpolation": "bilinear"}
+    assert _card(factory="xaudit.tasks.nets:demo_cnn").preprocess == {"resize": "stretch", "interpolation": "bilinear"}
     assert _card(resize="stretch").preprocess["resize"] == "stretch"
     assert _card(input_size=(299, 299)).preprocess["resize_size"] == 342
-    from tasks.errors import XAuditError
+    from xaudit.tasks.errors import XAuditError
     with pytest.raises(XAuditError, match="'resize_size' 100"):
         _card(resize_size=100)
 
@@ -295,8 +295,8 @@ def test_preflight_probes_and_dry_runs_a_model_once_per_settings():
     """The command line preflights every config and each flow's first task again, on the same cached model:
     the probe and each method's dry run run once per model object and settings; a method that failed is
     tried again (and fails again), and another model object is checked afresh."""
-    from tasks.config import AttributionSpec
-    from tasks.preflight import check_model
+    from xaudit.tasks.config import AttributionSpec
+    from xaudit.tasks.preflight import check_model
     spec = ModelSpec(card=DATA / "models" / "baseline.json")
     card = resolve_card(spec)
     model = build_model(card)

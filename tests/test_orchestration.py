@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from test_flow import config_for, small_data  # noqa: F401  (fixture)
-from tasks.devices import DevicePool
+from xaudit.tasks.devices import DevicePool
 
 
 def test_device_pool_hands_out_each_device_at_most_per_device_times():
@@ -41,9 +41,9 @@ def test_tasks_sharing_a_device_get_their_own_model_replica_and_the_maps_of_one_
     """tasks_per_device 2: two shard tasks explain at once on one device. The CAM layer's forward hook is per
     module, so on one shared model object each thread would read the other's activations (wrong maps, or
     autograd's 'not used in the graph'); each slot of the pool has its own replica instead."""
-    from tasks.attribution import attribute
-    from tasks.devices import replica
-    from tasks.models import cached_model
+    from xaudit.tasks.attribution import attribute
+    from xaudit.tasks.devices import replica
+    from xaudit.tasks.models import cached_model
     pool = DevicePool(["cpu"], per_device=2)
     x = torch.randn(16, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     alone = attribute(cached_model(demo_card, "cpu"), x, ["gradcam", "saliency"]).attributions
@@ -73,7 +73,7 @@ _PAGE_FAULTS = """
 import resource, sys, threading
 import numpy as np
 if sys.argv[1] == "keep":
-    from tasks.devices import keep_cpu_buffers
+    from xaudit.tasks.devices import keep_cpu_buffers
     assert keep_cpu_buffers()
 def work(out):
     np.ones(8 << 20).sum()                              # one 64 MiB buffer, allocated and freed
@@ -108,9 +108,9 @@ def test_keep_cpu_buffers_reuses_large_buffers_instead_of_faulting_them_in_again
 
 def test_flow_on_a_local_dask_cluster_matches_the_thread_runner(prefect_harness, small_data, tmp_path):  # noqa: F811
     pytest.importorskip("prefect_dask")
-    from flows import audit as audit_flow
-    from flows.cli import dask_runner
-    from tasks import progress
+    from xaudit.flows import audit as audit_flow
+    from xaudit.flows.cli import dask_runner
+    from xaudit.tasks import progress
     calls, notes = [], []
 
     def sink(phase, n, total, note=None):
@@ -160,7 +160,7 @@ def test_local_runs_have_no_heartbeat_thread_but_server_runs_keep_it(monkeypatch
     """Embedded runs skip flow heartbeats (Prefect's heartbeat thread delayed the end of every flow by up to
     1 s); against a real server (PREFECT_API_URL) or when the user set a frequency, nothing changes."""
     from prefect.settings import get_current_settings, temporary_settings, PREFECT_API_URL
-    from flows import local_run_settings
+    from xaudit.flows import local_run_settings
     default = get_current_settings().flows.heartbeat_frequency
     assert default is not None
     with temporary_settings(updates={PREFECT_API_URL: None}):      # as in `xaudit run` (the harness sets one)
@@ -182,7 +182,7 @@ def test_prefect_yaml_deployments_are_valid_flow_parameters():
     import importlib
 
     import yaml
-    from tasks.config import AuditConfig, ReviewConfig
+    from xaudit.tasks.config import AuditConfig, ReviewConfig
     root = Path(__file__).resolve().parent.parent
     spec = yaml.safe_load((root / "prefect.yaml").read_text())
     kinds = {"flows/audit.py:audit": AuditConfig, "flows/review.py:review": ReviewConfig}
@@ -216,7 +216,7 @@ def test_the_embedded_server_logs_no_library_errors_and_this_process_keeps_its_r
     script = (
         "import os, logging, json\n"
         "import flows\n"
-        "from flows import api_server_starting\n"
+        "from xaudit.flows import api_server_starting\n"
         "from prefect.server.api.server import SubprocessASGIServer\n"
         "with api_server_starting():\n"
         "    pass\n"

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.permutation import grid_regions, permutation_importance
+from xaudit.tasks.permutation import grid_regions, permutation_importance
 
 
 class TopLeft(nn.Module):

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from conftest import DATA
-from tasks.attribution import attribute, display_heatmap
-from tasks.quality import CHECKS, QualityContext, quality_columns, run_checks
-from tasks.quality.faithfulness import auc, curves
-from tasks.quality.sanity import randomisation_check
-from tasks.quality.stability import max_sensitivity
+from xaudit.tasks.attribution import attribute, display_heatmap
+from xaudit.tasks.quality import CHECKS, QualityContext, quality_columns, run_checks
+from xaudit.tasks.quality.faithfulness import auc, curves
+from xaudit.tasks.quality.sanity import randomisation_check
+from xaudit.tasks.quality.stability import max_sensitivity
 
 
 def ctx_for(model, x, methods=("saliency",), roi=None):
@@ -61,7 +61,7 @@ def test_deletion_and_insertion_equal_a_hand_computed_loop():
 
 def test_every_check_returns_one_finite_or_nan_value_per_example():
     torch.manual_seed(0)
-    from tasks.nets import DemoCNN
+    from xaudit.tasks.nets import DemoCNN
     model = DemoCNN().eval()
     x = torch.randn(3, 1, 32, 32)
     roi = torch.zeros(3, 32, 32, dtype=torch.bool)
@@ -74,9 +74,9 @@ def test_every_check_returns_one_finite_or_nan_value_per_example():
 
 
 def test_randomised_model_changes_gradient_maps_on_the_demo_cnn():
-    from tasks.config import DataSpec, ModelSpec
-    from tasks.data import decode_shard, ingest
-    from tasks.models import build_model, resolve_card
+    from xaudit.tasks.config import DataSpec, ModelSpec
+    from xaudit.tasks.data import decode_shard, ingest
+    from xaudit.tasks.models import build_model, resolve_card
     import tempfile
     card = resolve_card(ModelSpec(card=DATA / "models" / "baseline.json"))
     model = build_model(card)
@@ -108,7 +108,7 @@ def test_randomised_model_changes_gradient_maps_on_the_demo_cnn():
 
 
 def test_randomisation_cascade_by_blocks_ends_at_the_same_fully_random_model():
-    from tasks.quality.sanity import cascade, parameter_layers
+    from xaudit.tasks.quality.sanity import cascade, parameter_layers
     layers = [f"l{i}" for i in range(41)]
     groups = cascade(layers, 5)
     assert [len(g) for g in groups] == [1, 10, 10, 10, 10] and sum(groups, []) == layers   # top layer alone first
@@ -135,7 +135,7 @@ def test_randomisation_cascade_by_blocks_ends_at_the_same_fully_random_model():
 
 
 def test_stability_of_all_methods_at_once_equals_each_method_alone():
-    from tasks.quality.stability import sensitivities
+    from xaudit.tasks.quality.stability import sensitivities
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).eval()
@@ -165,8 +165,8 @@ def test_faithfulness_runs_the_curves_shared_ends_once_per_batch_with_the_same_v
     """The ends of every deletion/insertion curve (the clean input, the zero image, the blurred image) are the
     same for every method: run once per batch (the zero image as one row), the clean one taken from the logits;
     the areas equal those of the full curves, each step run."""
-    from tasks.nets import DemoCNN
-    from tasks.quality.faithfulness import endpoints
+    from xaudit.tasks.nets import DemoCNN
+    from xaudit.tasks.quality.faithfulness import endpoints
     torch.manual_seed(4)
     model = DemoCNN().eval()
     x = torch.randn(3, 1, 32, 32)

@@ -15,10 +15,10 @@ import pytest
 
 from conftest import DATA
 from services import free_port, stop, wait_http
-from flows.audit import audit
-from tasks.config import ModelSpec
-from tasks.errors import XAuditError
-from tasks.models import resolve_card
+from xaudit.flows.audit import audit
+from xaudit.tasks.config import ModelSpec
+from xaudit.tasks.errors import XAuditError
+from xaudit.tasks.models import resolve_card
 from test_flow import config_for, small_data  # noqa: F401  (the same 40-row slice as the flow tests)
 
 mlflow = pytest.importorskip("mlflow")
@@ -120,7 +120,7 @@ def test_a_malformed_reference_or_one_with_a_card_is_a_config_error():
         ModelSpec(mlflow="runs:/abc/model")
     with pytest.raises(ValidationError, match="not both"):
         ModelSpec(mlflow="models:/digits/1", card=DATA / "models" / "baseline.json")
-    from tasks.config import parse_config
+    from xaudit.tasks.config import parse_config
     with pytest.raises(XAuditError, match="'log_to_mlflow' needs a registered model"):
         parse_config({"model": {"card": str(DATA / "models" / "baseline.json")}, "data": {"path": "x.parquet"},
                       "log_to_mlflow": True})

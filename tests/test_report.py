@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from synthetic_run import build, build_review
-from tasks.report import DataOnlyFetcher, render_html, render_pdf, render_report, render_review
+from xaudit.tasks.report import DataOnlyFetcher, render_html, render_pdf, render_report, render_review
 
 GOLDEN = Path(__file__).parent / "golden" / "report.html"
 GOLDEN_REVIEW = Path(__file__).parent / "golden" / "review.html"
@@ -120,7 +120,7 @@ def test_long_slice_and_class_names_fit_their_charts_and_warnings_are_not_drawn_
     """Slice names of binned columns and ordinary class names ('astronaut') used to be clipped at the chart's
     left edge or run together under the confusion matrix; a WARN was drawn in FAIL's red."""
     import pandas as pd
-    from tasks.report import bar_chart, confusion_chart, worst_status
+    from xaudit.tasks.report import bar_chart, confusion_chart, worst_status
     labels = ["pixels=[40000, 70000)", "camera=" + "very long acquisition device name " * 3]
     rows = pd.DataFrame({"slice_key": ["overall", "pixels", "camera"], "slice_value": ["all", labels[0][7:], labels[1][7:]],
                          "metric": "accuracy", "sub_key": "", "suppressed": False, "value": [0.9, 0.8, 0.7],
@@ -224,7 +224,7 @@ def test_a_thousand_class_model_gets_a_report_of_bounded_size_that_weasyprint_ca
     a mean map per class) and a PDF WeasyPrint could not lay out (the class list in one unbreakable block
     taller than a page). Now: the most frequent confusions as a table, the most frequent classes' mean maps,
     the first 60 class names with the count — and the PDF renders."""
-    from tasks.report import MAX_MAP_ROWS, TOP_CONFUSIONS
+    from xaudit.tasks.report import MAX_MAP_ROWS, TOP_CONFUSIONS
     classes = [f"class-{i:04d}" for i in range(1000)]
     run = build(tmp_path / "run", hostile=False, classes=classes, n=3000)
     out = render_report(run)

@@ -11,11 +11,11 @@ import pytest
 from scipy.stats import spearmanr
 
 from conftest import DATA
-from flows.cli import main as cli
-from tasks.config import ChangeThreshold, load_review_config
-from tasks.metrics import evaluate
-from tasks.metrics.evaluate import replicate_weights
-from tasks.review import change_to_thresholds, map_drift, paired_deltas
+from xaudit.flows.cli import main as cli
+from xaudit.tasks.config import ChangeThreshold, load_review_config
+from xaudit.tasks.metrics import evaluate
+from xaudit.tasks.metrics.evaluate import replicate_weights
+from xaudit.tasks.review import change_to_thresholds, map_drift, paired_deltas
 
 
 def test_paired_intervals_equal_direct_resampling():
@@ -97,7 +97,7 @@ def test_candidate_review_fails_naming_site_c(prefect_harness, tmp_path, capsys)
 
 
 def test_baseline_against_itself_passes_with_no_flips_and_no_drift(prefect_harness, tmp_path):
-    from flows.review import review
+    from xaudit.flows.review import review
     config = review_config(tmp_path, "self", candidate={"card": str(DATA / "models" / "baseline.json")},
                            data={"path": str(DATA / "digits.parquet"), "filter": {"split": "test"},
                                  "roi_column": "roi_png", "metadata_columns": ["site"], "limit": 150})
@@ -110,7 +110,7 @@ def test_baseline_against_itself_passes_with_no_flips_and_no_drift(prefect_harne
     assert (deltas.value.abs() < 1e-12).all() and (deltas.ci_low.abs() < 1e-12).all()
     drift = pq.read_table(tmp_path / "self" / "review_drift.parquet").to_pandas()
     assert (drift.rank_corr == 1).all() and (drift.top10_overlap == 1).all()
-    from tasks.outputs import verify_run
+    from xaudit.tasks.outputs import verify_run
     assert verify_run(tmp_path / "self") == []
     # a review re-renders to the same bytes and still verifies
     first = {n: (tmp_path / "self" / n).read_bytes() for n in ("review.html", "manifest.json")}
@@ -126,8 +126,8 @@ def test_a_candidate_with_its_classes_in_another_order_is_aligned_by_name(prefec
     would mean different classes to each) it refuses before any work."""
     import pyarrow as pa
     from safetensors.torch import load_file, save_file
-    from flows.review import review
-    from tasks.errors import XAuditError
+    from xaudit.flows.review import review
+    from xaudit.tasks.errors import XAuditError
     words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     card = json.loads((DATA / "models" / "baseline.json").read_text())
     state = load_file(str(DATA / "models" / card["weights"]))

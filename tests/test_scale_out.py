@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from flows.audit import audit
+from xaudit.flows.audit import audit
 from services import free_port, stop, wait_http
 from test_flow import config_for, small_data  # noqa: F401
 from test_storage import BUCKET, _remote_config, s3, uploaded  # noqa: F401
@@ -111,7 +111,7 @@ def test_an_audit_on_two_dask_workers_sharing_only_the_store_equals_the_thread_r
 
 def test_shard_tasks_ask_dask_for_a_gpu_only_on_cuda(small_data, tmp_path):  # noqa: F811
     import dask
-    from tasks.steps import shard_resources
+    from xaudit.tasks.steps import shard_resources
     cfg = config_for(small_data, tmp_path)
     with shard_resources(cfg.model_copy(update={"device": "cuda"})):
         assert dask.get_annotations() == {"resources": {"GPU": 1}}

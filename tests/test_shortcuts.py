@@ -10,8 +10,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import shortcuts
-from tasks.shortcuts import box_shares, class_groups, hotspot_checks, pool_maps, scan
+from xaudit.tasks import shortcuts
+from xaudit.tasks.shortcuts import box_shares, class_groups, hotspot_checks, pool_maps, scan
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 G = 32
@@ -157,8 +157,8 @@ def test_stamp_review_fails_on_the_explanation_change_not_on_accuracy(prefect_ha
     """The hard case: the stamp sits on exactly the class-7 images, so accuracy is unchanged. The clean
     baseline's audit passes the scan; the candidate's fails naming class 7 and a box on the stamp; the review
     fails on the hotspot's lift against the baseline's, and not on accuracy."""
-    from flows.review import review
-    from tasks.config import load_review_config
+    from xaudit.flows.review import review
+    from xaudit.tasks.config import load_review_config
     config = load_review_config(DATA / "demo_review_stamp.yaml", {
         "output_dir": str(tmp_path), "run_id": "stamp",
         "report": {"title": "stamp review", "formats": ["html"]}})

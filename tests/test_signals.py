@@ -16,7 +16,7 @@ import yaml
 
 from conftest import DATA, ROOT
 
-XAUDIT = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())"]
+XAUDIT = [sys.executable, "-c", "import sys; from xaudit.flows.cli import main; sys.exit(main())"]
 
 
 def _config(tmp_path: Path) -> Path:

@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: 
 from cryptography.hazmat.primitives.serialization import pkcs12  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-from flows.cli import main as cli  # noqa: E402
+from xaudit.flows.cli import main as cli  # noqa: E402
 from synthetic_run import build  # noqa: E402
-from tasks.errors import XAuditError  # noqa: E402
-from tasks.io import write_json  # noqa: E402
-from tasks.outputs import REPORTS, artifact_hashes, file_hashes, seal, verify_run  # noqa: E402
-from tasks.report import render_report  # noqa: E402
-from tasks.signing import ATTESTATION, load_credentials, sign_run, verify_signatures  # noqa: E402
+from xaudit.tasks.errors import XAuditError  # noqa: E402
+from xaudit.tasks.io import write_json  # noqa: E402
+from xaudit.tasks.outputs import REPORTS, artifact_hashes, file_hashes, seal, verify_run  # noqa: E402
+from xaudit.tasks.report import render_report  # noqa: E402
+from xaudit.tasks.signing import ATTESTATION, load_credentials, sign_run, verify_signatures  # noqa: E402
 
 
 def _name(cn):
@@ -83,7 +83,7 @@ def finished_run(tmp_path_factory):
     """A finished, verifiable run: the synthetic run's tables with real hashes, its reports and sealed manifest."""
     run = build(tmp_path_factory.mktemp("signed") / "run", hostile=False)
     manifest = json.loads((run / "manifest.json").read_text())
-    from tasks.io import sha256_json
+    from xaudit.tasks.io import sha256_json
     manifest.update(artifacts={k: v for k, v in artifact_hashes(run).items() if k not in REPORTS},
                     files=file_hashes(run), config_sha256=sha256_json(manifest["config"]))
     write_json(run / "manifest.json", manifest)
@@ -99,7 +99,7 @@ def run(finished_run, tmp_path):
 
 
 def _trusted(pki):
-    from tasks.signing import load_trust
+    from xaudit.tasks.signing import load_trust
     return load_trust([pki["ca"]])
 
 

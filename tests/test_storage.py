@@ -15,11 +15,11 @@ import pytest
 
 from conftest import DATA
 from services import free_port, stop, wait_http
-from flows.audit import audit
-from flows.cli import main as cli
-from tasks import storage
-from tasks.config import load_config
-from tasks.errors import XAuditError
+from xaudit.flows.audit import audit
+from xaudit.flows.cli import main as cli
+from xaudit.tasks import storage
+from xaudit.tasks.config import load_config
+from xaudit.tasks.errors import XAuditError
 from test_flow import config_for, small_data  # noqa: F401  (the same 40-row slice as the flow tests)
 
 pytest.importorskip("s3fs")
@@ -112,8 +112,8 @@ def test_audit_from_and_to_s3_equals_the_local_audit_and_verifies_renders_and_re
 
 
 def test_the_parquet_filter_is_pushed_down_to_the_store(s3, uploaded):
-    from tasks.data import inspect_source
-    from tasks.config import DataSpec
+    from xaudit.tasks.data import inspect_source
+    from xaudit.tasks.config import DataSpec
     info = inspect_source(DataSpec(path=uploaded["data"], filter={"site": "A"}, roi_column="roi_png",
                                    metadata_columns=["site", "split"]))
     table = pq.read_table(s3.open(f"{BUCKET}/data/small.parquet"))
@@ -172,9 +172,9 @@ def test_data_and_weights_read_over_plain_http(small_data, tmp_path):  # noqa: F
     """An https:// (here http:// on 127.0.0.1: Python's own http.server, a real HTTP server) source is read
     through fsspec like any store: the Parquet's rows and filter, the card's weights next to it."""
     from services import free_port, stop, wait_http
-    from tasks.config import DataSpec, ModelSpec
-    from tasks.data import inspect_source
-    from tasks.models import resolve_card
+    from xaudit.tasks.config import DataSpec, ModelSpec
+    from xaudit.tasks.data import inspect_source
+    from xaudit.tasks.models import resolve_card
     site = tmp_path / "site"
     (site / "models").mkdir(parents=True)
     shutil.copy(small_data, site / "small.parquet")
@@ -201,7 +201,7 @@ def test_data_and_weights_read_over_plain_http(small_data, tmp_path):  # noqa: F
 @pytest.mark.parametrize("url", ["https://user:secret@example.com/d.parquet", "s3://AKIA:secret@bucket/d.parquet",
                                  "https://token@example.com/d.parquet"])
 def test_urls_holding_credentials_are_refused_before_they_reach_a_manifest(url):
-    from tasks.config import parse_config
+    from xaudit.tasks.config import parse_config
     with pytest.raises(XAuditError, match="must not hold credentials") as exc:
         parse_config({"model": {"card": "m.json"}, "data": {"path": url}})
     assert "secret" not in str(exc.value)

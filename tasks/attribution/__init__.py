@@ -1,6 +1,6 @@
 """Pure-torch attribution methods (no Prefect). Every module in this package registers its method on import.
 
-    from tasks.attribution import attribute, display_heatmap, METHODS
+    from xaudit.tasks.attribution import attribute, display_heatmap, METHODS
 """
 from __future__ import annotations
 

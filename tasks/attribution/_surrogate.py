@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import XAuditError
+from ..errors import XAuditError, require_extra
 
 
 def feature_masks(x: torch.Tensor, segments: str, n_segments: int) -> torch.Tensor:
@@ -25,11 +25,8 @@ def feature_masks(x: torch.Tensor, segments: str, n_segments: int) -> torch.Tens
         cols = torch.div(torch.arange(w, device=x.device) * side, w, rounding_mode="floor")
         return (rows[:, None] * side + cols[None, :]).expand(n, h, w).clone()
     if segments == "slic":
-        try:
-            from skimage.segmentation import slic
-        except ImportError:
-            raise XAuditError("attribute: segments='slic' needs scikit-image (pip install scikit-image); "
-                              "use segments='grid' otherwise") from None
+        require_extra("slic", "attribute: segments='slic' (use segments='grid' otherwise)")
+        from skimage.segmentation import slic
         arr = x.detach().float().cpu().numpy().transpose(0, 2, 3, 1)
         masks = [slic(a, n_segments=n_segments, compactness=0.1, start_label=0, channel_axis=-1) for a in arr]
         return torch.as_tensor(masks, dtype=torch.long, device=x.device)

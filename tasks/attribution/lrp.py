@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..errors import XAuditError
+from ..errors import XAuditError, require_extra
 from ._registry import MethodOutput, register
 
 COMPOSITES = ("epsilon_plus_flat", "epsilon_gamma_box", "epsilon_plus", "epsilon_alpha2_beta1")
@@ -123,7 +123,8 @@ def lrp(ctx, composite: str) -> MethodOutput:
     try:
         import zennit  # noqa: F401
     except ImportError:
-        raise XAuditError("lrp: needs the Zennit package: pip install 'xaudit[lrp]'") from None
+        require_extra("lrp", "lrp")
+        raise
     x = ctx.inputs
     if len(x):
         leak = structural_leak(ctx.model, x[:1])

@@ -105,6 +105,14 @@ def _edge_labels(edges: np.ndarray) -> list[str]:
     return [f"[{text[i]}, {text[i + 1]}{']' if i == len(edges) - 2 else ')'}" for i in range(len(edges) - 1)]
 
 
+def _text_labels(column: pd.Series) -> pd.Series:
+    """Each row's slice label: its value as text, 'null' where it is missing, and a value that is the text
+    'null' itself quoted ('"null"'), so a literal "null" and a missing value never share one slice."""
+    col = column.astype("string")
+    col = col.mask((col == "null").fillna(False), '"null"')
+    return col.fillna("null")
+
+
 def _term(metadata: pd.DataFrame, term: str) -> tuple[str, pd.Series, np.ndarray | None]:
     """Return (key, per-row label, row mask or None) for one term of a slice spec.
 
@@ -118,10 +126,10 @@ def _term(metadata: pd.DataFrame, term: str) -> tuple[str, pd.Series, np.ndarray
                           f"available: {list(metadata.columns)}")
     column = metadata[parsed.column]
     if parsed.kind == "value":
-        col = column.astype("string").fillna("null")
+        col = _text_labels(column)
         return parsed.column, col, (col == parsed.value).to_numpy()
     if parsed.kind == "column":
-        return term, column.astype("string").fillna("null"), None
+        return term, _text_labels(column), None
     values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=float)
     finite = np.isfinite(values)
     if parsed.kind == "quantiles":
