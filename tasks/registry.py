@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import XAuditError, require_extra
-from .storage import cache_root
+from .errors import StoreUnavailable
+from .storage import cache_root, redact, transient
 
 REF = re.compile(r"^models:/(?P<name>[^/@\s][^/@]*)(?:/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_.-]+))$")
 CARD = "xaudit_card.json"
@@ -63,12 +64,16 @@ def resolve(ref: str) -> tuple[Path, dict[str, Any]]:
     try:
         client = MlflowClient()
         mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
+    except Exception as exc:
+        if transient(exc):                   # connection refused or reset, a timeout, a 5xx: not the user's input
+            raise StoreUnavailable(f"'model.mlflow' {ref!r}: the registry {_shown_uri(registry)} cannot be "
+                                   f"reached ({type(exc).__name__})") from None
+        if not isinstance(exc, MlflowException):          # DNS, TLS, ...
+            raise XAuditError(f"'model.mlflow' {ref!r}: the registry {_shown_uri(registry)} cannot be reached: "
+                              f"{type(exc).__name__}") from None
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise XAuditError(f"'model.mlflow' {ref!r} is not in the registry {_shown_uri(registry)}: {first}") from None
-    except Exception as exc:                 # connection refused, DNS, TLS...
-        raise XAuditError(f"'model.mlflow' {ref!r}: the registry {_shown_uri(registry)} cannot be reached: "
-                          f"{type(exc).__name__}") from None
+        raise XAuditError(f"'model.mlflow' {ref!r} is not in the registry {_shown_uri(registry)}: "
+                          f"{redact(first)}") from None
     key = hashlib.sha256(f"{_shown_uri(registry)}\0{name}\0{mv.version}".encode()).hexdigest()[:24]
     target = cache_root() / "mlflow" / key
     if not (target / ".complete").is_file():
@@ -81,8 +86,9 @@ def resolve(ref: str) -> tuple[Path, dict[str, Any]]:
             os.replace(tmp, target)
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise XAuditError(f"'model.mlflow' {ref!r}: its artifacts could not be downloaded: "
-                              f"{type(exc).__name__}: {str(exc)[:200]}") from None
+            error = StoreUnavailable if transient(exc) else XAuditError
+            raise error(f"'model.mlflow' {ref!r}: its artifacts could not be downloaded: "
+                        f"{type(exc).__name__}: {redact(str(exc)[:200])}") from None
     return target, dict(registry=_shown_uri(registry), name=name, version=str(mv.version), alias=alias,
                         run_id=mv.run_id, source=mv.source)
 
@@ -133,5 +139,8 @@ def log_audit(registry_run_id: str, run_dir: str | Path, audit_run_id: str, verd
                 logged.append(name)
         return logged
     except Exception as exc:
-        raise XAuditError(f"log_to_mlflow: logging to the MLflow run {registry_run_id} failed: "
-                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        # an unreachable registry is retried by the task and then ends the run resumable (exit 3): the audit's
+        # outputs are complete, and the rerun with the same --run-id reuses them and logs again
+        error = StoreUnavailable if transient(exc) else XAuditError
+        raise error(f"log_to_mlflow: logging to the MLflow run {registry_run_id} failed: "
+                    f"{type(exc).__name__}: {redact(str(exc)[:200])}") from None

@@ -169,8 +169,13 @@ def transient(exc: BaseException) -> bool:
             if isinstance(getattr(e, "response", None), dict) else None
         if code in _TRANSIENT_CODES:
             return True
-        if isinstance(e, OSError) and _TRANSIENT_TEXT.search(str(e)):
-            return True                 # s3fs turns a botocore error it gave up retrying into a bare OSError
+        if (isinstance(e, OSError) or type(e).__name__ in ("MlflowException", "RestException")) \
+                and _TRANSIENT_TEXT.search(str(e)):
+            return True                 # s3fs turns a botocore error it gave up retrying into a bare OSError;
+            #                             MLflow's client reports a refused connection or a 5xx in its text
+        if type(e).__name__ in ("MlflowException",) and re.search(r"(?i)max retries exceeded|failed to establish|"
+                                                                  r"connection", str(e)):
+            return True
         todo += [e.__cause__, None if e.__suppress_context__ else e.__context__]
     return False
 

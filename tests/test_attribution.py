@@ -624,3 +624,56 @@ def test_timm_vision_transformers_take_the_last_block_norm_not_the_patch_embeddi
     assert find_layer(model, None, x) is model.blocks[-1].norm1
     cam = attribute(model, x, ["gradcam"], target=torch.tensor([0, 1])).attributions["gradcam"]
     assert cam.shape == (2, 1, 2, 2)          # the 2x2 patch grid, the class and distillation tokens dropped
+
+
+class _RenamedViT(torch.nn.Module):
+    """A small pre-norm ViT whose names say nothing (`pre`, `post`, `mix`), with a class token and a head that
+    reads it alone; with `plain_mixer`, its attention class is not named like one either."""
+
+    def __init__(self, plain_mixer: bool = False, depth: int = 2, dim: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, dim, 4, 4)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.1)
+
+        class Mixer(torch.nn.Module):                      # token mixing, named like nothing in particular
+            def __init__(self):
+                super().__init__()
+                self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+            def forward(self, t):
+                q, k, v = self.qkv(t).chunk(3, -1)
+                return torch.softmax(q @ k.transpose(1, 2) / dim ** 0.5, -1) @ v
+
+        class Stage(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.pre = torch.nn.LayerNorm(dim)
+                self.mix = Mixer() if plain_mixer else torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+                self.post = torch.nn.LayerNorm(dim)
+                self.ff = torch.nn.Linear(dim, dim)
+
+            def forward(self, t):
+                h = self.pre(t)
+                t = t + (self.mix(h) if plain_mixer else self.mix(h, h, h, need_weights=False)[0])
+                return t + self.ff(self.post(t))
+        self.stages = torch.nn.ModuleList(Stage() for _ in range(depth))
+        self.final = torch.nn.LayerNorm(dim)
+        self.head = torch.nn.Linear(dim, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1)
+        for s in self.stages:
+            t = s(t)
+        return self.head(self.final(t)[:, 0])
+
+
+@pytest.mark.parametrize("plain_mixer", [False, True])
+def test_the_automatic_cam_layer_of_a_vit_is_found_by_structure_not_by_name(plain_mixer):
+    """The last block's first norm whatever it is called: the norm an attention reads, or (attention not named
+    as such) the last token norm whose patch tokens carry gradient; never the patch embedding, the block's
+    second norm or the final norm (whose patch tokens the class-token head never reads)."""
+    from xaudit.tasks.attribution.engine import auto_layer
+    torch.manual_seed(0)
+    model = _RenamedViT(plain_mixer).eval()
+    assert auto_layer(model, torch.randn(1, 3, 16, 16)) == "stages.1.pre"

@@ -124,3 +124,46 @@ def test_a_malformed_reference_or_one_with_a_card_is_a_config_error():
     with pytest.raises(XAuditError, match="'log_to_mlflow' needs a registered model"):
         parse_config({"model": {"card": str(DATA / "models" / "baseline.json")}, "data": {"path": "x.parquet"},
                       "log_to_mlflow": True})
+
+
+def test_the_registry_going_away_while_logging_ends_resumable_and_the_rerun_logs(prefect_harness, registry, small_data,
+                                                                                 tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The MLflow server behind the fault proxy (tests/fault_proxy.py): connections are reset from the first
+    artifact upload of log_to_mlflow on. The run's outputs are complete, the command ends with exit 3 and the
+    --run-id; with the registry back, the rerun with that id logs the verdict, metrics and reports."""
+    import time as _time
+
+    from mlflow import MlflowClient
+    from xaudit.flows.cli import main as cli
+    from xaudit.tasks import storage
+    upstream = os.environ["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1]
+    mode, port_file = tmp_path / "mode", tmp_path / "port"
+    mode.write_text("drop-after-puts 1 /api/2.0/mlflow-artifacts/")
+    proxy = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fault_proxy.py"), upstream, str(mode),
+                              str(port_file)])
+    try:
+        for _ in range(200):
+            if port_file.exists() and port_file.read_text():
+                break
+            _time.sleep(0.05)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port_file.read_text()}")
+        monkeypatch.setattr(storage, "RETRY_DELAYS", (0.2,))
+        cfg = config_for(small_data, tmp_path, run_id="reg-away").model_dump(mode="json")
+        cfg["model"] = {"mlflow": "models:/digits/1"}
+        cfg["log_to_mlflow"] = True
+        path = tmp_path / "away.json"
+        path.write_text(json.dumps(cfg))
+        rc = cli(["run", str(path), "--no-progress"])
+        out, err = capsys.readouterr()
+        assert rc == 3 and "--run-id reg-away" in err and "Traceback" not in err, out + err
+        assert (tmp_path / "reg-away" / "report.pdf").is_file()          # the audit itself is complete
+        mode.write_text("pass")
+        rc = cli(["run", str(path), "--run-id", "reg-away", "--no-progress"])
+        out, err = capsys.readouterr()
+        assert rc == 0, out + err
+        run = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"]).get_run(registry["run_id"])
+        assert run.data.tags["xaudit.run_id"] == "reg-away"
+        names = {a.path for a in MlflowClient().list_artifacts(registry["run_id"], "xaudit/reg-away")}
+        assert "xaudit/reg-away/report.pdf" in names
+    finally:
+        stop([proxy])

@@ -21,10 +21,9 @@ from ._registry import get_method, resolve_params
 
 
 # The first norm of a transformer block (torchvision ViT's `ln_1`; timm ViT/DeiT/BEiT/Swin's and torchvision
-# Swin's `norm1`, timm's own LayerNorm subclass included): where pytorch-grad-cam's documentation puts Grad-CAM
-# for vision transformers (the last block's output would give the patch tokens no gradient: the head reads the
-# class token alone).
-_BLOCK_NORMS = ("ln_1", "norm1")
+# Swin's `norm1`, timm's own LayerNorm subclass included) is where pytorch-grad-cam's documentation puts
+# Grad-CAM for vision transformers (the last block's output would give the patch tokens no gradient: the head
+# reads the class token alone). It is found by structure (`_block_norm`), whatever the block names it.
 # pooling only coarsens the map before it (and an adaptive pool's size is set by the configuration: VGG's 7x7
 # `avgpool` copies a 1x1 map), so a pool's output is never the CAM layer: the map it pools is
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
@@ -81,8 +80,14 @@ def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
         return known[key]
     names = {m: n for n, m in model.named_modules() if n}
     maps: list[tuple[str, Any]] = []
-    norms: list[str] = []
+    norms: list[tuple[str, torch.Tensor, int]] = []     # token LayerNorms: name, output, leading extra tokens
+    attention_inputs: list[Any] = []                    # grad_fns of what attention modules were given
     pooled: set[int] = set()
+
+    def attention_input(module: nn.Module, args: Any, kwargs: Any) -> None:
+        first = args[0] if args else kwargs.get("query", kwargs.get("x", kwargs.get("hidden_states")))
+        if isinstance(first, torch.Tensor) and first.grad_fn is not None:
+            attention_inputs.append(first.grad_fn)
 
     def record(module: nn.Module, _inputs: Any, output: Any) -> None:
         if not isinstance(output, torch.Tensor) or output.grad_fn is None or len(output) != 1:
@@ -92,15 +97,17 @@ def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
             return
         name = names[module]
         grid = _token_grid(output.shape[1], x.shape[-2:]) if output.ndim == 3 else None
-        if isinstance(module, nn.LayerNorm) and name.rsplit(".", 1)[-1] in _BLOCK_NORMS:
-            if (output.ndim == 4 and not _channels_first(module)) or grid is not None:
-                norms.append(name)
+        if isinstance(module, nn.LayerNorm) and not _channels_first(module):
+            if output.ndim == 4 or grid is not None:
+                norms.append((name, output, grid[0] if grid is not None else 0))
         spatial = output.ndim == 4 and output.shape[-2] * output.shape[-1] > 1
         patches = grid is not None and grid[0] == 0 and output.shape[1] > 1
         if (spatial or patches) and id(output.grad_fn) not in pooled:
             maps.append((name, output.grad_fn))
     # (a TorchScript submodule takes no hooks: its inside is not searched)
     handles = [m.register_forward_hook(record) for m in names if not isinstance(m, torch.jit.ScriptModule)]
+    handles += [m.register_forward_pre_hook(attention_input, with_kwargs=True) for m in names
+                if _is_attention(m) and not isinstance(m, torch.jit.ScriptModule)]
     was_training = model.training
     model.eval()
     try:
@@ -111,9 +118,10 @@ def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
         model.train(was_training)
         for h in handles:
             h.remove()
-    if norms:
-        known[key] = norms[-1]
-        return norms[-1]
+    chosen = _block_norm(norms, attention_inputs, logits)
+    if chosen is not None:
+        known[key] = chosen
+        return chosen
     if not isinstance(logits, torch.Tensor) or logits.grad_fn is None:
         raise XAuditError(f"attribute: the automatic CAM layer needs logits that depend on the input; "
                           f"{type(model).__name__} gave none: set 'target_layer'")
@@ -127,6 +135,33 @@ def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
     raise XAuditError(f"attribute: {type(model).__name__} has no feature map of more than one cell that every "
                       f"path from the input to the logits goes through (for an input of shape "
                       f"{tuple(x.shape[1:])}), so no automatic CAM layer; set 'target_layer' in the model card")
+
+
+def _is_attention(module: nn.Module) -> bool:
+    """An attention module, by type: torch's MultiheadAttention, or a class named like one (timm's `Attention`,
+    torchvision's `ShiftedWindowAttention`, Hugging Face's `ViTSelfAttention`)."""
+    return isinstance(module, nn.MultiheadAttention) or "attention" in type(module).__name__.lower()
+
+
+def _block_norm(norms: list[tuple[str, torch.Tensor, int]], attention_inputs: list[Any], logits: Any) -> str | None:
+    """Return the last transformer block's first LayerNorm, found by what it does, not by its name: the last
+    LayerNorm over tokens whose output is what an attention module reads (ViT's `ln_1`, timm's and Swin's
+    `norm1`, any pre-norm block); failing that, for a model with a class token, the last LayerNorm whose patch
+    tokens carry gradient to the logits (a block's second norm and the final norm do not when the head reads
+    the class token alone). None: not a transformer (the feature-map rule applies)."""
+    fed = {id(g) for g in attention_inputs}
+    for name, out, _ in reversed(norms):
+        if id(out.grad_fn) in fed:
+            return name
+    tokens = [(n, o, e) for n, o, e in norms if o.ndim == 3 and e > 0]
+    if not tokens or not isinstance(logits, torch.Tensor) or logits.grad_fn is None:
+        return None
+    target = logits.reshape(len(logits), -1)[0].max()
+    grads = torch.autograd.grad(target, [o for _, o, _ in tokens], allow_unused=True, retain_graph=True)
+    for (name, _, extra), g in zip(reversed(tokens), reversed(grads)):
+        if g is not None and bool(g[:, extra:].abs().sum() > 0):
+            return name
+    return None
 
 
 def _token_grid(tokens: int, image_size: Sequence[int]) -> tuple[int, int, int] | None:
