@@ -229,6 +229,9 @@ class ShortcutSpec(_Strict):
         default_factory=lambda: [0.1, 0.16, 0.25], min_length=1, max_length=8,
         description="box sides to try, as fractions of the image side")
     max_lift: float = Field(6.0, gt=1, le=1e6, description="a class's lift above this is a shortcut candidate")
+    cell_lift: float = Field(3.0, gt=1, le=1e6, description="shape-free scan: the cells where a class's share is "
+                             "at least this many times the other classes' are its hot cells; holding at least "
+                             "min_share of its mass, they are a candidate the intervention must confirm")
     min_share: float = Field(0.1, ge=0, lt=1, description="and the box must hold at least this share of the "
                                                           "class's attribution mass")
     min_examples: int = Field(20, ge=2, le=100_000, description="smallest class (or class within a slice) scanned")
@@ -238,6 +241,13 @@ class ShortcutSpec(_Strict):
                                      "classes' (per class and class within a slice); null: no such check")
     max_lift_ratio: float = Field(2.0, gt=1, le=1e6, description="review: the candidate's lift in one of its "
                                   "shortcut boxes may be at most this many times the baseline's there")
+    confirm: bool = Field(True, description="confirm each shortcut candidate by intervention (paste its box "
+                                            "onto other classes' images, take it away from the class's own) "
+                                            "and gate on the confirmed effect; false: gate on the lift alone")
+    confirm_examples: int = Field(256, ge=2, le=100_000, description="other-class images the box is pasted onto "
+                                  "(and class images it is taken from) per candidate, at most")
+    min_effect: float = Field(0.05, ge=0, le=1, description="a candidate is confirmed when the whole interval of "
+                              "(flips to the class after the paste) - (flips after the control paste) is above this")
     gate_on: Literal["estimate", "interval"] = "interval"
     severity: Literal["fail", "warn"] = "fail"
 

@@ -143,6 +143,88 @@ def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, r
                           float(overall.value.iloc[0]) if len(overall) else None)
 
 
+def _confirm_candidates(run_dir: Path, config: AuditConfig, card: ModelCard, preds: pa.Table,
+                        table: pd.DataFrame, maps: dict, classes: dict, ids: dict, slices: dict) -> pd.DataFrame:
+    """Fill the intervention columns (shortcuts.CONFIRM_COLUMNS) for each shortcut candidate of the scan: a
+    trusted method's box of lift above `max_lift` (the strongest per class). The model is the run's, on the
+    run's device; the images are decoded from the run's own input shards (only those holding the examples)."""
+    import torch
+    from . import shortcuts
+    from .data import decode_shard
+    from .models import cached_model, pick_device
+    spec = config.shortcuts
+    table = table.copy()
+    for c in shortcuts.CONFIRM_COLUMNS:
+        table[c] = None
+    picks = [r for _, (hot, rows) in shortcuts.strongest(table, spec.max_lift, spec.gate_on).items()
+             for r in rows if bool(r.qualified) and r.lift > spec.max_lift]
+    picks += shortcuts.cell_candidates(table)
+    if not picks:
+        return table
+    labels, predictions = preds["label"].to_numpy(), preds["prediction"].to_numpy()
+    all_ids = np.asarray(preds["example_id"].to_pylist(), dtype=object)
+    shard_of = dict(zip(all_ids, preds["shard"].to_pylist())) if "shard" in preds.column_names else {}
+    masses = {m: shortcuts.pool_maps(maps[m]) for m in {r.method for r in picks}}
+    wanted, regions = {}, {}
+    for r in picks:
+        cls = classes[r.method]
+        inside = np.arange(len(cls)) if r.slice_key == "overall" else np.asarray(next(
+            (ix for k, v, ix in slices.get(r.method, []) if k == r.slice_key and v == r.slice_value), []), dtype=np.int64)
+        # the region from the candidate's own maps (the class within its slice); targets and donors from every
+        # example: within a slice where every image carries the artefact (a site's scanner tag), pasting it
+        # changes nothing, so the slice would hide the very dependence the intervention measures
+        if r.kind in ("cells", "cluster"):       # the hot cells themselves, whatever their shape
+            g = int(r.grid)
+            regions[r.name] = np.isin(np.arange(g * g), np.asarray(r.cells, dtype=np.int64)).reshape(g, g)
+        else:
+            regions[r.name] = shortcuts.candidate_region(masses[r.method], cls, inside[cls[inside] == r.class_index],
+                                                         int(r.class_index), r, spec.max_lift / 2)
+        if r.kind == "cluster":                  # the cluster's own images carry what its cells hold
+            members = np.isin(all_ids, list(r.members)) | (labels != r.class_index)
+            wanted[r.name] = shortcuts.intervention_sets(labels[members], predictions[members], all_ids[members],
+                                                         int(r.class_index), spec.confirm_examples, config.seed)
+        else:
+            wanted[r.name] = shortcuts.intervention_sets(labels, predictions, all_ids, int(r.class_index),
+                                                         spec.confirm_examples, config.seed)
+    need = {e for t, d in wanted.values() for e in (*t, *d)}
+    inputs: dict[str, torch.Tensor] = {}
+    shards = sorted((run_dir / "inputs").glob("shard-*.parquet"))
+    by_name = {p.stem: p for p in shards}
+    todo = sorted({str(shard_of[e]) for e in need if e in shard_of and str(shard_of[e]) in by_name}) or \
+        [p.stem for p in shards]
+    for name in todo:
+        decoded = decode_shard(by_name[name], card, config.data)
+        for i, e in enumerate(decoded.example_ids):
+            if e in need:
+                inputs[e] = decoded.inputs[i]
+    device = pick_device(config.device)
+    model = cached_model(card, device)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(x), config.attribution.batch_size):
+                out.append(model(x[s:s + config.attribution.batch_size].to(device)).float().argmax(1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    h, w = tuple(card.input_size)
+    for r in picks:
+        targets, donors = wanted[r.name]
+        tx = [inputs[e] for e in targets if e in inputs]
+        dx = [inputs[e] for e in donors if e in inputs]
+        if len(tx) < 2 or not dx:
+            got = shortcuts.confirm(predict, torch.zeros(0), torch.zeros(0), None, 0, 0, 0.95, 0, spec.min_effect)
+        else:
+            got = shortcuts.confirm(predict, torch.stack(tx), torch.stack(dx),
+                                    shortcuts.cells_to_pixels(regions[r.name], h, w), int(r.class_index),
+                                    spec.replicates, config.metrics.confidence_level, config.seed, spec.min_effect)
+        got["region_cells"] = int(regions[r.name].sum())
+        for k, v in got.items():
+            table.at[r.name, k] = v
+    for c in shortcuts.CONFIRM_COLUMNS:
+        table[c] = table[c].astype("boolean" if c == "confirmed" else "Int64" if c in ("n_targets", "region_cells") else "float64")
+    return table
+
+
 def scan_shortcuts(run_dir: Path, config: AuditConfig, card: ModelCard, preds: pa.Table, metadata) -> list:
     """Run the hotspot scan (tasks.shortcuts) on the run's stored maps; write shortcuts.parquet; return its
     checks. Slices: every single-column slice of the config except the true class itself."""
@@ -176,11 +258,24 @@ def scan_shortcuts(run_dir: Path, config: AuditConfig, card: ModelCard, preds: p
         insensitive = set(sanity.method[sanity.insensitive])
     why = shortcuts.trusted_methods(sorted(maps), spec.methods, insensitive)
     table = shortcuts.detect(maps, classes, ids, card.class_names, slices, why, spec.windows, spec.min_share,
-                             spec.min_examples, spec.replicates, config.metrics.confidence_level, config.seed)
-    write_parquet(run_dir / "shortcuts.parquet", pa.Table.from_pandas(table, preserve_index=False),
+                             spec.min_examples, spec.replicates, config.metrics.confidence_level, config.seed,
+                             cell_lift=spec.cell_lift)
+    if spec.confirm and not table.empty:
+        table = _confirm_candidates(run_dir, config, card, preds, table, maps, classes, ids, slices)
+    for c in shortcuts.schema().names:
+        if c not in table.columns:
+            table[c] = None
+    write_parquet(run_dir / "shortcuts.parquet",
+                  pa.Table.from_pandas(table[shortcuts.schema().names], schema=shortcuts.schema(),
+                                       preserve_index=False),
                   {"max_lift": str(spec.max_lift), "min_share": str(spec.min_share)})
-    checks = shortcuts.hotspot_checks(table, spec.max_lift, spec.gate_on, spec.severity,
-                                      config.metrics.confidence_level, tuple(card.input_size))
+    if table.empty:
+        checks = [shortcuts.not_run_check(classes, spec.min_examples)]
+    else:
+        checks = shortcuts.hotspot_checks(table, spec.max_lift, spec.gate_on, spec.severity,
+                                          config.metrics.confidence_level, tuple(card.input_size))
+        checks += shortcuts.cell_checks(table, spec.cell_lift, spec.min_share, spec.severity,
+                                        config.metrics.confidence_level, tuple(card.input_size), spec.confirm)
     if roi and spec.max_roi_gap is not None:
         checks += shortcuts.roi_gap_checks(roi, classes, card.class_names, slices, why, spec.max_roi_gap,
                                            spec.min_examples, spec.replicates, config.metrics.confidence_level,

@@ -424,9 +424,11 @@ def shortcut_context(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, cfg:
     from .metrics import slice_groups
     from .shortcuts import box_words
     t = pq.read_table(path).to_pandas()
+    if "kind" not in t.columns:                       # a run written before the shape-free scan
+        t["kind"] = "box"
     size = card["input_size"]
     methods = []
-    for method, g in t.groupby("method", sort=True):
+    for method, g in t[t.kind == "box"].groupby("method", sort=True):
         top = g.loc[g.lift.idxmax()] if len(g) else None
         methods.append(dict(method=method, trust=g.trust.iloc[0], trusted=bool(g.trusted.iloc[0]),
                             top=None if top is None else dict(
@@ -434,7 +436,7 @@ def shortcut_context(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, cfg:
                                                                    else f", {top.slice_key}={top.slice_value}"),
                                 lift=float(top.lift), lo=float(top.ci_low), hi=float(top.ci_high),
                                 share=float(top.share), box=box_words(top, int(top.grid), *size))))
-    bad = [c for c in checks if c["kind"] == "hotspot" and c["status"] != "PASS"]
+    bad = [c for c in checks if c["kind"] in ("hotspot", "hotspot_cells") and c["status"] != "PASS"]
     candidates = []
     heat = expl.set_index(["example_id", "method"])
     info = pred.set_index("example_id")
@@ -442,11 +444,13 @@ def shortcut_context(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, cfg:
         method = c["metric"].split(".", 1)[0]
         cls, _, value = c["slice_value"].partition("&")
         key = c["slice_key"].partition("&")[2] or "overall"
-        match = t[(t.method == method) & (t.class_name == cls) & (t.slice_key == key) & (t.slice_value == value)]
+        kind = "cells" if c["kind"] == "hotspot_cells" else "box"
+        match = t[(t.method == method) & (t.class_name == cls) & (t.slice_key == key) & (t.slice_value == value)
+                  & (t.kind == kind)]
         if match.empty:
             continue
         r = match.iloc[0]
-        box = (int(r.row), int(r.col), int(r.window))
+        box = (int(r.row), int(r.col), int(r.window) or max(int(r.height), int(r.width)))
         group = expl[(expl.method == method) & (expl.target == int(r.class_index))]
         if key != "overall":
             idx = next((ix for k, v, ix in slice_groups(pred.reset_index(drop=True), [[key]]) if v == value), [])
@@ -475,8 +479,9 @@ def shortcut_context(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, cfg:
                                where=f"class {cls}" + ("" if key == "overall" else f", {key}={value}"),
                                examples=examples, n=len(group)))
     meta = pq.read_schema(path).metadata or {}
+    not_run = next((c["message"] for c in checks if c["metric"] == "shortcut_scan" and c["outcome"] == "not run"), None)
     return dict(methods=methods, candidates=candidates, max_lift=float(meta.get(b"max_lift", b"nan")),
-                min_share=float(meta.get(b"min_share", b"nan")))
+                min_share=float(meta.get(b"min_share", b"nan")), not_run=not_run)
 
 
 # --- context and rendering -------------------------------------------------------------------------------

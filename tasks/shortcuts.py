@@ -28,9 +28,37 @@ import numpy as np
 import pandas as pd
 
 GRID = 32                      # maps are area-pooled to at most this side before the scan
-COLUMNS = ["method", "trusted", "trust", "class_name", "class_index", "slice_key", "slice_value", "n", "n_reference",
-           "grid", "window", "row", "col", "height", "width", "share", "reference_share", "lift", "ci_low", "ci_high",
-           "qualified", "peak_hit", "examples"]
+COLUMNS = ["method", "trusted", "trust", "kind", "class_name", "class_index", "slice_key", "slice_value", "n",
+           "n_reference", "grid", "window", "row", "col", "height", "width", "share", "reference_share", "lift",
+           "ci_low", "ci_high", "share_ci_low", "share_ci_high", "cells", "qualified", "peak_hit", "examples",
+           "members"]
+
+
+def schema():
+    """The Arrow schema of shortcuts.parquet (typed even when it has no rows: a scan that could not run)."""
+    import pyarrow as pa
+    f64, i64, s = pa.float64(), pa.int64(), pa.string()
+    return pa.schema([
+        ("method", s), ("trusted", pa.bool_()), ("trust", s), ("kind", s), ("class_name", s), ("class_index", i64),
+        ("slice_key", s), ("slice_value", s), ("n", i64), ("n_reference", i64), ("grid", i64), ("window", i64),
+        ("row", i64), ("col", i64), ("height", i64), ("width", i64), ("share", f64), ("reference_share", f64),
+        ("lift", f64), ("ci_low", f64), ("ci_high", f64), ("share_ci_low", f64), ("share_ci_high", f64),
+        ("cells", pa.list_(i64)), ("qualified", pa.bool_()), ("peak_hit", f64), ("examples", pa.list_(s)),
+        ("members", pa.list_(s)), ("region_cells", i64), ("n_targets", i64), ("flip_rate", f64),
+        ("control_flip_rate", f64), ("effect", f64), ("effect_ci_low", f64), ("effect_ci_high", f64),
+        ("removal_drop", f64), ("confirmed", pa.bool_())])
+
+
+def not_run_check(classes: dict[str, np.ndarray], min_examples: int):
+    """The check that says the scan could not run, and why (a visible state, never an empty table read as
+    'no shortcut found'): WARN, like any check that has nothing to decide on."""
+    from .metrics.thresholds import Check
+    largest = max((int(np.unique(c, return_counts=True)[1].max()) for c in classes.values() if len(c)), default=0)
+    return Check("overall", "all", "shortcut_scan", "", "hotspot", None, None, None, float(min_examples),
+                 "estimate", "warn", "not run", "WARN",
+                 f"the shortcut scan did not run: it needs a class with at least {min_examples} explained examples "
+                 f"(shortcuts.min_examples) and the largest has {largest}; no shortcut was looked for, so none is "
+                 f"reported. Audit more images of each class, or lower shortcuts.min_examples")
 
 
 @dataclass(frozen=True)
@@ -124,10 +152,127 @@ def scan(mass: np.ndarray, classes: np.ndarray, groups: Sequence[Group], fractio
         inside = (prow[idx] >= r0) & (prow[idx] < r0 + b) & (pcol[idx] >= c0) & (pcol[idx] < c0 + b)
         lo, hi = np.quantile(rep_max, [alpha, 1 - alpha]) if replicates else (np.nan, np.nan)
         order = np.argsort(-boxes[b][idx, j], kind="stable")
-        rows.append(dict(class_index=grp.class_index, slice_key=grp.slice_key, slice_value=grp.slice_value,
+        rows.append(dict(kind="box", class_index=grp.class_index, slice_key=grp.slice_key, slice_value=grp.slice_value,
                          n=len(idx), n_reference=len(ref), grid=g, window=b, row=r0, col=c0, height=b, width=b,
                          share=share, reference_share=ref_share, lift=lift, ci_low=float(lo), ci_high=float(hi),
+                         share_ci_low=np.nan, share_ci_high=np.nan, cells=[],
                          qualified=qualified, peak_hit=float(inside.mean()), examples=idx[order]))
+    return pd.DataFrame(rows)
+
+
+def cell_scan(mass: np.ndarray, classes: np.ndarray, groups: Sequence[Group], cell_lift: float, min_share: float,
+              replicates: int = 500, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Return one row per group for the shape-free scan: the *hot cells*, every cell of the (g, g) map where the
+    class's share of mass is at least `cell_lift` times the other classes' (per-cell lift, u = one cell), in
+    any shape or number of places (a frame, a tag that moves between corners, a scattered pattern), and the
+    class's share of mass in them (`share`, with a percentile interval that redoes the choice of cells per
+    replicate) against the other classes' (`reference_share`). `qualified`: the share reaches `min_share`.
+    `row`..`width` give the cells' bounding box; `cells` their flat indices."""
+    n, g, _ = mass.shape
+    flat = mass.reshape(n, g * g)
+    defined = flat.sum(1) > 0
+    u = 1.0 / (g * g)
+    rng = np.random.default_rng(seed + 1)
+    weights = rng.poisson(1.0, size=(replicates, n)).astype(np.float64)
+    weights[:, ~defined] = 0
+    total, total_rep = flat[defined].sum(0), weights @ flat
+    peak = flat.argmax(1)
+    alpha = (1 - level) / 2
+    rows = []
+    for grp in groups:
+        idx = grp.rows[defined[grp.rows]]
+        own = np.flatnonzero(defined & (classes == grp.class_index))
+        ref = np.flatnonzero(defined & (classes != grp.class_index))
+        if len(idx) == 0 or len(ref) == 0:
+            continue
+        share = flat[idx].mean(0)
+        ref_share = (total - flat[own].sum(0)) / len(ref)
+        hot = (share + u) / (ref_share + u) >= cell_lift
+        s, r = float(share[hot].sum()), float(ref_share[hot].sum())
+        if replicates:
+            w_g, w_own, w_ref = weights[:, idx], weights[:, own], weights[:, ref].sum(1)
+            rep_share = (w_g @ flat[idx]) / np.maximum(w_g.sum(1), 1)[:, None]
+            rep_ref = (total_rep - w_own @ flat[own]) / np.maximum(w_ref, 1)[:, None]
+            rep = np.where((rep_share + u) / (rep_ref + u) >= cell_lift, rep_share, 0.0).sum(1)
+            lo, hi = (float(v) for v in np.quantile(rep, [alpha, 1 - alpha]))
+        else:
+            lo = hi = np.nan
+        cells = np.flatnonzero(hot.ravel())
+        rr, cc = np.divmod(cells, g) if len(cells) else (np.zeros(1, int), np.zeros(1, int))
+        area = len(cells) / (g * g)
+        order = np.argsort(-(flat[idx][:, cells].sum(1) if len(cells) else np.zeros(len(idx))), kind="stable")
+        rows.append(dict(kind="cells", class_index=grp.class_index, slice_key=grp.slice_key,
+                         slice_value=grp.slice_value, n=len(idx), n_reference=len(ref), grid=g, window=0,
+                         row=int(rr.min()), col=int(cc.min()), height=int(rr.max() - rr.min() + 1),
+                         width=int(cc.max() - cc.min() + 1), share=s, reference_share=r,
+                         lift=(s + area) / (r + area) if len(cells) else 1.0, ci_low=np.nan, ci_high=np.nan,
+                         share_ci_low=lo, share_ci_high=hi, cells=[int(c) for c in cells],
+                         qualified=bool(len(cells) and s >= min_share), peak_hit=float(np.isin(peak[idx], cells).mean()),
+                         examples=idx[order]))
+    return pd.DataFrame(rows)
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 25) -> np.ndarray:
+    """Return cluster labels of the rows of `x` by k-means with k-means++ seeding (a fixed seed)."""
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, k):
+        d = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
+        centres.append(x[rng.choice(len(x), p=d / d.sum())] if d.sum() > 0 else x[rng.integers(len(x))])
+    centres = np.array(centres)
+    labels = np.zeros(len(x), dtype=np.int64)
+    for _ in range(iterations):
+        labels = ((x[:, None, :] - centres[None]) ** 2).sum(2).argmin(1)
+        new = np.array([x[labels == j].mean(0) if (labels == j).any() else centres[j] for j in range(k)])
+        if np.allclose(new, centres):
+            break
+        centres = new
+    return labels
+
+
+def cluster_scan(mass: np.ndarray, classes: np.ndarray, cell_lift: float, min_share: float, clusters: int = 4,
+                 min_members: int = 10, seed: int = 0) -> pd.DataFrame:
+    """Return the hot cells of clusters of each class's maps (after SpRAy, Lapuschkin et al. 2019,
+    https://doi.org/10.1038/s41467-019-08987-4): a class's maps are clustered by where their mass lies
+    (k-means on the square roots of 8x8-pooled maps), and each cluster's hot cells are found against every
+    other class as `cell_scan` does for a whole class. A strategy used by part of a class, or at varying
+    places (a tag in one of four corners), is diluted in the class's mean map and whole in its cluster's.
+    `members` lists the cluster's rows."""
+    n, g, _ = mass.shape
+    flat = mass.reshape(n, g * g)
+    defined = flat.sum(1) > 0
+    u = 1.0 / (g * g)
+    f = max(1, g // 8)
+    coarse = np.sqrt(mass[:, :g // f * f, :g // f * f].reshape(n, g // f, f, g // f, f).sum((2, 4)).reshape(n, -1))
+    total = flat[defined].sum(0)
+    rows = []
+    for c in np.unique(classes[defined]):
+        own = np.flatnonzero(defined & (classes == c))
+        ref = np.flatnonzero(defined & (classes != c))
+        k = min(clusters, len(own) // min_members)
+        if k < 2 or len(ref) == 0:
+            continue
+        ref_share = (total - flat[own].sum(0)) / len(ref)
+        labels = _kmeans(coarse[own], k, seed + int(c))
+        for j in range(k):
+            members = own[labels == j]
+            if len(members) < min_members:
+                continue
+            share = flat[members].mean(0)
+            hot = (share + u) / (ref_share + u) >= cell_lift
+            cells = np.flatnonzero(hot.ravel())
+            s, r = float(share[hot].sum()), float(ref_share[hot].sum())
+            rr, cc = np.divmod(cells, g) if len(cells) else (np.zeros(1, int), np.zeros(1, int))
+            area = len(cells) / (g * g)
+            order = np.argsort(-flat[members][:, cells].sum(1), kind="stable")
+            rows.append(dict(kind="cluster", class_index=int(c), slice_key="overall", slice_value="",
+                             n=len(members), n_reference=len(ref), grid=g, window=0, row=int(rr.min()),
+                             col=int(cc.min()), height=int(rr.max() - rr.min() + 1), width=int(cc.max() - cc.min() + 1),
+                             share=s, reference_share=r, lift=(s + area) / (r + area) if len(cells) else 1.0,
+                             ci_low=np.nan, ci_high=np.nan, share_ci_low=np.nan, share_ci_high=np.nan,
+                             cells=[int(x) for x in cells], qualified=bool(len(cells) and s >= min_share),
+                             peak_hit=float(np.isin(flat[members].argmax(1), cells).mean()),
+                             examples=members[order], members=members))
     return pd.DataFrame(rows)
 
 
@@ -150,7 +295,8 @@ def class_groups(classes: np.ndarray, slices: Sequence[tuple[str, str, np.ndarra
 def detect(maps: dict[str, np.ndarray], classes: dict[str, np.ndarray], example_ids: dict[str, np.ndarray],
            class_names: Sequence[str], slices: dict[str, list[tuple[str, str, np.ndarray]]],
            trusted: set[str] | dict[str, str], fractions: Sequence[float], min_share: float, min_examples: int,
-           replicates: int, level: float, seed: int, max_examples: int = 12) -> pd.DataFrame:
+           replicates: int, level: float, seed: int, max_examples: int = 12, cell_lift: float | None = None
+           ) -> pd.DataFrame:
     """Scan every method's maps; returns one row per (method, class, slice) with COLUMNS. `trusted`: the
     methods that gate, or {method: reason} from `trusted_methods` (reasons of trusted ones start 'trusted').
     `slices[method]`
@@ -164,6 +310,11 @@ def detect(maps: dict[str, np.ndarray], classes: dict[str, np.ndarray], example_
         groups = class_groups(classes[method], slices.get(method, []), min_examples,
                               mass.reshape(len(mass), -1).sum(1) > 0)
         t = scan(mass, classes[method], groups, fractions, min_share, replicates, level, seed)
+        if cell_lift is not None and not t.empty:
+            parts = [t, cell_scan(mass, classes[method], groups, cell_lift, min_share, replicates, level, seed),
+                     cluster_scan(mass, classes[method], cell_lift, min_share, seed=seed,
+                                  min_members=max(10, min_examples // 2))]
+            t = pd.concat([p for p in parts if not p.empty], ignore_index=True)
         if t.empty:
             continue
         t.insert(0, "method", method)
@@ -171,11 +322,14 @@ def detect(maps: dict[str, np.ndarray], classes: dict[str, np.ndarray], example_
         t.insert(2, "trust", why.get(method, "not gated"))
         t.insert(3, "class_name", [str(class_names[c]) for c in t.class_index])
         t["examples"] = [[str(e) for e in example_ids[method][ix[:max_examples]]] for ix in t.examples]
+        t["members"] = [[str(e) for e in example_ids[method][ix]] if isinstance(ix, np.ndarray) else []
+                        for ix in (t["members"] if "members" in t.columns else [None] * len(t))]
         frames.append(t)
     if not frames:
         return pd.DataFrame(columns=COLUMNS)
     out = pd.concat(frames, ignore_index=True)[COLUMNS]
-    return out.sort_values(["method", "class_name", "slice_key", "slice_value"], kind="stable", ignore_index=True)
+    return out.sort_values(["method", "kind", "class_name", "slice_key", "slice_value"], kind="stable",
+                           ignore_index=True)
 
 
 def box_words(row, grid: int, height: int, width: int) -> str:
@@ -241,6 +395,8 @@ def strongest(table: pd.DataFrame, max_lift: float, gate_on: str) -> dict[str, t
     out = {}
     if table.empty:
         return out
+    if "kind" in table.columns:
+        table = table[table.kind == "box"]
     for method, t in table[table.trusted.astype(bool)].groupby("method", sort=True):
         out[method] = _strongest_per_class(t, "lift", "ci_low", "class_name",
                                            t.qualified.astype(bool) & (t.lift > max_lift), gate_on)
@@ -267,6 +423,10 @@ def hotspot_checks(table: pd.DataFrame, max_lift: float, gate_on: str, severity:
         for r in picks:
             violated = bool(r.qualified and r.lift > max_lift)
             outcome, status = _one_sided(violated, r.ci_low, max_lift, gate_on, severity)
+            confirmed = _confirmed(r) if violated else None
+            if confirmed is not None:   # the intervention decides: the model depends on the box, or it does not
+                outcome = "fail" if confirmed else "unconfirmed"
+                status = ("FAIL" if severity == "fail" else "WARN") if confirmed else "WARN"
             also = [f"{k}={v}" if k != "overall" else "overall" for k, v in
                     zip(hot[hot.class_name == r.class_name].slice_key, hot[hot.class_name == r.class_name].slice_value)
                     if (k, v) != (r.slice_key, r.slice_value)]
@@ -275,10 +435,100 @@ def hotspot_checks(table: pd.DataFrame, max_lift: float, gate_on: str, severity:
                    f"{box_words(r, int(r.grid), *image_size)}, where the other classes put {r.reference_share:.1%}: "
                    f"lift {r.lift:.3g} ({level:.0%} CI [{r.ci_low:.3g}, {r.ci_high:.3g}], n={r.n}); "
                    f"{'a shortcut candidate' if violated else 'no shortcut candidate'} (bound {max_lift:g}): {outcome}"
-                   + (f"; also {', '.join(also)}" if also else ""))
+                   + (f"; also {', '.join(also)}" if also else "") + (confirmation_words(r) if violated else ""))
             checks.append(Check(key, value, f"{method}.hotspot_lift", "", "hotspot", float(r.lift),
                                 float(r.ci_low), float(r.ci_high), float(max_lift), gate_on, severity, outcome,
                                 status, msg))
+    return checks
+
+
+def strongest_cells(table: pd.DataFrame, every_method: bool = False) -> dict[str, tuple[pd.DataFrame, list]]:
+    """Per method: (its shape-free candidates, i.e. qualified hot-cell rows; the one with the largest share
+    per class, largest first, or the method's largest share when none). Only trusted methods, unless
+    `every_method`: when an intervention decides, any method's maps may nominate (the map only points; the
+    model's answer to the paste is the evidence, so a method the randomisation check found insensitive can
+    still say where to look)."""
+    out = {}
+    if table.empty or "kind" not in table.columns:
+        return out
+    cells = table[table.kind.isin(["cells", "cluster"]) & (table.trusted.astype(bool) | every_method)]
+    for method, t in cells.groupby("method", sort=True):
+        out[method] = _strongest_per_class(t, "share", "share_ci_low", "class_name", t.qualified.astype(bool),
+                                           "estimate")
+    return out
+
+
+def cell_candidates(table: pd.DataFrame, every_method: bool = True) -> list:
+    """The hot-cell rows the intervention tests: per method and class, the class overall (all of its places
+    together: a tag that moves between corners is in all of them) and its slice of largest share, when they
+    qualify."""
+    out = []
+    for method, (hot, picks) in strongest_cells(table, every_method).items():
+        for cls, g in hot.groupby("class_name", sort=True):
+            cells = g[g.kind == "cells"]
+            chosen = [cells[cells.slice_key == "overall"], cells.sort_values("share", ascending=False,
+                                                                              kind="stable").head(1),
+                      g[g.kind == "cluster"]]
+            seen = set()
+            for part in chosen:
+                for _, r in part.iterrows():
+                    if r.name not in seen:
+                        seen.add(r.name)
+                        out.append(r)
+    return out
+
+
+def _confirmed(r) -> bool | None:
+    """True/False when the intervention ran for the row, None when it did not (or could not)."""
+    if "confirmed" not in r.index or r.confirmed is None or r.confirmed is pd.NA:
+        return None
+    if "effect" in r.index and not np.isfinite(r.effect):
+        return None
+    return bool(r.confirmed)
+
+
+def _best_tested(rows: pd.DataFrame, fallback):
+    """Among a class's candidate rows, the confirmed one of largest effect, else `fallback`."""
+    if "confirmed" not in rows.columns or rows.empty:
+        return fallback
+    ok = rows[rows.confirmed.fillna(False).astype(bool)]
+    return ok.sort_values("effect", ascending=False, kind="stable").iloc[0] if len(ok) else fallback
+
+
+def cell_checks(table: pd.DataFrame, cell_lift: float, min_share: float, severity: str, level: float,
+                image_size: tuple[int, int], confirm: bool = True) -> list:
+    """Return the shape-free scan's checks: per trusted method, one check per class whose hot cells (lift at
+    least `cell_lift` each) hold at least `min_share` of its mass. The map statistic only nominates: a
+    candidate FAILs when the intervention confirms the model depends on those cells, PASSes (saying so) when
+    it does not (a clean model's class-specific looks, which pasting does not turn into the class), and WARNs
+    when no intervention could run. Without candidates, one passing check with the method's largest share."""
+    from .metrics.thresholds import Check
+    checks = []
+    for method, (hot, picks) in strongest_cells(table, every_method=confirm).items():
+        # a class whose candidates were tested is reported by its confirmed one (largest effect) if any
+        picks = [_best_tested(hot[hot.class_name == r.class_name], r) for r in picks]
+        for r in picks:
+            candidate = bool(r.qualified)
+            confirmed = _confirmed(r) if candidate else None
+            if not candidate:
+                outcome, status = "pass", "PASS"
+            elif confirmed is None:
+                outcome, status = "unconfirmed", "WARN"
+            else:
+                outcome, status = ("fail", "FAIL" if severity == "fail" else "WARN") if confirmed else ("pass", "PASS")
+            where, key, value = _class_slice(r.class_name, r.slice_key, r.slice_value)
+            ci = "" if not np.isfinite(r.share_ci_low) else \
+                f"{level:.0%} CI [{r.share_ci_low:.0%}, {r.share_ci_high:.0%}], "
+            where += f" (a cluster of {r.n} of its maps alike in where they look)" if r.kind == "cluster" else ""
+            msg = (f"{where}: {r.share:.0%} of the {method} attribution mass ({ci}n={r.n}) lies in {len(r.cells)} cells of the {int(r.grid)}x{int(r.grid)} "
+                   f"map where this class's share is at least {cell_lift:g} times the other classes' (they put "
+                   f"{r.reference_share:.1%} there), within {box_words(r, int(r.grid), *image_size)}; "
+                   + ("a shape-free shortcut candidate" if candidate else
+                      f"no shape-free shortcut candidate (at least {min_share:.0%} of the mass needed)")
+                   + (confirmation_words(r, f"those {len(r.cells)} cells") if candidate else "") + f": {outcome}")
+            checks.append(Check(key, value, f"{method}.hotspot_cells", "", "hotspot_cells", float(r.share),
+                                float(r.share_ci_low), float(r.share_ci_high), float(min_share), "estimate",
+                                severity, outcome, status, msg))
     return checks
 
 
@@ -392,3 +642,129 @@ def roi_gap_checks(roi_mass: dict[str, np.ndarray], classes: dict[str, np.ndarra
             checks.append(Check(key, value, f"{method}.roi_mass_gap", "", "roi_gap", r.gap, r.lo, r.hi,
                                 float(max_gap), gate_on, severity, outcome, status, msg))
     return checks
+
+
+# --- confirmation by intervention --------------------------------------------------------------------------
+#
+# A map statistic says where a class's explanations look that others' do not; it cannot say the model *needs*
+# what is there (a clean model's spatial priors can look alike). The intervention asks the model: paste the
+# candidate region of the class's own images onto images of other classes and count how many flip to the
+# class, against the same paste taken from other-class images (the control: what any paste there does); and
+# take the region away from the class's images (replaced by another class's pixels) and count how many leave
+# the class. The verdict gates on the paired difference of flip rates, with a Poisson-bootstrap interval.
+
+CONFIRM_COLUMNS = ["region_cells", "n_targets", "flip_rate", "control_flip_rate", "effect", "effect_ci_low", "effect_ci_high",
+                   "removal_drop", "confirmed"]
+
+
+def region_of(row, grid: int, height: int, width: int) -> np.ndarray:
+    """Return the (height, width) bool mask of a scan row's box in image pixels (the cells it covers)."""
+    mask = np.zeros((height, width), dtype=bool)
+    r0, r1 = int(np.floor(row.row * height / grid)), int(np.ceil((row.row + row.height) * height / grid))
+    c0, c1 = int(np.floor(row.col * width / grid)), int(np.ceil((row.col + row.width) * width / grid))
+    mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def _seeded_order(ids: Sequence[str], seed: int, salt: str) -> list[str]:
+    import hashlib
+    return sorted(ids, key=lambda e: hashlib.sha256(f"{seed}\0{salt}\0{e}".encode()).hexdigest())
+
+
+def intervention_sets(labels: np.ndarray, predictions: np.ndarray, ids: Sequence[str], class_index: int,
+                      max_examples: int, seed: int) -> tuple[list[str], list[str]]:
+    """Return (targets, donors): up to `max_examples` ids of examples neither labelled nor predicted as the
+    class, and of examples labelled and predicted as it, each in an order fixed by the seed and the ids alone
+    (not by shard or position)."""
+    ids = np.asarray(ids, dtype=object)
+    other = ids[(labels != class_index) & (predictions != class_index)]
+    own = ids[(labels == class_index) & (predictions == class_index)]
+    return (_seeded_order(list(other), seed, f"targets-{class_index}")[:max_examples],
+            _seeded_order(list(own), seed, f"donors-{class_index}")[:max_examples])
+
+
+def confirm(predict, targets, donors, region, class_index: int, replicates: int, level: float, seed: int,
+            min_effect: float) -> dict:
+    """Return the intervention's figures for one candidate region (`region`: (H, W) bool) of class
+    `class_index`: `targets` (T, C, H, W) are other-class inputs, `donors` (D, C, H, W) the class's own; all
+    normalised model inputs. `predict(x) -> (N,) predicted classes`.
+
+    flip_rate          share of targets predicted as the class after pasting a donor's region onto them
+    control_flip_rate  the same with the region taken from another target (any paste there, no class content)
+    effect             flip_rate - control_flip_rate (paired per target), with a percentile interval
+    removal_drop       share of donors no longer predicted as the class once the region holds a target's pixels
+    confirmed          the whole interval of `effect` above `min_effect` (the estimate, without replicates)
+    """
+    import torch
+    t, d = len(targets), len(donors)
+    if t < 2 or d < 1:
+        return dict(n_targets=t, flip_rate=np.nan, control_flip_rate=np.nan, effect=np.nan, effect_ci_low=np.nan,
+                    effect_ci_high=np.nan, removal_drop=np.nan, confirmed=False)
+    mask = torch.as_tensor(region, device=targets.device)[None, None]
+    paired = donors[torch.arange(t) % d]
+    controls = targets.roll(1, 0)
+    flips = (predict(torch.where(mask, paired, targets)) == class_index).double().cpu().numpy()
+    ctrl = (predict(torch.where(mask, controls, targets)) == class_index).double().cpu().numpy()
+    stays = (predict(torch.where(mask, targets[torch.arange(d) % t], donors)) == class_index).double().cpu().numpy()
+    diff = flips - ctrl
+    effect = float(diff.mean())
+    if replicates:
+        w = np.random.default_rng(seed).poisson(1.0, size=(replicates, t)).astype(np.float64)
+        rep = (w @ diff) / np.maximum(w.sum(1), 1)
+        lo, hi = (float(v) for v in np.quantile(rep, [(1 - level) / 2, 1 - (1 - level) / 2]))
+    else:
+        lo = hi = np.nan
+    return dict(n_targets=t, flip_rate=float(flips.mean()), control_flip_rate=float(ctrl.mean()), effect=effect,
+                effect_ci_low=lo, effect_ci_high=hi, removal_drop=float(1 - stays.mean()),
+                confirmed=bool((lo if replicates else effect) > min_effect))
+
+
+def confirmation_words(r, what: str | None = None) -> str:
+    """'; confirmed by intervention: pasting ...' for a scan row with the CONFIRM_COLUMNS filled."""
+    if "confirmed" not in r.index:
+        return ""
+    if _confirmed(r) is None:
+        return "; intervention not possible (too few examples of the class or of the others)"
+    what = what or f"the box (grown to {int(r.region_cells)} cells where this class's lift stays high)"
+    return (f"; {'confirmed' if r.confirmed else 'NOT confirmed'} by intervention: pasting {what} from this "
+            f"class's images onto {int(r.n_targets)} images of other classes turned {r.flip_rate:.0%} of them "
+            f"into this class ({r.control_flip_rate:.0%} for the same paste from other classes: effect "
+            f"{r.effect:+.2f}, CI [{r.effect_ci_low:+.2f}, {r.effect_ci_high:+.2f}]), and taking it away changed "
+            f"{r.removal_drop:.0%} of the class's own predictions")
+
+
+def candidate_region(mass: np.ndarray, classes: np.ndarray, rows: np.ndarray, class_index: int, row,
+                     grow_lift: float, max_area: float = 0.25) -> np.ndarray:
+    """Return the (g, g) bool cells of a shortcut candidate: its box, grown over the neighbouring cells
+    (8-connected) where the class's share of mass is at least `grow_lift` times the other classes'
+    (per-cell lift, u = one cell), so the whole artefact travels in the intervention (the box of largest lift
+    is often only its hottest part), never the object (other classes' maps look there too, so the lift stays
+    low). The region stops growing at `max_area` of the image."""
+    n, g, _ = mass.shape
+    defined = mass.reshape(n, -1).sum(1) > 0
+    rows = rows[defined[rows]]
+    ref = np.flatnonzero(defined & (classes != class_index))
+    u = 1.0 / (g * g)
+    lift = (mass[rows].mean(0) + u) / ((mass[ref].mean(0) if len(ref) else np.zeros((g, g))) + u)
+    region = np.zeros((g, g), dtype=bool)
+    region[int(row.row):int(row.row) + int(row.height), int(row.col):int(row.col) + int(row.width)] = True
+    hot = lift >= grow_lift
+    frontier = [tuple(p) for p in np.argwhere(region)]
+    limit = int(max_area * g * g)
+    while frontier and region.sum() < limit:
+        r, c = frontier.pop()
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                rr, cc = r + dr, c + dc
+                if 0 <= rr < g and 0 <= cc < g and hot[rr, cc] and not region[rr, cc]:
+                    region[rr, cc] = True
+                    frontier.append((rr, cc))
+    return region
+
+
+def cells_to_pixels(cells: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Return a (height, width) bool mask covering every pixel of the (g, g) `cells`."""
+    g = cells.shape[0]
+    rows = (np.arange(height) * g) // height
+    cols = (np.arange(width) * g) // width
+    return cells[rows[:, None], cols[None, :]]

@@ -6,6 +6,7 @@ server in the tests). What it does to each new connection is read from MODE_FILE
     503                  answer its first request with 'HTTP/1.1 503 Slow Down' (S3's throttling answer), close
     drop-after-puts N P  forward, counting requests 'PUT P...'; from the Nth on, close connections (the mode
                          file is rewritten to 'drop', so the store stays unreachable until the test says 'pass')
+    drop-after N M P     the same for requests 'M P...' (any method M)
 
 Usage: python fault_proxy.py UPSTREAM_PORT MODE_FILE PORT_FILE
 """
@@ -39,7 +40,7 @@ def pipe(src: socket.socket, dst: socket.socket, count_puts: tuple[int, str] | N
                 break
             if count_puts is not None:
                 limit, prefix = count_puts
-                hits = data.count(f"PUT {prefix}".encode())
+                hits = data.count(prefix.encode())
                 if hits:
                     with LOCK:
                         PUTS["n"] += hits
@@ -74,7 +75,8 @@ def handle(client: socket.socket) -> None:
         client.close()
         return
     upstream = socket.create_connection(UPSTREAM)
-    count = (int(m[1]), m[2]) if m[0] == "drop-after-puts" else None
+    count = (int(m[1]), f"PUT {m[2]}") if m[0] == "drop-after-puts" else \
+        (int(m[1]), f"{m[2]} {m[3]}") if m[0] == "drop-after" else None
     threading.Thread(target=pipe, args=(client, upstream, count), daemon=True).start()
     threading.Thread(target=pipe, args=(upstream, client, None), daemon=True).start()
 

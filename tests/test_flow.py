@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -188,5 +190,22 @@ def test_failing_verdict_can_fail_the_flow_run_after_writing_everything(prefect_
     # a WARN-level policy does not fail a passing run
     lenient = config_for(small_data, tmp_path, run_id="lenient", flow_run_fails_on="WARN",
                          metrics={"slices": [[]], "bootstrap_replicates": 50,
-                                  "thresholds": [{"metric": "accuracy", "lower": 0.5}]})
+                                  "thresholds": [{"metric": "accuracy", "lower": 0.5}]},
+                         shortcuts={"enabled": False})     # 40 rows: the scan could not run, itself a WARN
     assert audit(lenient)["verdict"] == "PASS"
+
+
+def test_a_shortcut_scan_that_cannot_run_says_so(prefect_harness, small_data, tmp_path):  # noqa: F811
+    """Classes of 4 examples (below shortcuts.min_examples 20): not an empty table read as 'no shortcut found',
+    but a WARN check saying the scan did not run and why, in validation.json, the report's banner counts and
+    its scan section; shortcuts.parquet is typed, with no rows."""
+    result = audit(config_for(small_data, tmp_path, run_id="small-scan"))
+    run_dir = Path(result["run_dir"])
+    checks = json.loads((run_dir / "validation.json").read_text())["checks"]
+    scan = [c for c in checks if c["metric"] == "shortcut_scan"]
+    assert len(scan) == 1 and scan[0]["status"] == "WARN" and scan[0]["outcome"] == "not run"
+    assert "at least 20 explained examples" in scan[0]["message"] and result["verdict"] in ("WARN", "FAIL")
+    html = (run_dir / "report.html").read_text()
+    assert "NOT RUN" in html and "the shortcut scan did not run" in html
+    table = pq.read_table(run_dir / "shortcuts.parquet")
+    assert table.num_rows == 0 and table.schema.field("lift").type == pa.float64()

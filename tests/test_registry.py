@@ -129,7 +129,7 @@ def test_a_malformed_reference_or_one_with_a_card_is_a_config_error():
 def test_the_registry_going_away_while_logging_ends_resumable_and_the_rerun_logs(prefect_harness, registry, small_data,
                                                                                  tmp_path, capsys, monkeypatch):  # noqa: F811
     """The MLflow server behind the fault proxy (tests/fault_proxy.py): connections are reset from the first
-    artifact upload of log_to_mlflow on. The run's outputs are complete, the command ends with exit 3 and the
+    request of log_to_mlflow on (its first tag). The run's outputs are complete, the command ends with exit 3 and the
     --run-id; with the registry back, the rerun with that id logs the verdict, metrics and reports."""
     import time as _time
 
@@ -138,7 +138,7 @@ def test_the_registry_going_away_while_logging_ends_resumable_and_the_rerun_logs
     from xaudit.tasks import storage
     upstream = os.environ["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1]
     mode, port_file = tmp_path / "mode", tmp_path / "port"
-    mode.write_text("drop-after-puts 1 /api/2.0/mlflow-artifacts/")
+    mode.write_text("drop-after 1 POST /api/2.0/mlflow/runs/set-tag")
     proxy = subprocess.Popen([sys.executable, str(Path(__file__).parent / "fault_proxy.py"), upstream, str(mode),
                               str(port_file)])
     try:
@@ -146,7 +146,9 @@ def test_the_registry_going_away_while_logging_ends_resumable_and_the_rerun_logs
             if port_file.exists() and port_file.read_text():
                 break
             _time.sleep(0.05)
+        direct = os.environ["MLFLOW_TRACKING_URI"]
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port_file.read_text()}")
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])     # the fixture set it for the process
         monkeypatch.setattr(storage, "RETRY_DELAYS", (0.2,))
         cfg = config_for(small_data, tmp_path, run_id="reg-away").model_dump(mode="json")
         cfg["model"] = {"mlflow": "models:/digits/1"}
@@ -166,4 +168,5 @@ def test_the_registry_going_away_while_logging_ends_resumable_and_the_rerun_logs
         names = {a.path for a in MlflowClient().list_artifacts(registry["run_id"], "xaudit/reg-away")}
         assert "xaudit/reg-away/report.pdf" in names
     finally:
+        mlflow.set_tracking_uri(direct if 'direct' in locals() else mlflow.get_tracking_uri())
         stop([proxy])

@@ -211,3 +211,108 @@ def test_roi_gap_is_relative_to_the_other_classes_and_cancels_slice_effects():
     assert 0.2 < bad[0].ci_low < bad[0].value < bad[0].ci_high < 0.3
     assert shortcuts.roi_gap_checks({"saliency": shifted}, {"saliency": classes}, names, slices,
                                     {"saliency": "not gated"}, 0.1, 20, 300, 0.95, 0, "interval", "fail") == []
+
+
+# --- shape-free hot cells, and confirmation by intervention ----------------------------------------------------
+
+def _frame_maps(rng, planted: bool, k: int = 5, per_class: int = 30):
+    """Maps of `k` classes with class evidence at shared central spots; with `planted`, class 0's maps also
+    put 40% of their mass on a 1-cell frame around the map (a shape no box holds)."""
+    maps, classes = [], []
+    yy, xx = np.mgrid[0:G, 0:G]
+    for c in range(k):
+        for _ in range(per_class):
+            r, col = rng.integers(10, 22, size=2)
+            m = np.exp(-((yy - r) ** 2 + (xx - col) ** 2) / 8.0) + 0.02 * rng.random((G, G))
+            m /= m.sum()
+            if planted and c == 0:
+                ring = np.zeros((G, G))
+                ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = 1
+                m = 0.6 * m + 0.4 * ring / ring.sum()
+            maps.append(m)
+            classes.append(c)
+    return np.array(maps), np.array(classes)
+
+
+def test_the_cell_scan_finds_a_frame_no_box_holds_and_stays_quiet_on_clean_maps():
+    rng = np.random.default_rng(3)
+    maps, classes = _frame_maps(rng, planted=True)
+    mass = pool_maps(maps)
+    groups = class_groups(classes, [], 20)
+    boxes = scan(mass, classes, groups, (0.1, 0.16, 0.25), min_share=0.1, replicates=0)
+    assert boxes[boxes.class_index == 0].lift.max() < 6          # no box holds a ring
+    cells = shortcuts.cell_scan(mass, classes, groups, cell_lift=3.0, min_share=0.1, replicates=100)
+    frame = cells[cells.class_index == 0].iloc[0]
+    assert frame.qualified and frame.share > 0.3 and frame.share_ci_low > 0.1
+    ring = np.zeros((G, G), bool)
+    ring[0, :] = ring[-1, :] = ring[:, 0] = ring[:, -1] = True
+    assert set(frame.cells) <= set(np.flatnonzero(ring.ravel())) and len(frame.cells) > 0.8 * ring.sum()
+    assert not cells[cells.class_index != 0].qualified.any()
+    clean, cls = _frame_maps(np.random.default_rng(4), planted=False)
+    quiet = shortcuts.cell_scan(pool_maps(clean), cls, class_groups(cls, [], 20), 3.0, 0.1, replicates=0)
+    assert not quiet.qualified.any()
+
+
+def test_the_cell_scan_share_equals_brute_force():
+    rng = np.random.default_rng(5)
+    maps, classes = _frame_maps(rng, planted=True, k=3, per_class=25)
+    mass = pool_maps(maps)
+    t = shortcuts.cell_scan(mass, classes, class_groups(classes, [], 20), 3.0, 0.1, replicates=0)
+    for r in t.itertuples():
+        own, other = mass[classes == r.class_index].mean(0), mass[classes != r.class_index].mean(0)
+        u = 1 / G ** 2
+        hot = (own + u) / (other + u) >= 3.0
+        assert r.share == pytest.approx(own[hot].sum()) and r.reference_share == pytest.approx(other[hot].sum())
+        assert sorted(r.cells) == sorted(np.flatnonzero(hot.ravel()).tolist())
+
+
+class _PatchModel:
+    """A 'model' of 3 classes whose prediction is class 2 when the top-left 4x4 patch is bright, else by the
+    image's mean (class 0 dark, class 1 light): a shortcut by construction, for the intervention's arithmetic."""
+
+    def __call__(self, x):
+        import torch
+        bright = x[:, 0, :4, :4].mean((1, 2)) > 0.8
+        return torch.where(bright, torch.tensor(2), (x[:, 0].mean((1, 2)) > 0.3).long())
+
+
+def test_confirm_measures_flips_against_the_control_and_removal():
+    import torch
+    g = torch.Generator().manual_seed(0)
+    targets = torch.rand(40, 1, 16, 16, generator=g) * 0.5          # classes 0/1, never 2
+    donors = targets[:10].clone()
+    donors[:, :, :4, :4] = 1.0                                      # class 2 by its patch
+    region = np.zeros((16, 16), bool)
+    region[:4, :4] = True
+    got = shortcuts.confirm(_PatchModel(), targets, donors, region, 2, replicates=200, level=0.95, seed=0,
+                            min_effect=0.05)
+    assert got["flip_rate"] == 1.0 and got["control_flip_rate"] == 0.0 and got["effect"] == 1.0
+    assert got["removal_drop"] == 1.0 and got["confirmed"]
+    elsewhere = np.zeros((16, 16), bool)
+    elsewhere[10:14, 10:14] = True                                  # a box the model does not use
+    got = shortcuts.confirm(_PatchModel(), targets, donors, elsewhere, 2, 200, 0.95, 0, 0.05)
+    assert got["flip_rate"] == 0.0 and got["effect"] == 0.0 and not got["confirmed"] and got["removal_drop"] == 0.0
+
+
+def test_intervention_sets_depend_on_ids_not_on_order():
+    labels = np.array([0, 1, 2, 2, 1, 0, 2, 1])
+    preds = np.array([0, 1, 2, 1, 1, 0, 2, 2])
+    ids = [f"e{i}" for i in range(8)]
+    t, d = shortcuts.intervention_sets(labels, preds, ids, 2, 10, seed=0)
+    assert set(t) == {"e0", "e1", "e4", "e5"} and set(d) == {"e2", "e6"}
+    perm = [7, 3, 0, 5, 2, 6, 1, 4]
+    t2, d2 = shortcuts.intervention_sets(labels[perm], preds[perm], [ids[i] for i in perm], 2, 10, seed=0)
+    assert (t, d) == (t2, d2)
+
+
+def test_a_candidate_region_grows_over_the_artefact_not_the_object():
+    rng = np.random.default_rng(6)
+    maps, classes = _frame_maps(rng, planted=False, k=4, per_class=25)
+    maps[classes == 0, 26:30, 2:6] += 0.02                          # a 4x4 artefact on class 0's maps only
+    mass = pool_maps(maps)
+    t = scan(mass, classes, class_groups(classes, [], 20), (0.1,), min_share=0.0, replicates=0)
+    row = t[t.class_index == 0].iloc[0]
+    region = shortcuts.candidate_region(mass, classes, np.flatnonzero(classes == 0), 0, row, grow_lift=3.0)
+    want = np.zeros((G, G), bool)
+    want[26:30, 2:6] = True
+    assert (region & want).sum() == want.sum() and (region & ~want).sum() <= 4
