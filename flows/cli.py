@@ -161,7 +161,7 @@ def _history(args) -> int:
     if args.name is None:
         names = history_names(table)
         for name, n in sorted(names.items()):
-            print(f"{n:>5} runs  {name}")
+            print(f"{n:>5} {'run ' if n == 1 else 'runs'}  {name}")
         if not names:
             print("the history is empty")
         return EXIT_OK
@@ -292,6 +292,44 @@ def dask_runner(address: str | None):
                                           "dashboard_address": "127.0.0.1:0"})     # loopback only
 
 
+class PhaseLog:
+    """Progress where no bar can be drawn (a CI log, a Prefect worker): one line when a phase starts, one
+    every `every` seconds while it runs (done, total, elapsed, an estimate of what is left), one when the run
+    ends with each phase's time; the phases' notes (a check's size and cost) as they come."""
+
+    def __init__(self, label: str, every: float = 60.0, out=None):
+        self.label, self.every, self.out = label, every, out
+        self.phases: dict[str, dict] = {}
+
+    def _print(self, text: str) -> None:
+        print(f"{self.label}: {text}", file=self.out or sys.stderr, flush=True)
+
+    def __call__(self, phase: str, advance: int, total: int | None, note: str | None = None) -> None:
+        now = time.perf_counter()
+        if note:
+            self._print(note)
+            return
+        p = self.phases.get(phase)
+        if p is None:
+            p = self.phases[phase] = {"start": now, "last": now, "done": 0, "total": 0}
+            self._print(f"{phase}: started")
+        if total is not None:
+            p["total"] += total
+        p["done"] += advance
+        p["end"] = now
+        if now - p["last"] >= self.every:
+            p["last"] = now
+            elapsed = now - p["start"]
+            left = (f", about {elapsed * (p['total'] - p['done']) / p['done']:.0f} s left"
+                    if p["done"] and p["total"] > p["done"] else "")
+            self._print(f"{phase}: {p['done']:,} of {p['total']:,} after {elapsed:.0f} s{left}")
+
+    def close(self) -> None:
+        if self.phases:
+            self._print("phases: " + " · ".join(f"{name} {p.get('end', p['start']) - p['start']:.1f} s"
+                                                for name, p in self.phases.items()))
+
+
 @contextmanager
 def progress_bars(show: bool, label: str):
     """Draw a bar per phase of the run (scoring in images, the randomisation check in rounds, ...) with an ETA
@@ -299,11 +337,10 @@ def progress_bars(show: bool, label: str):
     printed to stderr either way."""
     from xaudit.tasks import progress
     if not show:
-        def quiet(phase: str, advance: int, total: int | None, note: str | None = None) -> None:
-            if note:
-                print(f"{label}: {note}", file=sys.stderr, flush=True)
-        with progress.reporting_to(quiet):
+        log = PhaseLog(label)
+        with progress.reporting_to(log):
             yield
+        log.close()
         return
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)

@@ -27,7 +27,8 @@ def review(config: ReviewConfig) -> dict[str, Any]:
     audits = {role: audit(config.audit_config(role, review_dir)) for role in ("baseline", "candidate")}
     summary = steps.compare(audits["baseline"]["run_dir"], audits["candidate"]["run_dir"], config, str(review_dir),
                             run_id)
-    steps.write_review_manifest(str(review_dir), run_id, config, summary["verdict"], started.isoformat(),
+    steps.write_review_manifest(str(review_dir), run_id, config, summary["verdict"],
+                                started.isoformat(timespec="seconds"),
                                 str(flow_run.get_id()) if flow_run.get_id() else None)
     reports = steps.render_review(str(review_dir), list(config.report.formats))
     steps.seal_manifest(str(review_dir), review=True)

@@ -176,9 +176,10 @@ def format_history(table: pa.Table, metric: str, last: int = 10) -> str:
     if not runs:
         return f"no runs with metric {metric!r} in the history"
     df = table.to_pandas().drop_duplicates("run_id").set_index("run_id")
-    head = [f"{'run':<28} {'time (UTC)':<26} {'model':<28} verdict"]
-    head += [f"{r:<28} {df.loc[r, 'created_utc']:<26} {(df.loc[r, 'model_name'] + ' ' + df.loc[r, 'model_version'])[:28]:<28} "
-             f"{df.loc[r, 'verdict']}" for r in runs]
+    models = {r: f"{df.loc[r, 'model_name']} {df.loc[r, 'model_version']}" for r in runs}
+    wide = max([len("model"), *(len(m) for m in models.values())])        # never cut a model's name or version
+    head = [f"{'run':<28} {'time (UTC)':<26} {'model':<{wide}} verdict"]
+    head += [f"{r:<28} {df.loc[r, 'created_utc']:<26} {models[r]:<{wide}} {df.loc[r, 'verdict']}" for r in runs]
     width = max([7, *(len(s) for s in t["series"])])
     lines = ["", f"{metric} per slice, oldest to newest run:",
              f"{'slice':<{width}}  " + "  ".join(f"{i + 1:>7}" for i in range(len(runs))) + "   last change"]

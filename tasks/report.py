@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup, escape
 from PIL import Image
 
 from .errors import XAuditError
@@ -40,7 +42,16 @@ def environment() -> Environment:
     env.filters["num"] = lambda x, d=3: fixed(x, d)
     env.filters["signed"] = lambda x, d=3: fixed(x, d, signed=True)
     env.filters["pct"] = lambda x: "–" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
+    env.filters["wbr"] = breakable
     return env
+
+
+def breakable(name: Any) -> Markup:
+    """`name` (escaped) with a line-break opportunity after each '.', '_', '&', '=' and '/': a long metric,
+    method, class or slice name ('integrated_gradients.abs_completeness_delta') wraps inside its table cell
+    instead of widening the table past the page, and short words keep their width."""
+    text = str(escape("" if name is None else name))
+    return Markup(re.sub(r"([._&=/])", r"\1<wbr>", text))
 
 
 def fixed(x: Any, digits: int = 3, signed: bool = False) -> str:
@@ -124,6 +135,23 @@ class Bar:
 
 
 SEVERITY = ("WARN", "FAIL")
+
+
+SHOWN_WARNINGS = 8      # warnings listed in a report's first table; the rest are counted there, listed later
+
+
+def not_passed(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The checks that did not pass, FAILs first (then WARNs), each group in the validation's order."""
+    bad = [c for c in checks if c["status"] != "PASS"]
+    return [c for c in bad if c["status"] == "FAIL"] + [c for c in bad if c["status"] != "FAIL"]
+
+
+def first_table(failed: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """(the checks a report's first table lists: every FAIL and the first SHOWN_WARNINGS WARNs, how many more
+    WARNs there are): the failures are what a reader must see first, not under two dozen warnings."""
+    fails = [c for c in failed if c["status"] == "FAIL"]
+    warns = [c for c in failed if c["status"] != "FAIL"]
+    return fails + warns[:SHOWN_WARNINGS], max(0, len(warns) - SHOWN_WARNINGS)
 
 
 def worst_status(failed: list[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
@@ -574,7 +602,7 @@ def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
     metrics, pred, expl, rejects = t["metrics"], t["predictions"], t["explanations"], t["rejects"]
     cfg = manifest["config"]
     card = manifest["model"]
-    failed = [c for c in validation["checks"] if c["status"] != "PASS"]
+    failed = not_passed(validation["checks"])
     flagged = worst_status(failed)
     slice_cols = [s for s in cfg["metrics"]["slices"] if len(s) == 1]
     slice_col = slice_cols[0][0] if slice_cols else None
@@ -604,7 +632,8 @@ def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
             shown.setdefault(x["example_id"], f"shortcut candidate ({c['method']})")
     return dict(
         title=cfg["report"]["title"], manifest=manifest, card=card, cfg=cfg, validation=validation,
-        verdict=validation["verdict"], failed=failed, checks=validation["checks"], slices=slices,
+        verdict=validation["verdict"], failed=failed, checks=validation["checks"],
+        first_table=first_table(failed)[0], more_warnings=first_table(failed)[1], slices=slices,
         key_metrics=key_metrics, charts=charts, **quality_context(run_dir, scalar, flagged, cfg),
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
         gallery=shown_gallery, shortcuts=shortcuts, colour_scale=colour_scale_uri(),
@@ -613,7 +642,8 @@ def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
         history=history_context(run_dir, manifest["run_id"],
                                 list(dict.fromkeys([*key_metrics, *(t["metric"] for t in cfg["metrics"]["thresholds"])])),
                                 audit_name((cfg.get("history") or {}).get("name"), cfg["report"]["title"])),
-        permutation=permutation_maps(run_dir), mean_maps=mean_maps(pred, expl, slice_col), class_maps=mean_maps(pred, expl, "label_name"),
+        permutation=permutation_maps(run_dir), mean_maps=mean_maps(pred, expl, slice_col) if slice_col != "label_name" else [],     # not the class maps twice
+        class_maps=mean_maps(pred, expl, "label_name"),
         map_methods=sorted(expl.method.unique()), agreement=method_agreement(pred, expl, slice_col),
         slice_col=slice_col, methods=[dict(name=m, params=params.get(m, {})) for m in methods],
         metric_names=sorted(m for m in scalar.metric.unique()),
@@ -819,7 +849,7 @@ def review_context(review_dir: str | Path, examples_shown: int = 6, browse: bool
     manifest, validation, t = _read_finished(rd, "review", ("review_metrics", "review_examples", "review_drift"))
     table, examples, drift = t["review_metrics"], t["review_examples"], t["review_drift"]
     cfg = manifest["config"]
-    failed = [c for c in validation["checks"] if c["status"] != "PASS"]
+    failed = not_passed(validation["checks"])
     bad = worst_status(failed)
     scalar = table[table.sub_key == ""]
 
@@ -878,6 +908,7 @@ def review_context(review_dir: str | Path, examples_shown: int = 6, browse: bool
     return dict(
         title=cfg["report"]["title"], manifest=manifest, cfg=cfg, validation=validation,
         verdict=validation["verdict"], failed=failed, checks=validation["checks"],
+        first_table=first_table(failed)[0], more_warnings=first_table(failed)[1],
         regressed=list(dict.fromkeys("overall" if c["slice_key"] == "overall" else f"{c['slice_key']}={c['slice_value']}"
                                      for c in failed if c["status"] == "FAIL")),
         delta_metrics=delta_metrics, delta_rows=rows(delta_metrics),

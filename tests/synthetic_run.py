@@ -43,11 +43,13 @@ def _photos(n: int, side: int) -> list[bytes]:
 
 def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str = "golden-run",
           classes: list[str] | None = None, site_names: list[str] | None = None, n: int = 60,
-          colour: int = 0) -> Path:
+          colour: int = 0, methods: tuple[str, str] = ("saliency", "gradcam"), long_stats: bool = False) -> Path:
     """Write a finished audit of 60 synthetic examples. `degrade` lowers the true class's logit on site
     'south' and moves the heatmaps there (a worse candidate model for review tests); all else is identical.
     `classes` and `site_names` (three each) replace the class and site names; `n` is the number of examples;
-    `colour` > 0: RGB photo-like images of that side (smooth gradients and blobs) and a matching model card."""
+    `colour` > 0: RGB photo-like images of that side (smooth gradients and blobs) and a matching model card.
+    `methods`: the two methods' names; `long_stats`: also each method's `abs_completeness_delta` (the longest
+    statistic name a real run has, for layout tests)."""
     classes = list(classes or CLASSES)
     rng = np.random.default_rng(42)
     k = len(classes)
@@ -77,9 +79,9 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
         heat[moved] = heat[moved][:, ::-1]
     roi = np.round(rng.random(2 * n), 3)
     pq.write_table(pa.table({
-        "example_id": ids * 2, "method": ["saliency"] * n + ["gradcam"] * n, "target": np.tile(pred, 2),
+        "example_id": ids * 2, "method": [methods[0]] * n + [methods[1]] * n, "target": np.tile(pred, 2),
         "attribution_sum": np.zeros(2 * n), "attribution_abs_sum": np.ones(2 * n),
-        "completeness_delta": [None] * (2 * n), "roi_mass": roi, "pointing_game": (roi > 0.5).astype(float),
+        "completeness_delta": (rng.normal(size=2 * n).tolist() if long_stats else [None] * (2 * n)), "roi_mass": roi, "pointing_game": (roi > 0.5).astype(float),
         "heatmap_height": np.full(2 * n, 8, np.int32), "heatmap_width": np.full(2 * n, 8, np.int32),
         "heatmap": pa.FixedSizeListArray.from_arrays(pa.array(heat.reshape(-1)), 64)}), run_dir / "explanations.parquet")
     pq.write_table(pa.Table.from_pylist([{"example_id": "ex-bad", "stage": "decode",
@@ -87,14 +89,16 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
     config = parse_config({
         "model": {"name": "pets", "factory": "xaudit.tasks.nets:demo_cnn", "weights": "pets.safetensors"},
         "data": {"path": "pets.parquet", "filter": {"site": ["north", "south"]}},
-        "run_id": run_id, "attribution": {"methods": ["saliency", "gradcam"], "heatmap_size": 8},
+        "run_id": run_id, "attribution": {"methods": list(methods), "heatmap_size": 8},
         "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200, "min_slice_size": 5,
                     "thresholds": [{"metric": "accuracy", "lower": 0.95},
-                                   {"metric": "gradcam.roi_mass", "lower": 0.4, "severity": "warn"}]},
+                                   {"metric": f"{methods[1]}.roi_mass", "lower": 0.4, "severity": "warn"}]},
         "report": {"title": "Pets classifier audit", "prepared_by": "A. Auditor", "reviewed_by": "R. Viewer",
                    "gallery_size": 2, "limitations": ["Synthetic data for report tests."]},
     })
-    stats = {f"{m}.roi_mass": ExampleStat(roi[i * n:(i + 1) * n], True) for i, m in enumerate(["saliency", "gradcam"])}
+    stats = {f"{m}.roi_mass": ExampleStat(roi[i * n:(i + 1) * n], True) for i, m in enumerate(methods)}
+    if long_stats:
+        stats.update({f"{m}.abs_completeness_delta": ExampleStat(np.abs(rng.normal(size=n)), False) for m in methods})
     ev = evaluate(y, p, pq.read_table(run_dir / "predictions.parquet").select(["site"]).to_pandas(),
                   slices=[[], ["site"]], example_stats=stats, class_names=classes, replicates=200, seed=0,
                   min_slice_size=5)
@@ -122,22 +126,23 @@ def build(run_dir: Path, hostile: bool = True, degrade: float = 0.0, run_id: str
     return run_dir
 
 
-def build_review(review_dir: Path) -> Path:
+def build_review(review_dir: Path, **looks) -> Path:
     """Write a finished release review (fixed ids and clock) of a synthetic candidate that is worse on site
     'south' against its baseline, with the real comparison code (`tasks.review.review_runs`)."""
     from xaudit.tasks.config import ReviewConfig
     from xaudit.tasks.io import sha256_file
     from xaudit.tasks.review import review_runs
+    methods = looks.get("methods", ("saliency", "gradcam"))
     review_dir.mkdir(parents=True, exist_ok=True)
-    build(review_dir / "baseline", run_id="baseline")
-    build(review_dir / "candidate", degrade=2.5, run_id="candidate")
+    build(review_dir / "baseline", run_id="baseline", **looks)
+    build(review_dir / "candidate", degrade=2.5, run_id="candidate", **looks)
     config = ReviewConfig.model_validate({
         "baseline": {"name": "pets", "version": "2.0"}, "candidate": {"name": "pets", "version": "2.1"},
-        "data": {"path": "pets.parquet"}, "attribution": {"methods": ["saliency", "gradcam"]},
+        "data": {"path": "pets.parquet"}, "attribution": {"methods": list(methods)},
         "metrics": {"slices": [[], ["site"]], "bootstrap_replicates": 200, "min_slice_size": 5},
         "change_thresholds": [{"metric": "accuracy", "absolute": 0.02, "gate_on": "interval"}],
         "thresholds": [{"metric": "flip_to_wrong", "upper": 0.05, "gate_on": "interval"},
-                       {"metric": "gradcam.rank_corr", "lower": 0.5, "severity": "warn"}],
+                       {"metric": f"{methods[1]}.rank_corr", "lower": 0.5, "severity": "warn"}],
         "report": {"title": "Pets release review", "prepared_by": "A. Auditor", "reviewed_by": "R. Viewer"},
         "run_id": "golden-review"})
     summary = review_runs(review_dir / "baseline", review_dir / "candidate", config, review_dir, "golden-review")

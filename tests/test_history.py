@@ -93,3 +93,20 @@ def test_a_history_folder_holding_other_files_is_refused_before_the_run(tmp_path
     (tmp_path / "_history" / "notes.parquet").write_bytes(b"not parquet")
     with pytest.raises(XAuditError, match="notes.parquet is not a Parquet file"):
         check_history(_config(tmp_path, "baseline.json", "x"))
+
+
+def test_xaudit_history_prints_whole_model_names_and_one_run_in_the_singular(tmp_path, capsys):
+    """'resnet18-skphotos-seed1 0.1.' was cut at 28 characters, and one run was '1 runs'."""
+    import pyarrow as pa
+
+    from xaudit.tasks.history import SCHEMA, append
+    row = {"run_id": "r1", "audit": "photos", "created_utc": "2026-12-01T00:00:00+00:00",
+           "model_name": "resnet18-skphotos-seed1-with-a-long-name", "model_version": "0.1.0-rc.2",
+           "weights_sha256": "0" * 64, "data_fingerprint": "f" * 64, "verdict": "PASS", "slice_key": "overall",
+           "slice_value": "", "metric": "accuracy", "value": 0.9, "ci_low": 0.8, "ci_high": 0.95, "n": 48,
+           "suppressed": False}
+    append(tmp_path / "h", pa.Table.from_pylist([row], schema=SCHEMA))
+    assert cli(["history", "--history", str(tmp_path / "h")]) == 0
+    assert "    1 run   photos" in capsys.readouterr().out
+    assert cli(["history", "photos", "--history", str(tmp_path / "h")]) == 0
+    assert "resnet18-skphotos-seed1-with-a-long-name 0.1.0-rc.2" in capsys.readouterr().out

@@ -441,3 +441,25 @@ def test_sums_by_atom_equal_sums_by_slice_bit_for_bit(monkeypatch):
     assert by_atom.samples.keys() == by_slice.samples.keys()
     for key in by_slice.samples:
         assert np.array_equal(by_atom.samples[key], by_slice.samples[key], equal_nan=True), key
+
+
+def test_a_slice_of_one_true_class_has_no_macro_average():
+    """In a slice whose labels are all one class, scikit-learn's macro F1 averages that class with classes only
+    predicted (F1 0 by definition): 0.48 for a slice at 92% accuracy. Such a slice gets no macro value (NaN),
+    while accuracy and the per-class rows stay, and a slice of two classes still equals scikit-learn."""
+    from sklearn.metrics import f1_score
+    rng = np.random.default_rng(11)
+    n = 120
+    y = np.where(np.arange(n) < 60, 0, rng.integers(0, 3, n))
+    p = rng.dirichlet(np.ones(3), n)
+    p[np.arange(n), y] += 1.5
+    p /= p.sum(1, keepdims=True)
+    md = pd.DataFrame({"part": np.where(np.arange(n) < 60, "one class", "mixed")})
+    t = evaluate(y, p, md, slices=[["part"]], replicates=0).table
+    one = t[(t.slice_value == "one class") & (t.sub_key == "")].set_index("metric").value
+    for m in ("f1_macro", "precision_macro", "recall_macro", "auc_ovr_macro"):
+        assert np.isnan(one[m]), m
+    assert 0 < one["accuracy"] <= 1
+    mixed = t[(t.slice_value == "mixed") & (t.sub_key == "")].set_index("metric").value
+    rows = np.arange(n) >= 60
+    assert mixed["f1_macro"] == pytest.approx(f1_score(y[rows], p[rows].argmax(1), average="macro", zero_division=0))

@@ -261,3 +261,44 @@ def test_long_card_text_is_cut_with_a_pointer_to_the_manifest_and_wraps_on_the_p
     assert "(the rest is in the attached manifest.json, under model)" in identity
     assert identity.count("word ") < 400 and "a" * 3000 not in identity and "a" * 79 + "…" in identity
     assert "overflow-wrap: anywhere" in html
+
+
+@pytest.fixture(scope="module")
+def long_review(tmp_path_factory):
+    """A review on 224² colour photos with long class names, an unbroken long slice value and the longest
+    statistic names a run has (`integrated_gradients.abs_completeness_delta`)."""
+    return build_review(tmp_path_factory.mktemp("long-review") / "long-review", classes=LONG_CLASSES,
+                        site_names=LONG_SITES, colour=224, methods=("integrated_gradients", "gradcam_plus_plus"),
+                        long_stats=True)
+
+
+def _words_past_the_edge(pdf: Path) -> list[str]:
+    bbox = subprocess.run(["pdftotext", "-bbox", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    pages = re.findall(r'<page width="([\d.]+)" height="[\d.]+">(.*?)</page>', bbox, re.S)
+    assert pages
+    return [f"page {number}: {word!r} ends at {x_max} of {width}" for number, (width, body) in enumerate(pages, 1)
+            for x_max, word in re.findall(r'<word xMin="[\d.]+" yMin="[\d.]+" xMax="([\d.]+)" yMax="[\d.]+">([^<]*)</word>', body)
+            if float(x_max) > float(width) - 20]
+
+
+def test_review_pdf_keeps_every_word_on_the_page_at_the_longest_names(long_review):
+    """The review's tables (metric changes, flips, drift, checks, configuration) fit the page with the longest
+    metric, method, class and slice names: every interval is printed whole, nothing past the right edge."""
+    from xaudit.tasks.report import render_review
+    if not shutil.which("pdftotext"):
+        pytest.skip("poppler-utils (pdftotext) not installed")
+    pdf = Path(render_review(long_review, ("pdf",))["pdf"])
+    assert _words_past_the_edge(pdf) == []
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    assert "abs_completeness_delta" in text.replace("\n", "").replace(" ", "")
+
+
+def test_the_class_maps_are_shown_once_when_the_first_slice_is_the_true_class(tmp_path):
+    import json
+    run = build(tmp_path / "run", hostile=False)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["metrics"]["slices"] = [["label_name"], ["site"]]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    html = render_html(run)
+    assert "Mean attribution map per true class and method" in html
+    assert "Mean attribution map per label_name" not in html

@@ -1,5 +1,11 @@
 """Per-class and macro precision, recall and F1 from weighted confusion counts (scikit-learn's definitions,
-zero_division=0; the macro average is over classes present in labels or predictions)."""
+zero_division=0; the macro average is over classes present in labels or predictions).
+
+A macro average compares classes, so a slice needs at least two classes among its labels for one: in a
+slice of one true class ('label_name=astronaut'), scikit-learn's average is over that class and any class
+only predicted, whose F1 is 0 by definition, so `f1_macro` there is about half the class's F1 and moves with
+how many wrong classes were predicted, not with how good the model is. Such a slice gets no macro value
+(null, shown as '–'); its per-class and accuracy rows say what there is to say (docs/correctness.md)."""
 import numpy as np
 
 from ._registry import SliceData, one_hot, ratio, register
@@ -23,6 +29,8 @@ def _per_class(kind: str, sums: np.ndarray, d: SliceData) -> np.ndarray:
 
 
 def _macro(kind: str, sums: np.ndarray, d: SliceData) -> np.ndarray:
+    if len(np.unique(d.labels)) < 2:
+        return np.full(len(sums), np.nan)
     return _per_class(kind, sums, d)[:, d.classes_present()].mean(1)
 
 

@@ -229,6 +229,10 @@ def needed_n_hint(value: float, lo: float | None, hi: float | None, bound: float
     if gap <= 1e-12 or width <= 0:
         return "; the estimate sits on the bound, so no sample size settles it"
     need = int(np.ceil(n * (width / gap) ** 2))
+    if need > max(100 * n, 100_000):
+        # a figure no audit could reach reads as absurd: say what it means instead
+        return (f"; the estimate is so close to the bound, against an interval this wide, that no practical "
+                f"number of examples here would settle it (it would take over {max(100 * n, 100_000):,}; now {n:,})")
     return f"; at this effect an interval clear of the bound needs about n={need:,} examples here (now {n:,})"
 
 
