@@ -246,6 +246,9 @@ class ShortcutSpec(_Strict):
                                             "and gate on the confirmed effect; false: gate on the lift alone")
     confirm_examples: int = Field(256, ge=2, le=100_000, description="other-class images the box is pasted onto "
                                   "(and class images it is taken from) per candidate, at most")
+    max_candidates: int = Field(32, ge=1, le=1000, description="candidates tested by intervention per audit at "
+                                "most (boxes first, then the largest hot-cell shares): each costs 3 forwards per "
+                                "test image; an untested candidate is a WARN")
     min_effect: float = Field(0.05, ge=0, le=1, description="a candidate is confirmed when the whole interval of "
                               "(flips to the class after the paste) - (flips after the control paste) is above this")
     gate_on: Literal["estimate", "interval"] = "interval"

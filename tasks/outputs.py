@@ -146,8 +146,10 @@ def compute_metrics(run_dir: str | Path, config: AuditConfig, card: ModelCard, r
 def _confirm_candidates(run_dir: Path, config: AuditConfig, card: ModelCard, preds: pa.Table,
                         table: pd.DataFrame, maps: dict, classes: dict, ids: dict, slices: dict) -> pd.DataFrame:
     """Fill the intervention columns (shortcuts.CONFIRM_COLUMNS) for each shortcut candidate of the scan: a
-    trusted method's box of lift above `max_lift` (the strongest per class). The model is the run's, on the
-    run's device; the images are decoded from the run's own input shards (only those holding the examples)."""
+    trusted method's box of lift above `max_lift` (the strongest per class), then hot cells and clusters of
+    any pixel-level method, largest share first, up to `shortcuts.max_candidates` in all. The model is the
+    run's, on the run's device; the images are decoded from the run's own input shards (only those holding
+    the examples)."""
     import torch
     from . import shortcuts
     from .data import decode_shard
@@ -158,7 +160,7 @@ def _confirm_candidates(run_dir: Path, config: AuditConfig, card: ModelCard, pre
         table[c] = None
     picks = [r for _, (hot, rows) in shortcuts.strongest(table, spec.max_lift, spec.gate_on).items()
              for r in rows if bool(r.qualified) and r.lift > spec.max_lift]
-    picks += shortcuts.cell_candidates(table)
+    picks += shortcuts.cell_candidates(table, limit=max(0, spec.max_candidates - len(picks)))
     if not picks:
         return table
     labels, predictions = preds["label"].to_numpy(), preds["prediction"].to_numpy()

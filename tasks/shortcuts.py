@@ -448,20 +448,24 @@ def strongest_cells(table: pd.DataFrame, every_method: bool = False) -> dict[str
     `every_method`: when an intervention decides, any method's maps may nominate (the map only points; the
     model's answer to the paste is the evidence, so a method the randomisation check found insensitive can
     still say where to look)."""
+    from .attribution import METHODS
     out = {}
     if table.empty or "kind" not in table.columns:
         return out
-    cells = table[table.kind.isin(["cells", "cluster"]) & (table.trusted.astype(bool) | every_method)]
+    # nominators: the trusted methods, or with `every_method` every method whose maps resolve pixels (a
+    # Grad-CAM map upsampled from a few cells, or LIME's segments, would nominate blobs, not an artefact)
+    pixel = table.method.map(lambda m: METHODS[m].resolution == "pixel" if m in METHODS else True)
+    cells = table[table.kind.isin(["cells", "cluster"]) & (table.trusted.astype(bool) | (every_method & pixel))]
     for method, t in cells.groupby("method", sort=True):
         out[method] = _strongest_per_class(t, "share", "share_ci_low", "class_name", t.qualified.astype(bool),
                                            "estimate")
     return out
 
 
-def cell_candidates(table: pd.DataFrame, every_method: bool = True) -> list:
+def cell_candidates(table: pd.DataFrame, every_method: bool = True, limit: int | None = None) -> list:
     """The hot-cell rows the intervention tests: per method and class, the class overall (all of its places
-    together: a tag that moves between corners is in all of them) and its slice of largest share, when they
-    qualify."""
+    together: a tag that moves between corners is in all of them), its slice of largest share and its
+    clusters, when they qualify; at most `limit`, the largest shares first."""
     out = []
     for method, (hot, picks) in strongest_cells(table, every_method).items():
         for cls, g in hot.groupby("class_name", sort=True):
@@ -475,7 +479,16 @@ def cell_candidates(table: pd.DataFrame, every_method: bool = True) -> list:
                     if r.name not in seen:
                         seen.add(r.name)
                         out.append(r)
-    return out
+    # every class's strongest candidate before any class's second: a class is tested before another is
+    # tested twice, so a budget that runs out leaves the weakest nominations untested
+    order = lambda r: (-float(r.share), str(r.method), str(r.class_name), str(r.kind), str(r.slice_value))  # noqa: E731
+    out.sort(key=order)
+    first, rest, seen_class = [], [], set()
+    for r in out:
+        (rest if (r.method, r.class_name) in seen_class else first).append(r)
+        seen_class.add((r.method, r.class_name))
+    out = first + rest
+    return out if limit is None else out[:limit]
 
 
 def _confirmed(r) -> bool | None:
@@ -488,11 +501,15 @@ def _confirmed(r) -> bool | None:
 
 
 def _best_tested(rows: pd.DataFrame, fallback):
-    """Among a class's candidate rows, the confirmed one of largest effect, else `fallback`."""
+    """Among a class's candidate rows, the confirmed one of largest effect, else the tested one of largest
+    share (the class was tried on the model), else `fallback`."""
     if "confirmed" not in rows.columns or rows.empty:
         return fallback
     ok = rows[rows.confirmed.fillna(False).astype(bool)]
-    return ok.sort_values("effect", ascending=False, kind="stable").iloc[0] if len(ok) else fallback
+    if len(ok):
+        return ok.sort_values("effect", ascending=False, kind="stable").iloc[0]
+    tried = rows[rows.n_targets.notna() & rows.effect.notna()] if "n_targets" in rows.columns else rows.iloc[:0]
+    return tried.sort_values("share", ascending=False, kind="stable").iloc[0] if len(tried) else fallback
 
 
 def cell_checks(table: pd.DataFrame, cell_lift: float, min_share: float, severity: str, level: float,
@@ -513,7 +530,7 @@ def cell_checks(table: pd.DataFrame, cell_lift: float, min_share: float, severit
             if not candidate:
                 outcome, status = "pass", "PASS"
             elif confirmed is None:
-                outcome, status = "unconfirmed", "WARN"
+                outcome, status = "untested", "WARN"
             else:
                 outcome, status = ("fail", "FAIL" if severity == "fail" else "WARN") if confirmed else ("pass", "PASS")
             where, key, value = _class_slice(r.class_name, r.slice_key, r.slice_value)
@@ -724,6 +741,10 @@ def confirmation_words(r, what: str | None = None) -> str:
     if "confirmed" not in r.index:
         return ""
     if _confirmed(r) is None:
+        if "n_targets" in r.index and (r.n_targets is None or r.n_targets is pd.NA or
+                                       (isinstance(r.n_targets, float) and np.isnan(r.n_targets))):
+            return ("; not tested on the model: only the strongest candidates are (shortcuts.max_candidates), "
+                    "so this one is a WARN until it is")
         return "; intervention not possible (too few examples of the class or of the others)"
     what = what or f"the box (grown to {int(r.region_cells)} cells where this class's lift stays high)"
     return (f"; {'confirmed' if r.confirmed else 'NOT confirmed'} by intervention: pasting {what} from this "
