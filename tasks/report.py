@@ -474,7 +474,9 @@ def shortcut_context(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, cfg:
         key = c["slice_key"].partition("&")[2] or "overall"
         kind = "cells" if c["kind"] == "hotspot_cells" else "box"
         match = t[(t.method == method) & (t.class_name == cls) & (t.slice_key == key) & (t.slice_value == value)
-                  & (t.kind == kind)]
+                  & (t.kind.isin(["cells", "cluster"]) if kind == "cells" else t.kind == "box")]
+        if kind == "cells" and c.get("value") is not None:     # the row the check reports: its share is its value
+            match = match.iloc[np.argsort(np.abs(match.share.to_numpy() - float(c["value"])), kind="stable")]
         if match.empty:
             continue
         r = match.iloc[0]
@@ -483,6 +485,8 @@ def shortcut_context(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, cfg:
         if key != "overall":
             idx = next((ix for k, v, ix in slice_groups(pred.reset_index(drop=True), [[key]]) if v == value), [])
             group = group[group.example_id.isin(set(pred.example_id.iloc[np.asarray(idx, dtype=int)]))]
+        if kind == "cells" and r.kind == "cluster" and "members" in r.index and len(r.members):
+            group = group[group.example_id.isin(set(r.members))]          # the cluster's maps, not the class's
         if group.empty:
             continue
         grid = int(r.grid)
