@@ -121,7 +121,7 @@ _TRANSIENT_NAMES = {
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "ServiceUnavailable", "InternalError", "RequestLimitExceeded", "TooManyRequests", "503", "500",
                     "502", "504", "429"}
-_TRANSIENT_TEXT = re.compile(r"(?i)(50[0-4]|429)|service unavailable|slow ?down|throttl|timed? ?out|"
+_TRANSIENT_TEXT = re.compile(r"(?i)\b(50[0-4]|429)\b|service unavailable|slow ?down|throttl|timed? ?out|"
                              r"connection (reset|refused|aborted|closed)|server disconnected|broken pipe|"
                              r"temporarily unavailable|too many requests|remote end closed")
 

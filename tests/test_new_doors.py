@@ -257,6 +257,8 @@ def test_a_literal_null_and_a_missing_value_are_different_slices():
     (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), True),
     (TimeoutError("timed out"), True),
     (OSError(errno.EIO, "An error occurred (SlowDown) when calling PutObject: 503 Slow Down"), True),
+    (OSError(errno.EIO, "An error occurred (503) when calling the PutObject operation"), True),
+    (OSError(errno.EIO, "the object part-15030 is damaged"), False),
     (FileNotFoundError("s3://b/k"), False),
     (PermissionError("Access Denied"), False),
     (XAuditError("bad"), False),
