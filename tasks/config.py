@@ -40,8 +40,9 @@ def _location(value: Any) -> Any:
 
 def _no_credentials(value: str) -> None:
     from .storage import credentials_in
-    if credentials_in(value):
-        raise ValueError(f"must not hold credentials ({credentials_in(value)}); give them through the store's "
+    found = credentials_in(value)
+    if found:
+        raise ValueError(f"must not hold credentials ({found}); give them through the store's "
                          "environment or configuration files (AWS_ACCESS_KEY_ID, a profile, ~/.netrc, ...)")
 
 

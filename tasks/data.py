@@ -201,7 +201,7 @@ def _under(url: str, base: str) -> bool:
 def _read_member(ref: str | None, base: Path | str, anywhere: bool = False) -> tuple[bytes | None, str | None]:
     """Return (the bytes of the image a manifest row names, None) or (None, why it cannot be read).
 
-    The rule (docs/inputs.md): a member resolves under the manifest's folder, checked after percent-decoding
+    The rule (docs/configuration-guide.md, manifests): a member resolves under the manifest's folder, checked after percent-decoding
     (URLs) and after following symlinks (local files); a member elsewhere (an absolute path, a URL of another
     folder or host, a symlink out of the folder) is a reject unless `data.allow_outside_members` is set by the
     operator. What a reason quotes of a member is redacted (no credentials in any table)."""

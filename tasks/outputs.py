@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,9 @@ from .metrics import ExampleStat, evaluate, slice_groups, validate
 from .metrics.thresholds import with_checks
 from .models import ModelCard
 from .quality import CHECKS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ARTIFACTS = ("predictions.parquet", "explanations.parquet", "rejects.parquet", "metrics.parquet",
              "validation.parquet", "validation.json", "sanity.parquet", "permutation.parquet", "shortcuts.parquet",

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .errors import XAuditError, require_extra
-from .errors import StoreUnavailable
+from .errors import StoreUnavailable, XAuditError, require_extra
 from .storage import cache_root, redact, transient
 
 REF = re.compile(r"^models:/(?P<name>[^/@\s][^/@]*)(?:/(?P<version>[0-9]+)|@(?P<alias>[A-Za-z0-9_.-]+))$")

@@ -146,12 +146,13 @@ def not_passed(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for c in bad if c["status"] == "FAIL"] + [c for c in bad if c["status"] != "FAIL"]
 
 
-def first_table(failed: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """(the checks a report's first table lists: every FAIL and the first SHOWN_WARNINGS WARNs, how many more
-    WARNs there are): the failures are what a reader must see first, not under two dozen warnings."""
-    fails = [c for c in failed if c["status"] == "FAIL"]
-    warns = [c for c in failed if c["status"] != "FAIL"]
-    return fails + warns[:SHOWN_WARNINGS], max(0, len(warns) - SHOWN_WARNINGS)
+def first_table(failed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's first table (`first_table`: every FAIL and the first SHOWN_WARNINGS WARNs of `not_passed`'s
+    list, FAILs first) and `more_warnings`, how many WARNs it leaves out: the failures are what a reader must
+    see first, not under two dozen warnings."""
+    fails = sum(c["status"] == "FAIL" for c in failed)
+    shown = failed[:fails + SHOWN_WARNINGS]
+    return dict(first_table=shown, more_warnings=len(failed) - len(shown))
 
 
 def worst_status(failed: list[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
@@ -637,7 +638,7 @@ def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
     return dict(
         title=cfg["report"]["title"], manifest=manifest, card=card, cfg=cfg, validation=validation,
         verdict=validation["verdict"], failed=failed, checks=validation["checks"],
-        first_table=first_table(failed)[0], more_warnings=first_table(failed)[1], slices=slices,
+        **first_table(failed), slices=slices,
         key_metrics=key_metrics, charts=charts, **quality_context(run_dir, scalar, flagged, cfg),
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
         gallery=shown_gallery, shortcuts=shortcuts, colour_scale=colour_scale_uri(),
@@ -912,7 +913,7 @@ def review_context(review_dir: str | Path, examples_shown: int = 6, browse: bool
     return dict(
         title=cfg["report"]["title"], manifest=manifest, cfg=cfg, validation=validation,
         verdict=validation["verdict"], failed=failed, checks=validation["checks"],
-        first_table=first_table(failed)[0], more_warnings=first_table(failed)[1],
+        **first_table(failed),
         regressed=list(dict.fromkeys("overall" if c["slice_key"] == "overall" else f"{c['slice_key']}={c['slice_value']}"
                                      for c in failed if c["status"] == "FAIL")),
         delta_metrics=delta_metrics, delta_rows=rows(delta_metrics),

@@ -34,19 +34,24 @@ COLUMNS = ["method", "trusted", "trust", "kind", "class_name", "class_index", "s
            "members"]
 
 
+_TEXT = {"method", "trust", "kind", "class_name", "slice_key", "slice_value"}
+_FLAGS = {"trusted", "qualified", "confirmed"}
+_COUNTS = {"class_index", "n", "n_reference", "grid", "window", "row", "col", "height", "width", "region_cells",
+           "n_targets"}
+_LISTS = {"cells": "int", "examples": "text", "members": "text"}
+
+
 def schema():
-    """The Arrow schema of shortcuts.parquet (typed even when it has no rows: a scan that could not run)."""
+    """The Arrow schema of shortcuts.parquet, COLUMNS then CONFIRM_COLUMNS (typed even when it has no rows: a
+    scan that could not run); a column not named in a type set above is a float."""
     import pyarrow as pa
-    f64, i64, s = pa.float64(), pa.int64(), pa.string()
-    return pa.schema([
-        ("method", s), ("trusted", pa.bool_()), ("trust", s), ("kind", s), ("class_name", s), ("class_index", i64),
-        ("slice_key", s), ("slice_value", s), ("n", i64), ("n_reference", i64), ("grid", i64), ("window", i64),
-        ("row", i64), ("col", i64), ("height", i64), ("width", i64), ("share", f64), ("reference_share", f64),
-        ("lift", f64), ("ci_low", f64), ("ci_high", f64), ("share_ci_low", f64), ("share_ci_high", f64),
-        ("cells", pa.list_(i64)), ("qualified", pa.bool_()), ("peak_hit", f64), ("examples", pa.list_(s)),
-        ("members", pa.list_(s)), ("region_cells", i64), ("n_targets", i64), ("flip_rate", f64),
-        ("control_flip_rate", f64), ("effect", f64), ("effect_ci_low", f64), ("effect_ci_high", f64),
-        ("removal_drop", f64), ("confirmed", pa.bool_())])
+
+    def arrow(c: str):
+        if c in _LISTS:
+            return pa.list_(pa.int64() if _LISTS[c] == "int" else pa.string())
+        return (pa.string() if c in _TEXT else pa.bool_() if c in _FLAGS else pa.int64() if c in _COUNTS
+                else pa.float64())
+    return pa.schema([(c, arrow(c)) for c in [*COLUMNS, *CONFIRM_COLUMNS]])
 
 
 def not_run_check(classes: dict[str, np.ndarray], min_examples: int):
@@ -160,6 +165,27 @@ def scan(mass: np.ndarray, classes: np.ndarray, groups: Sequence[Group], fractio
     return pd.DataFrame(rows)
 
 
+def _cell_lift(share: np.ndarray, reference: np.ndarray, g: int) -> np.ndarray:
+    """Per-cell lift (share + u) / (reference + u), u one cell of a (g, g) map (any leading axes)."""
+    u = 1.0 / (g * g)
+    return (share + u) / (reference + u)
+
+
+def _hot_cells(share: np.ndarray, ref_share: np.ndarray, g: int, cell_lift: float, min_share: float
+               ) -> tuple[np.ndarray, dict]:
+    """Return (the flat indices of the hot cells, the scan-row fields they give: bounding box, shares, the
+    set's lift, `cells`, `qualified`) for the (g*g,) mean maps of a group and of every other class."""
+    hot = _cell_lift(share, ref_share, g) >= cell_lift
+    cells = np.flatnonzero(hot.ravel())
+    s, r = float(share[hot].sum()), float(ref_share[hot].sum())
+    rr, cc = np.divmod(cells, g) if len(cells) else (np.zeros(1, int), np.zeros(1, int))
+    area = len(cells) / (g * g)
+    return cells, dict(grid=g, window=0, row=int(rr.min()), col=int(cc.min()), height=int(rr.max() - rr.min() + 1),
+                       width=int(cc.max() - cc.min() + 1), share=s, reference_share=r,
+                       lift=(s + area) / (r + area) if len(cells) else 1.0, ci_low=np.nan, ci_high=np.nan,
+                       cells=[int(c) for c in cells], qualified=bool(len(cells) and s >= min_share))
+
+
 def cell_scan(mass: np.ndarray, classes: np.ndarray, groups: Sequence[Group], cell_lift: float, min_share: float,
               replicates: int = 500, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Return one row per group for the shape-free scan: the *hot cells*, every cell of the (g, g) map where the
@@ -171,7 +197,6 @@ def cell_scan(mass: np.ndarray, classes: np.ndarray, groups: Sequence[Group], ce
     n, g, _ = mass.shape
     flat = mass.reshape(n, g * g)
     defined = flat.sum(1) > 0
-    u = 1.0 / (g * g)
     rng = np.random.default_rng(seed + 1)
     weights = rng.poisson(1.0, size=(replicates, n)).astype(np.float64)
     weights[:, ~defined] = 0
@@ -185,29 +210,20 @@ def cell_scan(mass: np.ndarray, classes: np.ndarray, groups: Sequence[Group], ce
         ref = np.flatnonzero(defined & (classes != grp.class_index))
         if len(idx) == 0 or len(ref) == 0:
             continue
-        share = flat[idx].mean(0)
         ref_share = (total - flat[own].sum(0)) / len(ref)
-        hot = (share + u) / (ref_share + u) >= cell_lift
-        s, r = float(share[hot].sum()), float(ref_share[hot].sum())
+        cells, fields = _hot_cells(flat[idx].mean(0), ref_share, g, cell_lift, min_share)
         if replicates:
             w_g, w_own, w_ref = weights[:, idx], weights[:, own], weights[:, ref].sum(1)
             rep_share = (w_g @ flat[idx]) / np.maximum(w_g.sum(1), 1)[:, None]
             rep_ref = (total_rep - w_own @ flat[own]) / np.maximum(w_ref, 1)[:, None]
-            rep = np.where((rep_share + u) / (rep_ref + u) >= cell_lift, rep_share, 0.0).sum(1)
+            rep = np.where(_cell_lift(rep_share, rep_ref, g) >= cell_lift, rep_share, 0.0).sum(1)
             lo, hi = (float(v) for v in np.quantile(rep, [alpha, 1 - alpha]))
         else:
             lo = hi = np.nan
-        cells = np.flatnonzero(hot.ravel())
-        rr, cc = np.divmod(cells, g) if len(cells) else (np.zeros(1, int), np.zeros(1, int))
-        area = len(cells) / (g * g)
-        order = np.argsort(-(flat[idx][:, cells].sum(1) if len(cells) else np.zeros(len(idx))), kind="stable")
+        order = np.argsort(-flat[idx][:, cells].sum(1), kind="stable")
         rows.append(dict(kind="cells", class_index=grp.class_index, slice_key=grp.slice_key,
-                         slice_value=grp.slice_value, n=len(idx), n_reference=len(ref), grid=g, window=0,
-                         row=int(rr.min()), col=int(cc.min()), height=int(rr.max() - rr.min() + 1),
-                         width=int(cc.max() - cc.min() + 1), share=s, reference_share=r,
-                         lift=(s + area) / (r + area) if len(cells) else 1.0, ci_low=np.nan, ci_high=np.nan,
-                         share_ci_low=lo, share_ci_high=hi, cells=[int(c) for c in cells],
-                         qualified=bool(len(cells) and s >= min_share), peak_hit=float(np.isin(peak[idx], cells).mean()),
+                         slice_value=grp.slice_value, n=len(idx), n_reference=len(ref), **fields,
+                         share_ci_low=lo, share_ci_high=hi, peak_hit=float(np.isin(peak[idx], cells).mean()),
                          examples=idx[order]))
     return pd.DataFrame(rows)
 
@@ -241,7 +257,6 @@ def cluster_scan(mass: np.ndarray, classes: np.ndarray, cell_lift: float, min_sh
     n, g, _ = mass.shape
     flat = mass.reshape(n, g * g)
     defined = flat.sum(1) > 0
-    u = 1.0 / (g * g)
     f = max(1, g // 8)
     coarse = np.sqrt(mass[:, :g // f * f, :g // f * f].reshape(n, g // f, f, g // f, f).sum((2, 4)).reshape(n, -1))
     total = flat[defined].sum(0)
@@ -258,20 +273,11 @@ def cluster_scan(mass: np.ndarray, classes: np.ndarray, cell_lift: float, min_sh
             members = own[labels == j]
             if len(members) < min_members:
                 continue
-            share = flat[members].mean(0)
-            hot = (share + u) / (ref_share + u) >= cell_lift
-            cells = np.flatnonzero(hot.ravel())
-            s, r = float(share[hot].sum()), float(ref_share[hot].sum())
-            rr, cc = np.divmod(cells, g) if len(cells) else (np.zeros(1, int), np.zeros(1, int))
-            area = len(cells) / (g * g)
+            cells, fields = _hot_cells(flat[members].mean(0), ref_share, g, cell_lift, min_share)
             order = np.argsort(-flat[members][:, cells].sum(1), kind="stable")
             rows.append(dict(kind="cluster", class_index=int(c), slice_key="overall", slice_value="",
-                             n=len(members), n_reference=len(ref), grid=g, window=0, row=int(rr.min()),
-                             col=int(cc.min()), height=int(rr.max() - rr.min() + 1), width=int(cc.max() - cc.min() + 1),
-                             share=s, reference_share=r, lift=(s + area) / (r + area) if len(cells) else 1.0,
-                             ci_low=np.nan, ci_high=np.nan, share_ci_low=np.nan, share_ci_high=np.nan,
-                             cells=[int(x) for x in cells], qualified=bool(len(cells) and s >= min_share),
-                             peak_hit=float(np.isin(flat[members].argmax(1), cells).mean()),
+                             n=len(members), n_reference=len(ref), **fields, share_ci_low=np.nan,
+                             share_ci_high=np.nan, peak_hit=float(np.isin(flat[members].argmax(1), cells).mean()),
                              examples=members[order], members=members))
     return pd.DataFrame(rows)
 
@@ -493,9 +499,7 @@ def cell_candidates(table: pd.DataFrame, every_method: bool = True, limit: int |
 
 def _confirmed(r) -> bool | None:
     """True/False when the intervention ran for the row, None when it did not (or could not)."""
-    if "confirmed" not in r.index or r.confirmed is None or r.confirmed is pd.NA:
-        return None
-    if "effect" in r.index and not np.isfinite(r.effect):
+    if "confirmed" not in r.index or pd.isna(r.confirmed) or ("effect" in r.index and pd.isna(r.effect)):
         return None
     return bool(r.confirmed)
 
@@ -674,15 +678,6 @@ CONFIRM_COLUMNS = ["region_cells", "n_targets", "flip_rate", "control_flip_rate"
                    "removal_drop", "confirmed"]
 
 
-def region_of(row, grid: int, height: int, width: int) -> np.ndarray:
-    """Return the (height, width) bool mask of a scan row's box in image pixels (the cells it covers)."""
-    mask = np.zeros((height, width), dtype=bool)
-    r0, r1 = int(np.floor(row.row * height / grid)), int(np.ceil((row.row + row.height) * height / grid))
-    c0, c1 = int(np.floor(row.col * width / grid)), int(np.ceil((row.col + row.width) * width / grid))
-    mask[r0:r1, c0:c1] = True
-    return mask
-
-
 def _seeded_order(ids: Sequence[str], seed: int, salt: str) -> list[str]:
     import hashlib
     return sorted(ids, key=lambda e: hashlib.sha256(f"{seed}\0{salt}\0{e}".encode()).hexdigest())
@@ -741,8 +736,7 @@ def confirmation_words(r, what: str | None = None) -> str:
     if "confirmed" not in r.index:
         return ""
     if _confirmed(r) is None:
-        if "n_targets" in r.index and (r.n_targets is None or r.n_targets is pd.NA or
-                                       (isinstance(r.n_targets, float) and np.isnan(r.n_targets))):
+        if "n_targets" in r.index and pd.isna(r.n_targets):
             return ("; not tested on the model: only the strongest candidates are (shortcuts.max_candidates), "
                     "so this one is a WARN until it is")
         return "; intervention not possible (too few examples of the class or of the others)"
@@ -765,8 +759,7 @@ def candidate_region(mass: np.ndarray, classes: np.ndarray, rows: np.ndarray, cl
     defined = mass.reshape(n, -1).sum(1) > 0
     rows = rows[defined[rows]]
     ref = np.flatnonzero(defined & (classes != class_index))
-    u = 1.0 / (g * g)
-    lift = (mass[rows].mean(0) + u) / ((mass[ref].mean(0) if len(ref) else np.zeros((g, g))) + u)
+    lift = _cell_lift(mass[rows].mean(0), mass[ref].mean(0) if len(ref) else np.zeros((g, g)), g)
     region = np.zeros((g, g), dtype=bool)
     region[int(row.row):int(row.row) + int(row.height), int(row.col):int(row.col) + int(row.width)] = True
     hot = lift >= grow_lift

@@ -89,7 +89,7 @@ def check_url(url: str, field: str, write: bool = False) -> None:
     try:
         import fsspec
         fsspec.get_filesystem_class(s)
-    except (ImportError, ValueError) as exc:
+    except (ImportError, ValueError):
         package = PACKAGES.get(s, "its fsspec backend")
         how = "pip install 'xaudit[s3]'" if package == "s3fs" else f"pip install {package}"
         raise XAuditError(f"'{field}' {redact(url)!r} needs the package {package}: {how}") from None
@@ -124,6 +124,8 @@ _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTim
 _TRANSIENT_TEXT = re.compile(r"(?i)\b(50[0-4]|429)\b|service unavailable|slow ?down|throttl|timed? ?out|"
                              r"connection (reset|refused|aborted|closed)|server disconnected|broken pipe|"
                              r"temporarily unavailable|too many requests|remote end closed")
+# MLflow's client wraps a refused connection in its own exception, saying so only in its text
+_MLFLOW_TEXT = re.compile(r"(?i)max retries exceeded|failed to establish|connection")
 
 
 def _status(exc: BaseException) -> int | None:
@@ -169,12 +171,11 @@ def transient(exc: BaseException) -> bool:
             if isinstance(getattr(e, "response", None), dict) else None
         if code in _TRANSIENT_CODES:
             return True
-        if (isinstance(e, OSError) or type(e).__name__ in ("MlflowException", "RestException")) \
-                and _TRANSIENT_TEXT.search(str(e)):
-            return True                 # s3fs turns a botocore error it gave up retrying into a bare OSError;
-            #                             MLflow's client reports a refused connection or a 5xx in its text
-        if type(e).__name__ in ("MlflowException",) and re.search(r"(?i)max retries exceeded|failed to establish|"
-                                                                  r"connection", str(e)):
+        # s3fs turns a botocore error it gave up retrying into a bare OSError; MLflow's client reports a refused
+        # connection or a 5xx in its text
+        name, text = type(e).__name__, str(e)
+        if (isinstance(e, OSError) or name in ("MlflowException", "RestException")) and _TRANSIENT_TEXT.search(text) \
+                or name == "MlflowException" and _MLFLOW_TEXT.search(text):
             return True
         todo += [e.__cause__, None if e.__suppress_context__ else e.__context__]
     return False

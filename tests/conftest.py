@@ -49,6 +49,16 @@ def tiny_parquet(tmp_path):
     return path
 
 
+def demo_test_rows(n: int, folder: Path):
+    """The first `n` test-split rows of the demo (id, image, label, site, split, ink_fraction, roi), as a
+    DataFrame and written to `folder`/rows.parquet; returns both."""
+    t = pq.read_table(DATA / "digits.parquet").to_pandas()
+    t = t[t.split == "test"].head(n).reset_index(drop=True)
+    path = folder / "rows.parquet"
+    t.to_parquet(path)
+    return t, path
+
+
 def write_rows(path: Path, rows: list[dict]) -> Path:
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path

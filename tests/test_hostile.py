@@ -27,7 +27,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import DATA, ROOT, png
+from conftest import DATA, ROOT, demo_test_rows, png
 from xaudit.flows.cli import main as cli
 
 CARD = DATA / "models" / "baseline.json"
@@ -38,11 +38,7 @@ TESTS = Path(__file__).resolve().parent
 @pytest.fixture(scope="module")
 def clean_rows(tmp_path_factory):
     """24 test-split demo rows (id, image, label, site, split, ink_fraction, roi)."""
-    t = pq.read_table(DATA / "digits.parquet").to_pandas()
-    t = t[t.split == "test"].head(24).reset_index(drop=True)
-    path = tmp_path_factory.mktemp("clean") / "clean.parquet"
-    t.to_parquet(path)
-    return path
+    return demo_test_rows(24, tmp_path_factory.mktemp("clean"))[1]
 
 
 def base_config(data_path: Path, out: Path, **extra) -> dict:

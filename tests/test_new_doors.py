@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import DATA, ROOT
+from conftest import DATA, ROOT, demo_test_rows
 from xaudit.flows.cli import main as cli
 from xaudit.tasks import storage
 from xaudit.tasks.config import DataSpec
@@ -34,11 +34,7 @@ SECRET = "s3cr3tPW"
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    t = pq.read_table(DATA / "digits.parquet").to_pandas()
-    t = t[t.split == "test"].head(12).reset_index(drop=True)
-    path = tmp_path_factory.mktemp("rows") / "rows.parquet"
-    t.to_parquet(path)
-    return t, path
+    return demo_test_rows(12, tmp_path_factory.mktemp("rows"))
 
 
 def config(tmp_path: Path, data: dict, **extra) -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT
+from conftest import ROOT
 from services import free_port, stop, wait_http
 from xaudit.flows.cli import main as cli
 from xaudit.tasks import storage
@@ -121,17 +121,22 @@ def test_a_store_answering_503_for_a_while_is_retried_and_the_run_completes(stor
     _same_tables(f"{BUCKET}/runs-{tmp_path.name}/faults", reference)
 
 
-def test_connections_reset_mid_publish_end_in_exit_3_and_the_rerun_completes(store, reference, small_data, tmp_path,
-                                                                            capsys):  # noqa: F811
+def _cut_mid_publish(store, small_data, tmp_path, capsys, after_puts: int) -> Path:  # noqa: F811
+    """Run the audit with the proxy resetting every connection from the `after_puts`-th upload of the run on;
+    assert it ends with exit 3 naming the --run-id that resumes, without a traceback; return its config."""
     store["mode"].write_text("pass")
     _fill(small_data)
-    prefix = f"/{BUCKET}/runs-{tmp_path.name}/faults/"
-    store["mode"].write_text(f"drop-after-puts 3 {prefix}")
+    store["mode"].write_text(f"drop-after-puts {after_puts} /{BUCKET}/runs-{tmp_path.name}/faults/")
     config = _config(small_data, tmp_path)
     rc = cli(["run", str(config), "--no-progress"])
     out, err = capsys.readouterr()
-    assert rc == 3, out + err
-    assert "Traceback" not in err and "--run-id faults" in err, err
+    assert rc == 3 and "Traceback" not in err and "--run-id faults" in err, out + err
+    return config
+
+
+def test_connections_reset_mid_publish_end_in_exit_3_and_the_rerun_completes(store, reference, small_data, tmp_path,
+                                                                            capsys):  # noqa: F811
+    config = _cut_mid_publish(store, small_data, tmp_path, capsys, after_puts=3)
     store["mode"].write_text("pass")
     fs = _fs()
     run_url = f"{BUCKET}/runs-{tmp_path.name}/faults"
@@ -147,14 +152,7 @@ def test_connections_reset_mid_publish_end_in_exit_3_and_the_rerun_completes(sto
 
 
 def test_the_store_killed_and_restarted_mid_publish(store, reference, small_data, tmp_path, capsys):  # noqa: F811
-    store["mode"].write_text("pass")
-    _fill(small_data)
-    prefix = f"/{BUCKET}/runs-{tmp_path.name}/faults/"
-    store["mode"].write_text(f"drop-after-puts 2 {prefix}")
-    config = _config(small_data, tmp_path)
-    rc = cli(["run", str(config), "--no-progress"])
-    out, err = capsys.readouterr()
-    assert rc == 3 and "--run-id faults" in err, out + err
+    config = _cut_mid_publish(store, small_data, tmp_path, capsys, after_puts=2)
     # the S3 server dies and comes back empty (moto keeps its objects in memory); the operator restores the bucket
     stop([store["procs"]["moto"]])
     store["procs"]["moto"] = _moto(store["moto_port"], store["where"] / "moto.log")
