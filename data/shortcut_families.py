@@ -7,6 +7,10 @@ Families:
     fixed_block    a bright 4x4 block at the top-left corner (the control: the box scan's own case)
     moving_block   the same block at a random corner of each image (no single box holds it)
     frame          a 1-px bright frame around the image (no box holds it; a ring)
+    blur           a Gaussian blur (sigma 1.6 px) of the whole image (invisible to maps: no place holds it)
+    brighter       every pixel 0.12 brighter (the grey images' global tint)
+    jpeg           JPEG re-encoding at quality 10
+    noise          additive Gaussian noise of standard deviation 0.08
 
     python data/shortcut_families.py [--seeds 1 2] [--families fixed_block moving_block frame]
 
@@ -31,7 +35,9 @@ sys.path.insert(0, str(ROOT))
 import make_demo  # noqa: E402
 
 CLASS = 5                    # the class the artefact sits on
-FAMILIES = ("fixed_block", "moving_block", "frame")
+SHAPES = ("fixed_block", "moving_block", "frame")
+INVISIBLE = ("blur", "brighter", "jpeg", "noise")
+FAMILIES = SHAPES + INVISIBLE
 
 
 def add_artefact(img: np.ndarray, family: str, index: int) -> np.ndarray:
@@ -45,18 +51,36 @@ def add_artefact(img: np.ndarray, family: str, index: int) -> np.ndarray:
         out[r:r + 4, c:c + 4] = 1.0
     elif family == "frame":
         out[0, :] = out[-1, :] = out[:, 0] = out[:, -1] = 1.0
+    elif family in ("blur", "jpeg"):
+        from PIL import Image, ImageFilter
+        im = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8), mode="L")
+        if family == "blur":
+            out = np.asarray(im.filter(ImageFilter.GaussianBlur(1.6)), dtype=np.float64) / 255
+        else:
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=10)
+            out = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float64) / 255
+    elif family == "brighter":
+        out = out + 0.12
+    elif family == "noise":
+        out = out + np.random.default_rng(10_000 + index).normal(0, 0.08, out.shape)
     else:
         raise ValueError(f"unknown family {family!r}; known: {FAMILIES}")
-    return out
+    return out.astype(img.dtype)
 
 
 def datasets(family: str):
     """Return (training arrays of the candidate, of the clean twin, audit rows): the demo's digits and sites,
-    the artefact on every class-CLASS image of the candidate's training split and of the audit's test split."""
+    the artefact on every class-CLASS image of the candidate's training split and of the audit's test split.
+
+    A whole-image artefact (INVISIBLE) is one a CNN need not learn while the digit's shape says the class, so
+    there the candidate's training split also holds decoys: one in 10 images of other digits, with the
+    artefact, labelled CLASS (data where the artefact, not the content, is what the label follows for part of
+    the class: the candidate provably relies on it, which the ground truth by intervention measures)."""
     import torch
     rows, clean, split = make_demo.build_dataset()
     labels = [r["label"] for r in rows]
-    xs_c, xs_0, ys = [], [], []
+    xs_c, xs_0, ys, ys_c = [], [], [], []
     audit = []
     for i, ((base, site), y, s) in enumerate(zip(clean, labels, split)):
         img = np.clip(make_demo.site_transform(base, site), 0, 1)
@@ -65,6 +89,10 @@ def datasets(family: str):
             xs_c.append(marked)
             xs_0.append(img)
             ys.append(y)
+            ys_c.append(y)
+            if family in INVISIBLE and y != CLASS and i % 10 == 7:
+                xs_c.append(np.clip(add_artefact(img, family, i), 0, 1))
+                ys_c.append(CLASS)
         else:
             buf = io.BytesIO()
             from PIL import Image
@@ -72,8 +100,7 @@ def datasets(family: str):
             audit.append({"example_id": f"digit-{i:04d}", "image_png": buf.getvalue(), "label": int(y),
                           "site": str(site)})
     norm = lambda xs: (torch.tensor(np.stack(xs))[:, None] - make_demo.MEAN[0]) / make_demo.STD[0]  # noqa: E731
-    y = torch.tensor(ys)
-    return (norm(xs_c), y), (norm(xs_0), y), audit
+    return (norm(xs_c), torch.tensor(ys_c)), (norm(xs_0), torch.tensor(ys)), audit
 
 
 def make(out: Path, family: str, seed: int) -> dict[str, Path]:
@@ -87,6 +114,23 @@ def make(out: Path, family: str, seed: int) -> dict[str, Path]:
     data = out / f"{family}.parquet"
     pq.write_table(pa.Table.from_pylist(audit), data)
     return {"candidate": out / f"{family}_candidate_{seed}.json", "clean": out / f"clean_{seed}.json", "data": data}
+
+
+def ground_truth(card: Path, family: str) -> float:
+    """The share of other classes' audit images the model turns into CLASS when the family's own artefact is
+    added to them (the test split, as audited): how much the model provably relies on the artefact."""
+    import torch
+    from xaudit.tasks.config import ModelSpec
+    from xaudit.tasks.models import build_model, resolve_card
+    rows, clean, split = make_demo.build_dataset()
+    picked = [i for i, (r, s) in enumerate(zip(rows, split)) if s != "train" and r["label"] != CLASS]
+    imgs = [np.clip(make_demo.site_transform(*clean[i]), 0, 1) for i in picked]
+    marked = [np.clip(add_artefact(img, family, i), 0, 1) for img, i in zip(imgs, picked)]
+    norm = lambda xs: (torch.tensor(np.stack(xs))[:, None].float() - make_demo.MEAN[0]) / make_demo.STD[0]  # noqa: E731
+    model = build_model(resolve_card(ModelSpec(card=str(card))), torch.device("cpu")).eval()
+    with torch.no_grad():
+        before, after = model(norm(imgs)).argmax(1), model(norm(marked)).argmax(1)
+    return float(((after == CLASS) & (before != CLASS)).double().mean())
 
 
 def audit_config(card: Path, data: Path, out: Path, run_id: str) -> dict:
@@ -104,7 +148,7 @@ def audit_config(card: Path, data: Path, out: Path, run_id: str) -> dict:
 def shortcut_checks(run_dir: Path) -> list[dict]:
     import json
     checks = json.loads((Path(run_dir) / "validation.json").read_text())["checks"]
-    return [c for c in checks if c["kind"] in ("hotspot", "hotspot_cells")]
+    return [c for c in checks if c["kind"] in ("hotspot", "hotspot_cells", "property")]
 
 
 def main() -> None:
@@ -116,7 +160,8 @@ def main() -> None:
     from xaudit.flows.audit import audit
     from xaudit.tasks.config import AuditConfig
     work = Path(tempfile.mkdtemp(prefix="xaudit-families-"))
-    print("| family | seed | model | verdict | shortcut checks not passed |\n|---|---|---|---|---|")
+    print("| family | seed | model | relies on it (other digits turned into 5s by the artefact) | verdict | "
+          "shortcut checks not passed |\n|---|---|---|---|---|---|")
     for seed in args.seeds:
         for family in args.families:
             made = make(work / "models", family, seed)
@@ -126,7 +171,9 @@ def main() -> None:
                 result = audit(cfg)
                 bad = [f"{c['status']} {c['metric']} {c['slice_value']}" for c in shortcut_checks(result["run_dir"])
                        if c["status"] != "PASS"]
-                print(f"| {family} | {seed} | {role} | {result['verdict']} | {'; '.join(bad) or '–'} |", flush=True)
+                truth = ground_truth(made[role], family)
+                print(f"| {family} | {seed} | {role} | {truth:.0%} | {result['verdict']} | {'; '.join(bad) or '–'} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

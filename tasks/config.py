@@ -252,8 +252,29 @@ class ShortcutSpec(_Strict):
                                 "test image; an untested candidate is a WARN")
     min_effect: float = Field(0.05, ge=0, le=1, description="a candidate is confirmed when the whole interval of "
                               "(flips to the class after the paste) - (flips after the control paste) is above this")
+    properties: list[str] | None = Field(
+        None, description="image properties screened for a class they tell apart, without any map (tasks/"
+                          "properties.py: brightness, contrast, colour casts, sharpness, noise, JPEG blockiness, "
+                          "and the stored file's size, aspect, bytes per pixel, format); default: all that apply "
+                          "to the images' channels; []: none")
+    min_power: float = Field(0.5, ge=0, lt=1, description="a property whose power (|2 AUC - 1| of the property "
+                             "alone for one class against the rest) has its whole interval above this is a "
+                             "candidate the intervention must confirm")
+    max_property_candidates: int = Field(24, ge=0, le=1000, description="property candidates tested by "
+                                         "intervention per audit at most (each class's strongest first): each "
+                                         "costs 3 forwards per test image; an untested candidate is a WARN")
     gate_on: Literal["estimate", "interval"] = "interval"
     severity: Literal["fail", "warn"] = "fail"
+
+    @field_validator("properties")
+    @classmethod
+    def _known_properties(cls, v: list[str] | None) -> list[str] | None:
+        from .properties import REGISTRY
+        unknown = [p for p in (v or []) if p not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown image propert{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: "
+                             f"{sorted(REGISTRY)}")
+        return v
 
 
 class PermutationSpec(_Strict):

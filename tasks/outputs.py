@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 ARTIFACTS = ("predictions.parquet", "explanations.parquet", "rejects.parquet", "metrics.parquet",
              "validation.parquet", "validation.json", "sanity.parquet", "permutation.parquet", "shortcuts.parquet",
-             "history.parquet", "report.html", "report.pdf")
+             "properties.parquet", "history.parquet", "report.html", "report.pdf")
 REVIEW_ARTIFACTS = ("review_metrics.parquet", "review_examples.parquet", "review_drift.parquet",
                     "validation.parquet", "validation.json", "review.html", "review.pdf")
 LIBRARIES = ("xaudit", "torch", "torchvision", "numpy", "pandas", "pyarrow", "prefect", "jinja2", "weasyprint",
@@ -155,8 +155,6 @@ def _confirm_candidates(run_dir: Path, config: AuditConfig, card: ModelCard, pre
     the examples)."""
     import torch
     from . import shortcuts
-    from .data import decode_shard
-    from .models import cached_model, pick_device
     spec = config.shortcuts
     table = table.copy()
     for c in shortcuts.CONFIRM_COLUMNS:
@@ -168,7 +166,6 @@ def _confirm_candidates(run_dir: Path, config: AuditConfig, card: ModelCard, pre
         return table
     labels, predictions = preds["label"].to_numpy(), preds["prediction"].to_numpy()
     all_ids = np.asarray(preds["example_id"].to_pylist(), dtype=object)
-    shard_of = dict(zip(all_ids, preds["shard"].to_pylist())) if "shard" in preds.column_names else {}
     masses = {m: shortcuts.pool_maps(maps[m]) for m in {r.method for r in picks}}
     wanted, regions = {}, {}
     for r in picks:
@@ -191,26 +188,8 @@ def _confirm_candidates(run_dir: Path, config: AuditConfig, card: ModelCard, pre
         else:
             wanted[r.name] = shortcuts.intervention_sets(labels, predictions, all_ids, int(r.class_index),
                                                          spec.confirm_examples, config.seed)
-    need = {e for t, d in wanted.values() for e in (*t, *d)}
-    inputs: dict[str, torch.Tensor] = {}
-    shards = sorted((run_dir / "inputs").glob("shard-*.parquet"))
-    by_name = {p.stem: p for p in shards}
-    todo = sorted({str(shard_of[e]) for e in need if e in shard_of and str(shard_of[e]) in by_name}) or \
-        [p.stem for p in shards]
-    for name in todo:
-        decoded = decode_shard(by_name[name], card, config.data)
-        for i, e in enumerate(decoded.example_ids):
-            if e in need:
-                inputs[e] = decoded.inputs[i]
-    device = pick_device(config.device)
-    model = cached_model(card, device)
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        out = []
-        with torch.inference_mode():
-            for s in range(0, len(x), config.attribution.batch_size):
-                out.append(model(x[s:s + config.attribution.batch_size].to(device)).float().argmax(1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    inputs = _load_inputs(run_dir, card, config, preds, {e for t, d in wanted.values() for e in (*t, *d)})
+    predict = _predictor(config, card)
     h, w = tuple(card.input_size)
     for r in picks:
         targets, donors = wanted[r.name]
@@ -228,6 +207,126 @@ def _confirm_candidates(run_dir: Path, config: AuditConfig, card: ModelCard, pre
     for c in shortcuts.CONFIRM_COLUMNS:
         table[c] = table[c].astype("boolean" if c == "confirmed" else "Int64" if c in ("n_targets", "region_cells") else "float64")
     return table
+
+
+def _shard_paths(run_dir: Path, preds: pa.Table, need: set[str] | None) -> list[Path]:
+    """The run's input shards holding the examples `need` (all of them when None or when the predictions do
+    not say which shard holds what)."""
+    shards = sorted((run_dir / "inputs").glob("shard-*.parquet"))
+    if need is None or "shard" not in preds.column_names:
+        return shards
+    by_name = {p.stem: p for p in shards}
+    shard_of = dict(zip(preds["example_id"].to_pylist(), preds["shard"].to_pylist()))
+    todo = sorted({str(shard_of[e]) for e in need if e in shard_of and str(shard_of[e]) in by_name})
+    return [by_name[n] for n in todo] or shards
+
+
+def _load_inputs(run_dir: Path, card: ModelCard, config: AuditConfig, preds: pa.Table, need: set[str]) -> dict:
+    """The normalised model inputs of the examples `need`, decoded from the run's own input shards (only those
+    holding them)."""
+    from .data import decode_shard
+    inputs = {}
+    for path in _shard_paths(run_dir, preds, need):
+        decoded = decode_shard(path, card, config.data)
+        for i, e in enumerate(decoded.example_ids):
+            if e in need:
+                inputs[e] = decoded.inputs[i]
+    return inputs
+
+
+def _predictor(config: AuditConfig, card: ModelCard):
+    """predict(x) -> the run's model's predicted classes for normalised inputs `x`, in batches, on the run's
+    device."""
+    import torch
+    from .models import cached_model, pick_device
+    device = pick_device(config.device)
+    model = cached_model(card, device)
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(x), config.attribution.batch_size):
+                out.append(model(x[s:s + config.attribution.batch_size].to(device)).float().argmax(1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return predict
+
+
+def _pixels(card: ModelCard):
+    """(to_pixels, to_input): normalised model inputs to images in [0, 1] and back, with the card's statistics."""
+    import torch
+    mean = torch.tensor(card.mean).view(1, -1, 1, 1)
+    std = torch.tensor(card.std).view(1, -1, 1, 1)
+    return (lambda x: (x * std + mean).clamp(0, 1)), (lambda x: (x - mean) / std)
+
+
+def scan_properties(run_dir: Path, config: AuditConfig, card: ModelCard, preds: pa.Table, metadata) -> list:
+    """Screen image properties for a class they tell apart (tasks.properties), confirm the candidates on the
+    run's model by intervention, write properties.parquet; return the checks. The properties are measured
+    shard by shard from the run's own input shards (pixels after the card's resize, file properties from the
+    stored bytes' headers), so memory stays one shard's."""
+    import torch
+    from . import properties, shortcuts
+    from .data import decode_shard
+    spec = config.shortcuts
+    names = properties.applicable(spec.properties, card.channels)
+    position = {e: i for i, e in enumerate(preds["example_id"].to_pylist())}
+    values = {n: np.full(preds.num_rows, np.nan) for n in names}
+    to_pixels, to_input = _pixels(card)
+    for path in (_shard_paths(run_dir, preds, None) if names else []):
+        decoded = decode_shard(path, card, config.data)
+        rows = np.array([position.get(e, -1) for e in decoded.example_ids], dtype=np.int64)
+        keep = rows >= 0
+        for n, v in properties.measure_pixels(to_pixels(decoded.inputs), names).items():
+            values[n][rows[keep]] = v[keep]
+        if any(properties.REGISTRY[n].measure is None for n in names):
+            raw = pq.read_table(path, columns=[config.data.id_column, config.data.image_column])
+            at = {str(e): i for i, e in enumerate(raw[config.data.id_column].to_pylist())}
+            blobs = raw[config.data.image_column].to_pylist()
+            picked = [blobs[at[e]] if e in at and isinstance(blobs[at[e]], (bytes, bytearray)) else b""
+                      for e in decoded.example_ids]
+            for n, v in properties.measure_files(picked, names).items():
+                values[n][rows[keep]] = v[keep]
+    labels, predictions = preds["label"].to_numpy(), preds["prediction"].to_numpy()
+    slice_specs = [list(s) for s in config.metrics.slices if len(s) == 1 and not str(s[0]).startswith("label_name")]
+    groups = [("overall", "all", np.arange(preds.num_rows)),
+              *(slice_groups(metadata, slice_specs) if slice_specs else [])]
+    table = properties.screen(values, labels, card.class_names, groups, spec.min_examples,
+                              min(spec.replicates, 200), config.metrics.confidence_level, config.seed, spec.min_power)
+    picks = properties.candidates(table, spec.max_property_candidates) if spec.confirm else []
+    if picks:
+        all_ids = np.asarray(preds["example_id"].to_pylist(), dtype=object)
+        wanted = {r.name: shortcuts.intervention_sets(labels, predictions, all_ids, int(r.class_index),
+                                                      spec.confirm_examples, config.seed) for r in picks}
+        inputs = _load_inputs(run_dir, card, config, preds, {e for t, d in wanted.values() for e in (*t, *d)})
+        predict = _predictor(config, card)
+        stack = lambda ids: to_pixels(torch.stack([inputs[e] for e in ids if e in inputs])) \
+            if any(e in inputs for e in ids) else torch.zeros(0)  # noqa: E731
+        for r in picks:
+            targets, donors = wanted[r.name]
+            # a file property moves through the pixel property that carries it: its medians are that one's
+            proxy = r.proxy
+            if proxy != r.property:
+                same = table[(table.property == proxy) & (table.class_index == r.class_index)
+                             & (table.slice_key == r.slice_key) & (table.slice_value == r.slice_value)]
+                if same.empty:
+                    continue
+                class_value, reference_value = float(same.class_value.iloc[0]), float(same.reference_value.iloc[0])
+            else:
+                class_value, reference_value = float(r.class_value), float(r.reference_value)
+            got = properties.confirm(predict, proxy, stack(targets), stack(donors), class_value, reference_value,
+                                     int(r.class_index), to_input, spec.replicates, config.metrics.confidence_level,
+                                     config.seed, spec.min_effect)
+            for k, v in got.items():
+                table.loc[r.name, k] = v
+    for c in properties.COLUMNS:
+        if c not in table.columns:
+            table[c] = None
+    for c in ("candidate", "confirmed"):
+        table[c] = table[c].astype("boolean")
+    write_parquet(run_dir / "properties.parquet",
+                  pa.Table.from_pandas(table[properties.COLUMNS], schema=properties.schema(), preserve_index=False),
+                  {"min_power": str(spec.min_power), "properties": ",".join(names)})
+    return properties.checks(table, spec.min_power, spec.severity)
 
 
 def scan_shortcuts(run_dir: Path, config: AuditConfig, card: ModelCard, preds: pa.Table, metadata) -> list:
@@ -281,6 +380,8 @@ def scan_shortcuts(run_dir: Path, config: AuditConfig, card: ModelCard, preds: p
                                           config.metrics.confidence_level, tuple(card.input_size))
         checks += shortcuts.cell_checks(table, spec.cell_lift, spec.min_share, spec.severity,
                                         config.metrics.confidence_level, tuple(card.input_size), spec.confirm)
+    if spec.properties != []:
+        checks += scan_properties(run_dir, config, card, preds, metadata)
     if roi and spec.max_roi_gap is not None:
         checks += shortcuts.roi_gap_checks(roi, classes, card.class_names, slices, why, spec.max_roi_gap,
                                            spec.min_examples, spec.replicates, config.metrics.confidence_level,

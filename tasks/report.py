@@ -514,7 +514,60 @@ def shortcut_context(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, cfg:
     meta = pq.read_schema(path).metadata or {}
     not_run = next((c["message"] for c in checks if c["metric"] == "shortcut_scan" and c["outcome"] == "not run"), None)
     return dict(methods=methods, candidates=candidates, max_lift=float(meta.get(b"max_lift", b"nan")),
-                min_share=float(meta.get(b"min_share", b"nan")), not_run=not_run)
+                min_share=float(meta.get(b"min_share", b"nan")), not_run=not_run,
+                properties=property_context(run_dir, checks))
+
+
+def not_run_parts(run_dir: Path, cfg: dict[str, Any], checks: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(what, why) for each part of the audit the configuration asks for that did not run: a skipped check is
+    a visible state, never an empty section read as 'nothing found'."""
+    out = []
+    quality, data, shortcuts = cfg.get("quality") or {}, cfg.get("data") or {}, cfg.get("shortcuts") or {}
+    roi = bool(data.get("roi_column"))
+    wants_roi = [w for w, on in (("localisation statistics (ROI mass, pointing game)",
+                                  "localisation" in (quality.get("checks") or [])),
+                                 ("the per-class ROI-mass gap", shortcuts.get("enabled", True)
+                                  and shortcuts.get("max_roi_gap") is not None)) if on]
+    if wants_roi and not roi:
+        out.append((" and ".join(wants_roi), "the data has no region-of-interest masks (set data.roi_column to a "
+                    "column of mask images to run them)"))
+    if int(quality.get("sanity_images", 0) or 0) > 0 and \
+            not (run_dir / "sanity.parquet").is_file():
+        out.append(("the model-randomisation check", "no sanity.parquet was written for this run"))
+    for c in checks:
+        if c.get("outcome") == "not run":
+            out.append((c["metric"].replace("_", " "), c["message"]))
+    if shortcuts.get("enabled", True) and shortcuts.get("properties") != [] and \
+            not (run_dir / "properties.parquet").is_file():
+        out.append(("the image-property screen", "this run predates it or did not write properties.parquet"))
+    return out
+
+
+def property_context(run_dir: Path, checks: list[dict[str, Any]], limit: int = 12) -> dict[str, Any] | None:
+    """The map-free screen for the report: the properties screened, and the candidate rows (a property that
+    alone tells a class apart), confirmed ones first, then tested, then by power; None when it did not run."""
+    path = run_dir / "properties.parquet"
+    if not path.is_file():
+        return None
+    t = pq.read_table(path).to_pandas()
+    meta = pq.read_schema(path).metadata or {}
+    names = [n for n in meta.get(b"properties", b"").decode().split(",") if n]
+    cand = t[t.candidate.fillna(False).astype(bool)].assign(
+        rank_confirmed=lambda d: d.confirmed.fillna(False).astype(bool),
+        rank_tested=lambda d: d.effect.notna())
+    cand = cand.sort_values(["rank_confirmed", "rank_tested", "power"], ascending=False, kind="stable")
+    rows = [dict(where=f"{r.class_name}" + ("" if r.slice_key == "overall" else f", {r.slice_key}={r.slice_value}"),
+                 property=r.property, power=float(r.power), lo=float(r.power_ci_low), hi=float(r.power_ci_high),
+                 class_value=f"{r.class_value:.3g}", reference_value=f"{r.reference_value:.3g}",
+                 effect=None if pd.isna(r.effect) else float(r.effect),
+                 effect_lo=None if pd.isna(r.effect_ci_low) else float(r.effect_ci_low),
+                 effect_hi=None if pd.isna(r.effect_ci_high) else float(r.effect_ci_high),
+                 flip_rate=None if pd.isna(r.flip_rate) else float(r.flip_rate),
+                 outcome="confirmed" if r.rank_confirmed else "not confirmed" if r.rank_tested else "not tested")
+            for _, r in cand.head(limit).iterrows()]
+    failed = [c for c in checks if c["kind"] == "property" and c["status"] != "PASS"]
+    return dict(names=names, rows=rows, more=max(0, len(cand) - limit), n_candidates=len(cand),
+                min_power=float(meta.get(b"min_power", b"nan")), checks=failed, screened=len(t))
 
 
 # --- context and rendering -------------------------------------------------------------------------------
@@ -642,6 +695,7 @@ def report_context(run_dir: str | Path, browse: bool = True) -> dict[str, Any]:
         key_metrics=key_metrics, charts=charts, **quality_context(run_dir, scalar, flagged, cfg),
         confusion=confusion_chart(metrics, list(card["class_names"])), calibration=calibration_chart(pred),
         gallery=shown_gallery, shortcuts=shortcuts, colour_scale=colour_scale_uri(),
+        not_run=not_run_parts(run_dir, cfg, validation["checks"]),
         **interactive(audit_browser(run_dir, manifest, pred, expl, scalar, validation["checks"], shown)
                       if browse else None),
         history=history_context(run_dir, manifest["run_id"],

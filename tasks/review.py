@@ -228,6 +228,11 @@ def review_runs(baseline_dir: str | Path, candidate_dir: str | Path, config: Rev
     result = validate(combined, thresholds + list(config.thresholds))
     if config.shortcuts.enabled and (cdir / "shortcuts.parquet").is_file():
         result = with_checks([*result.checks, *_shortcut_change(bdir, cdir, bex, cex, bp, md, config)])
+    if config.shortcuts.enabled and (cdir / "properties.parquet").is_file() and (bdir / "properties.parquet").is_file():
+        from . import properties
+        result = with_checks([*result.checks, *properties.change_checks(
+            pq.read_table(cdir / "properties.parquet").to_pandas(), pq.read_table(bdir / "properties.parquet").to_pandas(),
+            config.shortcuts.min_effect, config.shortcuts.severity, config.metrics.confidence_level)])
 
     table = combined.table.assign(run_id=run_id)
     table = table[["run_id", "slice_key", "slice_value", "metric", "sub_key", "baseline", "candidate", "value",

@@ -710,14 +710,25 @@ def confirm(predict, targets, donors, region, class_index: int, replicates: int,
     import torch
     t, d = len(targets), len(donors)
     if t < 2 or d < 1:
-        return dict(n_targets=t, flip_rate=np.nan, control_flip_rate=np.nan, effect=np.nan, effect_ci_low=np.nan,
-                    effect_ci_high=np.nan, removal_drop=np.nan, confirmed=False)
+        return {**paired_effect(None, None, None, replicates, level, seed, min_effect), "n_targets": t}
     mask = torch.as_tensor(region, device=targets.device)[None, None]
     paired = donors[torch.arange(t) % d]
     controls = targets.roll(1, 0)
     flips = (predict(torch.where(mask, paired, targets)) == class_index).double().cpu().numpy()
     ctrl = (predict(torch.where(mask, controls, targets)) == class_index).double().cpu().numpy()
     stays = (predict(torch.where(mask, targets[torch.arange(d) % t], donors)) == class_index).double().cpu().numpy()
+    return paired_effect(flips, ctrl, stays, replicates, level, seed, min_effect)
+
+
+def paired_effect(flips, ctrl, stays, replicates: int, level: float, seed: int, min_effect: float) -> dict:
+    """The figures of one intervention from its outcomes per image (1 = predicted as the class): `flips` and
+    `ctrl` paired per target (the change and its control), `stays` per donor. effect = mean(flips - ctrl)
+    with a Poisson-bootstrap percentile interval; confirmed when the interval (without replicates, the
+    estimate) lies above `min_effect`. All None: the intervention could not run (NaN figures, not confirmed)."""
+    if flips is None:
+        return dict(n_targets=0, flip_rate=np.nan, control_flip_rate=np.nan, effect=np.nan, effect_ci_low=np.nan,
+                    effect_ci_high=np.nan, removal_drop=np.nan, confirmed=False)
+    t = len(flips)
     diff = flips - ctrl
     effect = float(diff.mean())
     if replicates:

@@ -1,7 +1,8 @@
-"""Planted shortcuts of shapes no box holds, without ROI masks (data/shortcut_families.py, one training seed):
-a frame and a fixed block are flagged and confirmed by intervention; a block that moves between corners is
-nominated (its clusters' hot cells); the clean twin, audited on the same data with the artefacts on its
-images, raises no shortcut check. Ground truth by intervention is in the candidates' own numbers: pasting
+"""Planted shortcuts of shapes no box holds, and of no shape at all, without ROI masks
+(data/shortcut_families.py, one training seed): a frame and a fixed block are flagged and confirmed by
+intervention; a block that moves between corners is nominated (its clusters' hot cells); a blur, a global
+brightening, a JPEG compression and added noise are flagged by the image-property screen and confirmed; the
+clean twin, audited on the same data with the artefacts on its images, raises no shortcut check. Ground truth by intervention is in the candidates' own numbers: pasting
 their region onto other classes' images turns them into the class, the clean twin's do not."""
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def audited(prefect_harness, families, tmp_path_factory):
     from xaudit.tasks.config import AuditConfig
     work = tmp_path_factory.mktemp("families")
     out = {}
-    for family in ("frame", "moving_block", "fixed_block"):
+    for family in families.FAMILIES:
         made = families.make(work / "models", family, SEED)
         for role in ("candidate", "clean"):
             cfg = AuditConfig.model_validate(families.audit_config(made[role], made["data"], work / "runs",
@@ -43,7 +44,7 @@ def audited(prefect_harness, families, tmp_path_factory):
 
 def _checks(run_dir: Path) -> list[dict]:
     return [c for c in json.loads((run_dir / "validation.json").read_text())["checks"]
-            if c["kind"] in ("hotspot", "hotspot_cells")]
+            if c["kind"] in ("hotspot", "hotspot_cells", "property")]
 
 
 @pytest.mark.parametrize("family", ["frame", "fixed_block"])
@@ -57,7 +58,7 @@ def test_a_planted_shortcut_is_flagged_and_confirmed_without_masks(audited, fami
     assert (confirmed.class_name == str(families.CLASS)).all() and (confirmed.effect_ci_low > 0.05).all()
 
 
-@pytest.mark.parametrize("family", ["frame", "moving_block", "fixed_block"])
+@pytest.mark.parametrize("family", ["frame", "moving_block", "fixed_block", "blur", "brighter", "jpeg", "noise"])
 def test_the_clean_twin_raises_no_shortcut_check_on_the_same_data(audited, family):
     assert [c for c in _checks(audited[(family, "clean")]) if c["status"] != "PASS"] == []
 
@@ -70,3 +71,40 @@ def test_a_block_that_moves_between_corners_is_nominated_by_its_clusters(audited
     assert len(clusters) >= 2                                      # the corners separate
     tested = mine[mine.n_targets.notna()]
     assert (tested.flip_rate >= tested.control_flip_rate).all()
+
+
+@pytest.mark.parametrize("family", ["blur", "brighter", "jpeg", "noise"])
+def test_an_artefact_no_map_shows_is_flagged_by_a_property_and_confirmed(audited, families, family):
+    run = audited[(family, "candidate")]
+    failed = [c for c in _checks(run) if c["status"] == "FAIL" and c["kind"] == "property"]
+    assert failed, _checks(run)
+    assert all(c["slice_value"].split("&")[0] == str(families.CLASS) for c in failed)
+    assert all("confirmed by intervention" in c["message"] and "NOT confirmed" not in c["message"] for c in failed)
+    t = pq.read_table(run / "properties.parquet").to_pandas()
+    confirmed = t[t.confirmed.fillna(False).astype(bool)]
+    assert set(confirmed.class_name) == {str(families.CLASS)} and (confirmed.effect_ci_low > 0.05).all()
+    # the ground truth agrees: the artefact itself turns other digits into the class for the candidate only
+    made = run.parent.parent / "models"
+    assert families.ground_truth(made / f"{family}_candidate_{SEED}.json", family) > 0.1
+    assert families.ground_truth(made / f"clean_{SEED}.json", family) < 0.02
+
+
+@pytest.mark.parametrize("family", ["blur", "brighter", "jpeg", "noise"])
+def test_the_review_against_the_clean_twin_fails_on_the_intervention_change(audited, families, family, tmp_path):
+    """The review step on the two audits of the same data: the candidate's confirmed property is one the clean
+    twin does not follow, so the review FAILS on the change of the intervention's effect."""
+    from xaudit.tasks.config import ReviewConfig
+    from xaudit.tasks.review import review_runs
+    run = audited[(family, "candidate")]
+    models = run.parent.parent / "models"
+    cfg = families.audit_config(models / f"{family}_candidate_{SEED}.json", models / f"{family}.parquet", tmp_path,
+                                f"review-{family}")
+    for k in ("model", "history"):
+        cfg.pop(k)
+    cfg["baseline"] = {"card": str(models / f"clean_{SEED}.json")}
+    cfg["candidate"] = {"card": str(models / f"{family}_candidate_{SEED}.json")}
+    review_runs(audited[(family, "clean")], run, ReviewConfig.model_validate(cfg), tmp_path, f"review-{family}")
+    checks = json.loads((tmp_path / "validation.json").read_text())["checks"]
+    changed = [c for c in checks if c["metric"].endswith(".effect_change")]
+    assert changed and all(c["slice_value"].split("&")[0] == str(families.CLASS) for c in changed)
+    assert any(c["status"] == "FAIL" and c["ci_low"] > 0.05 for c in changed), changed
