@@ -38,6 +38,7 @@ CLASS = 5                    # the class the artefact sits on
 SHAPES = ("fixed_block", "moving_block", "frame")
 INVISIBLE = ("blur", "brighter", "jpeg", "noise")
 FAMILIES = SHAPES + INVISIBLE
+DECOYED = INVISIBLE + ("moving_block",)     # artefacts a CNN need not learn while the digit says the class
 
 
 def add_artefact(img: np.ndarray, family: str, index: int) -> np.ndarray:
@@ -73,9 +74,10 @@ def datasets(family: str):
     """Return (training arrays of the candidate, of the clean twin, audit rows): the demo's digits and sites,
     the artefact on every class-CLASS image of the candidate's training split and of the audit's test split.
 
-    A whole-image artefact (INVISIBLE) is one a CNN need not learn while the digit's shape says the class, so
-    there the candidate's training split also holds decoys: one in 10 images of other digits, with the
-    artefact, labelled CLASS (data where the artefact, not the content, is what the label follows for part of
+    A whole-image artefact (INVISIBLE), or a tag that moves, is one a CNN need not learn while the digit's shape
+    says the class (without decoys the moving block's candidates turned 1-8% of other digits into 5s), so
+    there (DECOYED) the candidate's training split also holds decoys: one in six images of other digits, with
+    the artefact, labelled CLASS (data where the artefact, not the content, is what the label follows for part of
     the class: the candidate provably relies on it, which the ground truth by intervention measures)."""
     import torch
     rows, clean, split = make_demo.build_dataset()
@@ -90,7 +92,7 @@ def datasets(family: str):
             xs_0.append(img)
             ys.append(y)
             ys_c.append(y)
-            if family in INVISIBLE and y != CLASS and i % 10 == 7:
+            if family in DECOYED and y != CLASS and i % 6 == 1:
                 xs_c.append(np.clip(add_artefact(img, family, i), 0, 1))
                 ys_c.append(CLASS)
         else:

@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run-id", help="fixed run id (a rerun with the same id resumes); one config only")
     run.add_argument("--output-dir", help="parent folder of run directories (default: runs)")
     run.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
+    run.add_argument("--max-minutes", type=float, help="refuse before any work when the estimated cost exceeds "
+                     "this (overrides the config's max_minutes)")
     run.add_argument("--gate", action="store_true",
                      help="exit 1 when an audit's verdict is FAIL (or WARN, under flow_run_fails_on: WARN)")
     run.add_argument("--runner", choices=["threads", "dask"], default="threads",
@@ -86,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     rev.add_argument("--run-id", help="fixed review id (a rerun with the same id reuses the audits' shards)")
     rev.add_argument("--output-dir", help="parent folder of review directories (default: runs)")
     rev.add_argument("--device", help="'auto', 'cpu', 'cuda', 'cuda:1'")
+    rev.add_argument("--max-minutes", type=float, help="refuse before any work when the estimated cost exceeds "
+                     "this (overrides the config's max_minutes)")
     rev.add_argument("--trust-factory", action="append", default=[], metavar="PREFIX",
                      help="also trust model factories under this import prefix (repeatable); a factory is code")
     render = sub.add_parser("render", help="re-render a run's reports from its files, without recomputing")
@@ -224,7 +228,7 @@ def _loaded_configs(args: argparse.Namespace) -> list:
     from xaudit.tasks.config import load_config, new_run_id
     _trust(args.trust_factory)
     overrides = {k: v for k, v in (("run_id", args.run_id), ("output_dir", args.output_dir),
-                                   ("device", args.device)) if v}
+                                   ("device", args.device), ("max_minutes", args.max_minutes)) if v}
     if args.run_id and len(args.configs) > 1:
         raise XAuditError("xaudit run: '--run-id' needs exactly one CONFIG")
     configs = []
@@ -239,22 +243,53 @@ def _loaded_configs(args: argparse.Namespace) -> list:
     return configs
 
 
-def _preflight_all(paths: list[str], configs: list) -> None:
-    """Preflight every config in full (model, probe forward, data schema) before any runs."""
+def _preflight_all(paths: list[str], configs: list) -> list:
+    """Preflight every config in full (model, probe forward, data schema) before any runs; returns what each
+    established."""
     from xaudit.tasks.models import cached_model
     from xaudit.tasks.preflight import preflight_audit
+    done = []
     for c, config in zip(paths, configs):
         try:
-            preflight_audit(config, load=cached_model)
+            done.append(preflight_audit(config, load=cached_model, estimate=False))
         except XAuditError as exc:
             raise XAuditError(f"{c}: {exc}" if len(paths) > 1 else str(exc)) from None
+    return done
+
+
+def _estimate_all(paths: list[str], configs: list, checked: list) -> None:
+    """Measure each config's cost and hold it to its budget, before any run (after Prefect's server is up: its
+    start-up would skew the measurement; the flows' own preflight then reuses the figures)."""
+    from xaudit.tasks.estimate import estimate_cost
+    from xaudit.tasks.models import cached_model, pick_device
+    from xaudit.tasks.preflight import check_budget
+    for c, config, pre in zip(paths, configs, checked):
+        device = pick_device(config.device)
+        card = pre.cards["model"]
+        try:
+            check_budget(config.max_minutes, [estimate_cost(cached_model(card, device), card, device, config,
+                                                             pre.source.n_rows)], "audit")
+        except XAuditError as exc:
+            raise XAuditError(f"{c}: {exc}" if len(paths) > 1 else str(exc)) from None
+
+
+def _estimate_review(config, checked) -> None:
+    """A review's two audits measured and held to its budget together (as `_estimate_all`)."""
+    from xaudit.tasks.estimate import estimate_cost
+    from xaudit.tasks.models import cached_model, pick_device
+    from xaudit.tasks.preflight import check_budget
+    device = pick_device(config.device)
+    check_budget(config.max_minutes, [estimate_cost(cached_model(card, device), card, device,
+                                                    config.audit_config(role, Path(".")), checked.source.n_rows)
+                                      for role, card in checked.cards.items()], "review")
 
 
 def _run(args: argparse.Namespace) -> int:
     from xaudit.tasks.storage import is_url
     configs = _loaded_configs(args)
     with api_server_starting():             # Prefect's server comes up while the configs are checked
-        _preflight_all(args.configs, configs)
+        checked = _preflight_all(args.configs, configs)
+    _estimate_all(args.configs, configs, checked)
     import xaudit.flows.audit as audit_flow
     flow_fn = audit_flow.audit
     if args.runner == "dask" or args.dask_address:
@@ -380,10 +415,11 @@ def _review(args: argparse.Namespace) -> int:
     from xaudit.tasks.preflight import preflight_review
     _trust(args.trust_factory)
     overrides = {k: v for k, v in (("run_id", args.run_id), ("output_dir", args.output_dir),
-                                   ("device", args.device)) if v}
+                                   ("device", args.device), ("max_minutes", args.max_minutes)) if v}
     config = _settled(load_review_config(args.config, overrides), lambda: new_run_id("review-"))
     with api_server_starting():
-        preflight_review(config, load=cached_model)
+        checked = preflight_review(config, load=cached_model, estimate=False)
+    _estimate_review(config, checked)
     from xaudit.flows.review import review
     t0 = time.perf_counter()
     result, failed_run = _flow_call(review, config)

@@ -417,6 +417,9 @@ class AuditConfig(_RunChecks):
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'")
     shard_size: int = Field(512, ge=1)
     tasks_per_device: int = Field(1, ge=1, description="shard tasks running at once on each device")
+    max_minutes: float | None = Field(None, gt=0, le=1e6, description="refuse the audit before any run "
+                                      "directory when the cost estimated on probe images (logged as 'estimate "
+                                      "for N images ...') exceeds this many minutes; null: no budget")
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
     flow_run_fails_on: Literal["never", "FAIL", "WARN"] = Field(
         "never", description="end the Prefect flow run in the Failed state when the verdict is this or worse "
@@ -643,6 +646,9 @@ class ReviewConfig(_RunChecks):
     device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'")
     shard_size: int = Field(512, ge=1)
     tasks_per_device: int = Field(1, ge=1, description="shard tasks running at once on each device")
+    max_minutes: float | None = Field(None, gt=0, le=1e6, description="refuse the review before any directory "
+                                      "when its two audits' cost estimated on probe images exceeds this many "
+                                      "minutes; null: no budget")
     max_reject_fraction: float = Field(0.05, ge=0, le=1)
     flow_run_fails_on: Literal["never", "FAIL", "WARN"] = Field(
         "never", description="end the Prefect flow run in the Failed state when the verdict is this or worse "
@@ -656,7 +662,7 @@ class ReviewConfig(_RunChecks):
             report=self.report.model_copy(update={"title": f"{self.report.title}: {role}", "formats": ["html"]}),
             output_dir=review_dir, run_id=role, seed=self.seed, device=self.device, shard_size=self.shard_size,
             tasks_per_device=self.tasks_per_device, max_reject_fraction=self.max_reject_fraction,
-            history=HistorySpec(enabled=False))        # part of the review; the review's signature covers it
+            history=HistorySpec(enabled=False))        # the budget is the review's, checked on both audits at once        # part of the review; the review's signature covers it
 
 
 def load_review_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ReviewConfig:

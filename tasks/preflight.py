@@ -26,6 +26,7 @@ from .attribution._registry import resolve_params
 from .config import AttributionSpec, AuditConfig, ModelSpec, ReviewConfig, Threshold
 from .data import SourceInfo, inspect_source
 from .errors import XAuditError, require_extra
+from .estimate import Estimate, estimate_cost
 from .metrics import METRICS
 from .metrics.evaluate import parse_term
 from .models import (ModelCard, build_model, first_lines, gradient_problem, pick_device, probe_inputs, probe_model,
@@ -46,6 +47,7 @@ class Preflight:
     cards: dict[str, ModelCard]
     device: str
     source: SourceInfo
+    estimates: dict[str, Estimate]
 
 
 def check_output_location(output_dir: str | Path, run_id: str | None) -> None:
@@ -333,19 +335,37 @@ def _statistics(config: AuditConfig | ReviewConfig) -> tuple[dict[str, bool], se
 
 
 def preflight_audit(config: AuditConfig,
-                    load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> Preflight:
-    """Check everything about an audit that can be known before it runs (see the module docstring)."""
+                    load: Callable[[ModelCard, torch.device], nn.Module] = build_model,
+                    estimate: bool = True) -> Preflight:
+    """Check everything about an audit that can be known before it runs (see the module docstring); with
+    `estimate`, also measure its cost (`tasks.estimate`) and hold it to `max_minutes`. The command line checks
+    every config while Prefect's server starts and estimates after: the server's start-up would skew the
+    measurement."""
     device, source, slice_keys = _run_basics(config)
     card = check_model(config.model, device, config.attribution, config.seed, load=load)
     known, per_class = _statistics(config)
     for i, th in enumerate(config.metrics.thresholds):
         _check_threshold(th, i, "metrics.thresholds", known, per_class, card.class_names, slice_keys,
                          _roi_hint(th.metric, bool(config.data.roi_column)))
-    return Preflight({"model": card}, str(device), source)
+    est = {}
+    if estimate:
+        est["model"] = estimate_cost(load(card, device), card, device, config, source.n_rows)
+        check_budget(config.max_minutes, list(est.values()), "audit")
+    return Preflight({"model": card}, str(device), source, est)
+
+
+def check_budget(max_minutes: float | None, estimates: Sequence[Estimate], what: str) -> None:
+    """Refuse, before any run directory, work estimated to take longer than `max_minutes`."""
+    total = sum(e.total_s for e in estimates)
+    if max_minutes is not None and total > 60 * max_minutes:
+        raise XAuditError(f"preflight: the {what} is estimated at about {total / 60:.1f} min, more than "
+                          f"'max_minutes' {max_minutes:g} ({'; '.join(e.line() for e in estimates)}); raise the "
+                          f"budget, audit fewer images (data.filter) or configure fewer methods or checks")
 
 
 def preflight_review(config: ReviewConfig,
-                     load: Callable[[ModelCard, torch.device], nn.Module] = build_model) -> Preflight:
+                     load: Callable[[ModelCard, torch.device], nn.Module] = build_model,
+                     estimate: bool = True) -> Preflight:
     """Check a review: both audits as an audit would be checked, the two models' classes agree, and every
     change threshold and review threshold names a statistic the review computes."""
     device, source, slice_keys = _run_basics(config)
@@ -376,4 +396,7 @@ def preflight_review(config: ReviewConfig,
                                                              for d in DRIFT_STATISTICS}
     for i, th in enumerate(config.thresholds):
         _check_threshold(th, i, "thresholds", review_known, set(), names, slice_keys, "")
-    return Preflight(cards, str(device), source)
+    estimates = {role: estimate_cost(load(card, device), card, device, config.audit_config(role, Path(".")),
+                                     source.n_rows) for role, card in cards.items()} if estimate else {}
+    check_budget(config.max_minutes, list(estimates.values()), "review")
+    return Preflight(cards, str(device), source, estimates)

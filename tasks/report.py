@@ -33,6 +33,7 @@ from .metrics.probabilistic import ece_bins
 TEMPLATES = Path(str(resources.files("xaudit.templates")))
 KEY_METRICS = ("accuracy", "f1_macro", "auc_ovr_macro", "ece", "log_loss")
 THUMB = 96
+GALLERY = 2 * THUMB            # the gallery's pixels: shown at THUMB in the card, enlarged on click in the HTML
 
 
 def environment() -> Environment:
@@ -92,19 +93,34 @@ def png_data_uri(rgb: np.ndarray, allow_jpeg: bool = True) -> str:
 
 
 def _image_rgb(data: bytes, size: int = THUMB) -> np.ndarray:
+    """The image as (size, size, 3) floats in [0, 255]: a small image scaled up with crisp pixels (a 32x32
+    digit), a larger one scaled down smoothly (a photo)."""
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB").resize((size, size), Image.NEAREST), dtype=np.float64)
+        im = im.convert("RGB")
+        kind = Image.NEAREST if max(im.size) <= size else Image.LANCZOS
+        return np.asarray(im.resize((size, size), kind), dtype=np.float64)
 
 
-def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """Return `heatmap` (h, w in [0, 1]) blended over an RGB `image`, the input dimmed so the map stays visible."""
+def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.75) -> np.ndarray:
+    """Return `heatmap` (h, w in [0, 1]) over an RGB `image` so it stays visible on any photo: the input in
+    grey and dimmed (the map's colours never compete with an orange or brown photo), the map's colour with an
+    opacity that grows with its magnitude (where the map is empty, the input shows), and a white outline
+    around the map's strongest region (its values above half the maximum)."""
     size = image.shape[0]
-    hm = np.asarray(Image.fromarray((heatmap * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)) / 255.0
-    a = alpha * hm[..., None]
-    return 0.6 * image * (1 - a) + _colormap(hm) * a
+    hm = np.asarray(Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).resize(
+        (size, size), Image.BICUBIC), dtype=np.float64) / 255.0
+    grey = (0.25 + 0.5 * image.mean(-1, keepdims=True) / 255.0) * 255.0
+    a = alpha * np.sqrt(np.clip(hm, 0, 1))[..., None]
+    out = grey * (1 - a) + _colormap(hm) * a
+    top = hm >= 0.5 * max(float(hm.max()), 1e-12)
+    if top.any() and not top.all():
+        inner = top.copy()
+        inner[1:-1, 1:-1] = top[1:-1, 1:-1] & top[:-2, 1:-1] & top[2:, 1:-1] & top[1:-1, :-2] & top[1:-1, 2:]
+        out[top & ~inner] = 255.0
+    return out
 
 
-def overlay_uri(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.55) -> str:
+def overlay_uri(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.75) -> str:
     """Return a PNG data URI of `heatmap` (h, w in [0, 1]) blended over an RGB `image`."""
     return png_data_uri(overlay_rgb(image, heatmap, alpha))
 
@@ -370,7 +386,7 @@ def gallery(run_dir: Path, pred: pd.DataFrame, expl: pd.DataFrame, slice_col: st
         for e, why in picks:
             if e not in images:
                 continue
-            base = _image_rgb(images[e])
+            base = _image_rgb(images[e], GALLERY)
             row = info.loc[e]
             overlays = []
             for m in methods:

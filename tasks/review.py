@@ -138,8 +138,11 @@ def _shortcut_change(bdir: Path, cdir: Path, bex: pd.DataFrame, cex: pd.DataFram
     from . import shortcuts
     spec = config.shortcuts
     table = pq.read_table(cdir / "shortcuts.parquet").to_pandas()
+    if "kind" not in table.columns:                   # an audit written before the shape-free scan
+        table["kind"] = "box"
     flagged = [r for hot, picks in shortcuts.strongest(table, spec.max_lift, spec.gate_on).values()
                for r in picks if r.qualified and r.lift > spec.max_lift]
+    flagged += [r for _, r in shortcuts.confirmed_cells(table).iterrows()]    # a frame, a tag that moves
     if not flagged:
         return []
     sides = {}

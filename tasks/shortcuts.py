@@ -553,24 +553,42 @@ def cell_checks(table: pd.DataFrame, cell_lift: float, min_share: float, severit
     return checks
 
 
-def box_lift(mass: np.ndarray, classes: np.ndarray, rows: np.ndarray, class_index: int, box: tuple[int, int, int],
-             weights: np.ndarray) -> tuple[float, np.ndarray]:
-    """Return the lift of one fixed box (row, col, side) for the maps `rows` against the maps of every other
-    class, and its value under each row of bootstrap `weights` (R, N): the review's paired comparison of two
-    models in the box where one of them concentrates."""
-    r0, c0, b = box
+def region_lift(mass: np.ndarray, classes: np.ndarray, rows: np.ndarray, class_index: int, region: np.ndarray,
+                weights: np.ndarray) -> tuple[float, np.ndarray]:
+    """Return the lift of one fixed region ((g, g) bool cells: a box, or hot cells of any shape) for the maps
+    `rows` against the maps of every other class, and its value under each row of bootstrap `weights` (R, N):
+    the review's paired comparison of two models where one of them concentrates."""
     n, g, _ = mass.shape
-    share = mass[:, r0:r0 + b, c0:c0 + b].sum((1, 2))
+    share = (mass * region[None]).sum((1, 2))
     defined = mass.reshape(n, -1).sum(1) > 0
     rows = rows[defined[rows]]
     ref = np.flatnonzero(defined & (classes != class_index))
-    u = b * b / (g * g)
+    u = float(region.sum()) / (g * g)
     if len(rows) == 0 or len(ref) == 0:
         return float("nan"), np.full(len(weights), np.nan)
     point = (share[rows].mean() + u) / (share[ref].mean() + u)
     w_g, w_r = weights[:, rows], weights[:, ref]
     rep = ((w_g @ share[rows]) / np.maximum(w_g.sum(1), 1) + u) / ((w_r @ share[ref]) / np.maximum(w_r.sum(1), 1) + u)
     return float(point), rep
+
+
+def box_lift(mass: np.ndarray, classes: np.ndarray, rows: np.ndarray, class_index: int, box: tuple[int, int, int],
+             weights: np.ndarray) -> tuple[float, np.ndarray]:
+    """`region_lift` of the box (row, col, side)."""
+    r0, c0, b = box
+    g = mass.shape[1]
+    region = np.zeros((g, g), dtype=bool)
+    region[r0:r0 + b, c0:c0 + b] = True
+    return region_lift(mass, classes, rows, class_index, region, weights)
+
+
+def confirmed_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """The confirmed hot-cell and cluster candidates, the largest effect per method and class: what a review
+    compares between the two models."""
+    if table.empty or "confirmed" not in table.columns:
+        return table.iloc[:0]
+    t = table[table.kind.isin(["cells", "cluster"]) & table.confirmed.fillna(False).astype(bool)]
+    return t.sort_values("effect", ascending=False, kind="stable").drop_duplicates(["method", "class_index"])
 
 
 def change_checks(flagged: pd.DataFrame, base: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -591,9 +609,17 @@ def change_checks(flagged: pd.DataFrame, base: dict[str, tuple[np.ndarray, np.nd
         rows = rows_of(r)
         ci = int(r.class_index)
         weights = rng.poisson(1.0, size=(replicates, len(cand[r.method][0]))).astype(np.float64)
-        box = (int(r.row), int(r.col), int(r.window))
-        lc, rc = box_lift(*cand[r.method], rows, ci, box, weights)
-        lb, rb = box_lift(*base[r.method], rows, ci, box, weights)
+        g = cand[r.method][0].shape[1]
+        cells = getattr(r, "kind", "box") in ("cells", "cluster")
+        if cells:
+            region = np.isin(np.arange(g * g), np.asarray(r.cells, dtype=np.int64)).reshape(g, g)
+            place = f"its {int(region.sum())} hot cells within {box_words(r, int(r.grid), *image_size)}"
+        else:
+            region = np.zeros((g, g), dtype=bool)
+            region[int(r.row):int(r.row) + int(r.window), int(r.col):int(r.col) + int(r.window)] = True
+            place = f"the box at {box_words(r, int(r.grid), *image_size)}"
+        lc, rc = region_lift(*cand[r.method], rows, ci, region, weights)
+        lb, rb = region_lift(*base[r.method], rows, ci, region, weights)
         ratio = lc / lb
         with np.errstate(divide="ignore", invalid="ignore"):
             dist = rc / rb
@@ -601,10 +627,11 @@ def change_checks(flagged: pd.DataFrame, base: dict[str, tuple[np.ndarray, np.nd
         lo, hi = (np.quantile(finite, [alpha, 1 - alpha]) if finite.size else (np.nan, np.nan))
         outcome, status = _one_sided(bool(ratio > max_ratio), lo, max_ratio, "interval", severity)
         where, key, value = _class_slice(r.class_name, r.slice_key, r.slice_value)
-        msg = (f"{where}: the candidate's {r.method} lift in the box at {box_words(r, int(r.grid), *image_size)} "
+        msg = (f"{where}: the candidate's {r.method} lift in {place} "
                f"is {lc:.3g}, the baseline's on the same examples {lb:.3g}: ratio {ratio:.3g} ({level:.0%} CI "
                f"[{lo:.3g}, {hi:.3g}], n={len(rows)}); required at most {max_ratio:g}: {outcome}")
-        checks.append(Check(key, value, f"{r.method}.hotspot_lift_ratio", "", "upper", float(ratio), float(lo),
+        metric = f"{r.method}.hotspot_cells_ratio" if cells else f"{r.method}.hotspot_lift_ratio"
+        checks.append(Check(key, value, metric, "", "upper", float(ratio), float(lo),
                             float(hi), float(max_ratio), "interval", severity, outcome, status, msg))
     return checks
 

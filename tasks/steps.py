@@ -22,6 +22,7 @@ from .config import AuditConfig, ReviewConfig, new_run_id
 from .data import REJECT_SCHEMA, ingest, shard_rows
 from .devices import device_pool
 from .errors import XAuditError
+from .estimate import last_estimate
 from .stopping import RunInterrupted
 from .io import sha256_file, sha256_json, write_json
 from .attribution import METHODS
@@ -143,7 +144,12 @@ def publish_run(run_id: str, config: AuditConfig, remote: str | None) -> str | N
 def preflight(config: AuditConfig) -> dict[str, Any]:
     """Check the whole config, the model (a probe forward) and the data's schema before any work; returns the
     model card as a dict. Nothing is written."""
-    return checks.preflight_audit(config, load=cached_model).cards["model"].to_dict()
+    from prefect.logging import get_run_logger
+    done = checks.preflight_audit(config, load=cached_model)
+    line = done.estimates["model"].line()
+    get_run_logger().info(line)
+    progress.note("estimate", line)
+    return done.cards["model"].to_dict()
 
 
 @task(name="preflight-review")
@@ -306,9 +312,12 @@ def write_manifest(run: dict[str, str], config: AuditConfig, card: dict[str, Any
     model_card, device = ModelCard.from_dict(card), pick_device(config.device)
     manifest = outputs.build_manifest(run["run_id"], datetime.fromisoformat(run["started"]), config, model_card,
                                       data_identity, run["flow_run_id"], str(device), run["run_dir"], verdict)
+    model = cached_model(model_card, device)                           # (the preflight's, cached)
     if any(METHODS[m].layer for m in config.attribution.methods):      # which layer the CAM maps are of
-        model = cached_model(model_card, device)                       # (the preflight's, cached)
         manifest["cam_layer"] = layer_name(model, model_card.target_layer, probe_inputs(model_card, 1, 1, device))
+    estimate = last_estimate(model)
+    if estimate is not None:                                           # what the preflight said it would cost
+        manifest["estimate"] = estimate.to_dict()
     inputs = [(data["source"], "data.path"), (card["weights"], "model.weights")]
     if config.model.card is not None:
         inputs.append((str(config.model.card), "model.card"))

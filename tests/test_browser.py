@@ -357,3 +357,28 @@ def test_a_check_on_a_slice_without_metric_rows_is_listed_with_its_statistic(aud
     names = browser.metric_names(scalar, [check])
     assert "saliency.hotspot_lift" in names and browser.default_metric([check], names, "accuracy") == "saliency.hotspot_lift"
     assert browser.default_metric([], names, "accuracy") == "accuracy"
+
+
+def test_a_gallery_image_enlarges_on_click_and_carries_the_pixels_to_show_enlarged(chrome, tmp_path):
+    """The static gallery (the printed one): a click on an input or an overlay enlarges it over the page, a click
+    elsewhere puts it back; its pixels are twice the card's size, so the enlarged image is not a blur of a
+    thumbnail."""
+    import io
+
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    run = build(tmp_path / "golden-run", colour=64)
+    path = Path(render_report(run, ("html",))["html"])
+    d = open_report(chrome, path)
+    img = d.find_elements(By.CSS_SELECTOR, ".gallery .card img.zoom")[1]
+    d.execute_script("arguments[0].scrollIntoView()", img)
+    width = "return arguments[0].getBoundingClientRect().width"
+    small = d.execute_script(width, img)
+    img.click()
+    big = d.execute_script(width, img)
+    assert big >= 4 * small, (small, big)
+    d.find_element(By.TAG_NAME, "h1").click()
+    assert d.execute_script(width, img) == small
+    data = base64.b64decode(img.get_attribute("src").split(",", 1)[1])
+    assert Image.open(io.BytesIO(data)).size[0] >= 2 * small
+    assert_quiet_and_offline(d, path)

@@ -89,10 +89,12 @@ def test_an_artefact_no_map_shows_is_flagged_by_a_property_and_confirmed(audited
     assert families.ground_truth(made / f"clean_{SEED}.json", family) < 0.02
 
 
-@pytest.mark.parametrize("family", ["blur", "brighter", "jpeg", "noise"])
-def test_the_review_against_the_clean_twin_fails_on_the_intervention_change(audited, families, family, tmp_path):
-    """The review step on the two audits of the same data: the candidate's confirmed property is one the clean
-    twin does not follow, so the review FAILS on the change of the intervention's effect."""
+@pytest.mark.parametrize("family", ["fixed_block", "moving_block", "frame", "blur", "brighter", "jpeg", "noise"])
+def test_the_review_against_the_clean_twin_fails_on_the_explanation_or_intervention_change(audited, families,
+                                                                                           family, tmp_path):
+    """The review step on the two audits of the same data: where the candidate's audit found (and confirmed) a
+    shortcut the clean twin does not have, the review FAILS on the change: the lift in the candidate's box or
+    hot cells against the twin's maps there, or the property intervention's effect against the twin's."""
     from xaudit.tasks.config import ReviewConfig
     from xaudit.tasks.review import review_runs
     run = audited[(family, "candidate")]
@@ -105,6 +107,6 @@ def test_the_review_against_the_clean_twin_fails_on_the_intervention_change(audi
     cfg["candidate"] = {"card": str(models / f"{family}_candidate_{SEED}.json")}
     review_runs(audited[(family, "clean")], run, ReviewConfig.model_validate(cfg), tmp_path, f"review-{family}")
     checks = json.loads((tmp_path / "validation.json").read_text())["checks"]
-    changed = [c for c in checks if c["metric"].endswith(".effect_change")]
-    assert changed and all(c["slice_value"].split("&")[0] == str(families.CLASS) for c in changed)
-    assert any(c["status"] == "FAIL" and c["ci_low"] > 0.05 for c in changed), changed
+    changed = [c for c in checks if c["metric"].endswith(("_ratio", ".effect_change")) and c["status"] == "FAIL"]
+    assert any(c["slice_value"].split("&")[0] == str(families.CLASS) for c in changed), \
+        [c for c in checks if c["metric"].endswith(("_ratio", ".effect_change"))]
