@@ -198,9 +198,16 @@ def _confirm_candidates(run_dir: Path, config: AuditConfig, card: ModelCard, pre
         if len(tx) < 2 or not dx:
             got = shortcuts.confirm(predict, torch.zeros(0), torch.zeros(0), None, 0, 0, 0.95, 0, spec.min_effect)
         else:
+            core = None
+            if r.kind not in ("cells", "cluster"):       # the box itself: its growth may take in the object
+                g = regions[r.name].shape[0]
+                box = np.zeros((g, g), dtype=bool)
+                box[int(r.row):int(r.row) + int(r.height), int(r.col):int(r.col) + int(r.width)] = True
+                core = shortcuts.cells_to_pixels(box, h, w)
             got = shortcuts.confirm(predict, torch.stack(tx), torch.stack(dx),
                                     shortcuts.cells_to_pixels(regions[r.name], h, w), int(r.class_index),
-                                    spec.replicates, config.metrics.confidence_level, config.seed, spec.min_effect)
+                                    spec.replicates, config.metrics.confidence_level, config.seed, spec.min_effect,
+                                    spec.min_consistency, core)
         got["region_cells"] = int(regions[r.name].sum())
         for k, v in got.items():
             table.at[r.name, k] = v

@@ -44,6 +44,7 @@ def environment() -> Environment:
     env.filters["signed"] = lambda x, d=3: fixed(x, d, signed=True)
     env.filters["pct"] = lambda x: "–" if x is None or not np.isfinite(x) else f"{100 * x:.1f}%"
     env.filters["wbr"] = breakable
+    env.filters["wrap_long"] = long_words
     return env
 
 
@@ -51,8 +52,25 @@ def breakable(name: Any) -> Markup:
     """`name` (escaped) with a line-break opportunity after each '.', '_', '&', '=' and '/': a long metric,
     method, class or slice name ('integrated_gradients.abs_completeness_delta') wraps inside its table cell
     instead of widening the table past the page, and short words keep their width."""
-    text = str(escape("" if name is None else name))
-    return Markup(re.sub(r"([._&=/])", r"\1<wbr>", text))
+    parts = re.split(r"(?<=[._&=/])", "" if name is None else str(name))       # break after, escape each part
+    return Markup('<span class="name">' + "<wbr>".join(str(escape(p)) for p in parts) + "</span>")
+
+
+def long_words(text: Any, longest: int = 24) -> Markup:
+    """`text` (escaped) with line-break opportunities inside each word longer than `longest` characters only:
+    after its '.', '_', '&', '=', '/' and '-', and every 16 characters of a stretch without them (a slice value
+    such as 'clinic_042_extremely_long_identifier...' in a check's reason wraps in its cell instead of widening
+    the table past the page; numbers and ordinary words are left whole)."""
+    out = []
+    for token in re.split(r"(\s+)", "" if text is None else str(text)):
+        if len(token) <= longest or token.isspace():
+            out.append(str(escape(token)))
+            continue
+        pieces = []
+        for part in re.split(r"(?<=[._&=/-])", token):
+            pieces += [part[i:i + 16] for i in range(0, len(part), 16)] or [""]
+        out.append("<wbr>".join(str(escape(p)) for p in pieces))
+    return Markup("".join(out))
 
 
 def fixed(x: Any, digits: int = 3, signed: bool = False) -> str:

@@ -701,8 +701,8 @@ def roi_gap_checks(roi_mass: dict[str, np.ndarray], classes: dict[str, np.ndarra
 # take the region away from the class's images (replaced by another class's pixels) and count how many leave
 # the class. The verdict gates on the paired difference of flip rates, with a Poisson-bootstrap interval.
 
-CONFIRM_COLUMNS = ["region_cells", "n_targets", "flip_rate", "control_flip_rate", "effect", "effect_ci_low", "effect_ci_high",
-                   "removal_drop", "confirmed"]
+CONFIRM_COLUMNS = ["region_cells", "n_targets", "flip_rate", "control_flip_rate", "effect", "effect_ci_low",
+                   "effect_ci_high", "removal_drop", "consistency", "confirmed"]
 
 
 def _seeded_order(ids: Sequence[str], seed: int, salt: str) -> list[str]:
@@ -723,7 +723,7 @@ def intervention_sets(labels: np.ndarray, predictions: np.ndarray, ids: Sequence
 
 
 def confirm(predict, targets, donors, region, class_index: int, replicates: int, level: float, seed: int,
-            min_effect: float) -> dict:
+            min_effect: float, min_consistency: float = 0.5, core=None) -> dict:
     """Return the intervention's figures for one candidate region (`region`: (H, W) bool) of class
     `class_index`: `targets` (T, C, H, W) are other-class inputs, `donors` (D, C, H, W) the class's own; all
     normalised model inputs. `predict(x) -> (N,) predicted classes`.
@@ -732,19 +732,42 @@ def confirm(predict, targets, donors, region, class_index: int, replicates: int,
     control_flip_rate  the same with the region taken from another target (any paste there, no class content)
     effect             flip_rate - control_flip_rate (paired per target), with a percentile interval
     removal_drop       share of donors no longer predicted as the class once the region holds a target's pixels
-    confirmed          the whole interval of `effect` above `min_effect` (the estimate, without replicates)
+    consistency        how alike the region (`core`, when given: the box that nominated a grown region) is
+                       across the class's images (`consistency`)
+    confirmed          the whole interval of `effect` above `min_effect` (the estimate, without replicates), and
+                       a consistent pattern (at least `min_consistency`), not the class's own object
     """
     import torch
     t, d = len(targets), len(donors)
     if t < 2 or d < 1:
-        return {**paired_effect(None, None, None, replicates, level, seed, min_effect), "n_targets": t}
+        return {**paired_effect(None, None, None, replicates, level, seed, min_effect), "n_targets": t,
+                "consistency": float("nan")}
     mask = torch.as_tensor(region, device=targets.device)[None, None]
     paired = donors[torch.arange(t) % d]
     controls = targets.roll(1, 0)
     flips = (predict(torch.where(mask, paired, targets)) == class_index).double().cpu().numpy()
     ctrl = (predict(torch.where(mask, controls, targets)) == class_index).double().cpu().numpy()
     stays = (predict(torch.where(mask, targets[torch.arange(d) % t], donors)) == class_index).double().cpu().numpy()
-    return paired_effect(flips, ctrl, stays, replicates, level, seed, min_effect)
+    got = paired_effect(flips, ctrl, stays, replicates, level, seed, min_effect)
+    got["consistency"] = consistency(donors, targets, region if core is None else core)
+    got["confirmed"] = bool(got["confirmed"] and np.isfinite(got["consistency"])
+                            and got["consistency"] >= min_consistency)
+    return got
+
+
+def consistency(donors, targets, region) -> float:
+    """How much alike the region's pixels are across the class's images, against across other classes':
+    1 - (mean per-pixel spread over donors) / (the same over targets). A tag, a stamp, a frame, a ruler is the
+    same pattern on every image of the class (near 1); the class's own object, wherever a cluster of its
+    images holds it, varies in colour, size and background like anything else there (near 0): pasting an
+    object turns images into its class, which says nothing about a shortcut."""
+    import torch
+    where = torch.as_tensor(region, device=donors.device)
+    if len(donors) < 2 or len(targets) < 2 or not bool(where.any()):
+        return float("nan")
+    spread_d = donors[:, :, where].double().std(0).mean().item()
+    spread_t = targets[:, :, where].double().std(0).mean().item()
+    return float(1 - spread_d / spread_t) if spread_t > 0 else float("nan")
 
 
 def paired_effect(flips, ctrl, stays, replicates: int, level: float, seed: int, min_effect: float) -> dict:
@@ -779,11 +802,18 @@ def confirmation_words(r, what: str | None = None) -> str:
                     "so this one is a WARN until it is")
         return "; intervention not possible (too few examples of the class or of the others)"
     what = what or f"the box (grown to {int(r.region_cells)} cells where this class's lift stays high)"
+    pattern = ""
+    if "consistency" in r.index and pd.notna(r.consistency):
+        pattern = (f"; what is there is alike on the class's images (consistency {r.consistency:.2f}): a pattern"
+                   if r.confirmed or r.consistency >= 0.5 else
+                   f"; but what is there varies across the class's images as it does across other classes' "
+                   f"(consistency {r.consistency:.2f}): the class's own object where this group of its images "
+                   f"holds it, not a pattern added to them")
     return (f"; {'confirmed' if r.confirmed else 'NOT confirmed'} by intervention: pasting {what} from this "
             f"class's images onto {int(r.n_targets)} images of other classes turned {r.flip_rate:.0%} of them "
             f"into this class ({r.control_flip_rate:.0%} for the same paste from other classes: effect "
             f"{r.effect:+.2f}, CI [{r.effect_ci_low:+.2f}, {r.effect_ci_high:+.2f}]), and taking it away changed "
-            f"{r.removal_drop:.0%} of the class's own predictions")
+            f"{r.removal_drop:.0%} of the class's own predictions{pattern}")
 
 
 def candidate_region(mass: np.ndarray, classes: np.ndarray, rows: np.ndarray, class_index: int, row,

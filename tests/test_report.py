@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from synthetic_run import build, build_review
 from xaudit.tasks.report import DataOnlyFetcher, render_html, render_pdf, render_report, render_review
 
@@ -302,3 +303,82 @@ def test_the_class_maps_are_shown_once_when_the_first_slice_is_the_true_class(tm
     html = render_html(run)
     assert "Mean attribution map per true class and method" in html
     assert "Mean attribution map per label_name" not in html
+
+
+# --- the golden colour review: real models and data (data/golden_colour.py) ---------------------------------
+
+@pytest.fixture(scope="session")
+def golden_colour(prefect_harness, tmp_path_factory):
+    """data/golden_colour.py run once: a real audit (HTML and PDF) and a real review of two training seeds on
+    224x224 colour photos with long class names, long slice values and the longest statistic names."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("golden_colour", ROOT / "data" / "golden_colour.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run(tmp_path_factory.mktemp("golden-colour"))
+
+
+def images_outside_their_boxes(html: str) -> list[str]:
+    """Lay `html` out as the PDF is (WeasyPrint) and return every image whose border box leaves the card or
+    shortcut block that holds it, or the page's content area."""
+    import weasyprint
+
+    from xaudit.tasks.report import DataOnlyFetcher
+    doc = weasyprint.HTML(string=html, url_fetcher=DataOnlyFetcher()).render()
+    bad: list[str] = []
+
+    def edges(box):
+        x, y = box.border_box_x(), box.border_box_y()
+        return x, y, x + box.border_width(), y + box.border_height()
+
+    def walk(box, holder, page, number):
+        element = getattr(box, "element", None)
+        classes = (element.get("class") or "").split() if element is not None else []
+        if getattr(box, "element_tag", None) == "div" and {"card", "shortcut"} & set(classes) and \
+                (holder is None or holder.element is not element):      # the block, not its line boxes
+            holder = box
+        if getattr(box, "element_tag", None) == "img":
+            x0, y0, x1, y1 = edges(box)
+            for name, outer in (("its card", holder), ("the page", page)):
+                if outer is None:
+                    continue
+                a0, b0, a1, b1 = edges(outer)
+                if x0 < a0 - 0.5 or y0 < b0 - 0.5 or x1 > a1 + 0.5 or y1 > b1 + 0.5:
+                    bad.append(f"page {number}: {element.get('alt')!r} at x {x0:.0f}-{x1:.0f}, y {y0:.0f}-{y1:.0f} "
+                               f"leaves {name} (x {a0:.0f}-{a1:.0f}, y {b0:.0f}-{b1:.0f})")
+        for child in getattr(box, "children", None) or []:
+            walk(child, holder, page, number)
+    for number, page in enumerate(doc.pages, 1):
+        root = page._page_box
+        walk(root, None, root.children[0] if root.children else None, number)
+    return bad
+
+
+@pytest.mark.parametrize("kind", ["audit", "review"])
+def test_golden_colour_pdfs_keep_every_word_on_the_page_and_every_image_in_its_card(golden_colour, kind):
+    from xaudit.tasks import report
+    if not shutil.which("pdftotext"):
+        pytest.skip("poppler-utils (pdftotext) not installed")
+    folder = golden_colour[kind]
+    pdf = folder / ("report.pdf" if kind == "audit" else "review.pdf")
+    assert pdf.is_file()
+    assert _words_past_the_edge(pdf) == []
+    context = report.report_context(folder, browse=False) if kind == "audit" else \
+        report.review_context(folder, browse=False)
+    html = report._documents("report.html.j2" if kind == "audit" else "review.html.j2", context, ("pdf",))["pdf"]
+    assert "<img" in html
+    assert images_outside_their_boxes(html) == []
+    text = subprocess.run(["pdftotext", str(pdf), "-"], capture_output=True, text=True, check=True).stdout
+    flat = text.replace("\n", "").replace(" ", "").replace("-", "")
+    assert "abs_completeness_delta".replace("_", "") in flat.replace("_", "")
+    assert "Süd" in text
+
+
+def test_the_layout_check_sees_an_image_past_its_card(tmp_path):
+    """The image check above can fail: a card image forced wider than its card is reported."""
+    html = ('<html><head><style>@page { size: A4; margin: 1cm } .card { width: 100px; border: 1px solid #000 }'
+            '.card img { width: 300px; height: 20px }</style></head><body><div class="card">'
+            '<img alt="too wide" src="data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk'
+            '+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="></div></body></html>')
+    bad = images_outside_their_boxes(html)
+    assert bad and "too wide" in bad[0] and "its card" in bad[0]

@@ -180,7 +180,9 @@ def test_stamp_review_fails_on_the_explanation_change_not_on_accuracy(prefect_ha
     review_checks = json.loads((tmp_path / "stamp" / "validation.json").read_text())["checks"]
     failed = [c for c in review_checks if c["status"] == "FAIL"]
     assert result["verdict"] == "FAIL" and failed
-    assert all(c["metric"].endswith(".hotspot_lift_ratio") for c in failed)
+    assert all(c["metric"].endswith((".hotspot_lift_ratio", ".hotspot_cells_ratio")) for c in failed)
+    assert any(c["metric"].endswith(".hotspot_lift_ratio") for c in failed)
+    assert all(c["slice_value"].split("&")[0] == "7" for c in failed)
     assert not [c for c in review_checks if c["metric"] == "delta.accuracy" and c["status"] == "FAIL"]
     html = (tmp_path / "stamp" / "candidate" / "report.html").read_text()
     assert "shortcut candidate: class 7" in html
