@@ -263,10 +263,11 @@ class ShortcutSpec(_Strict):
     max_property_candidates: int = Field(24, ge=0, le=1000, description="property candidates tested by "
                                          "intervention per audit at most (each class's strongest first): each "
                                          "costs 3 forwards per test image; an untested candidate is a WARN")
-    min_consistency: float = Field(0.5, ge=0, le=1, description="and a map candidate's region must be alike "
-                                   "across the class's images (1 - their per-pixel spread there over other "
-                                   "classes'): a tag, stamp or frame is; the class's own object is not, and pasting "
-                                   "it turns images into its class without saying anything about a shortcut")
+    min_consistency: float = Field(0.75, ge=0, le=1, description="and a map candidate's region must hold a "
+                                   "pattern alike on the class's images: 1 - the 5% quantile, over the region's "
+                                   "pixels, of the class's per-pixel spread over other classes'. A tag, stamp or "
+                                   "frame is alike (near 1); the class's own object is not, and pasting it turns "
+                                   "images into its class without saying anything about a shortcut")
     gate_on: Literal["estimate", "interval"] = "interval"
     severity: Literal["fail", "warn"] = "fail"
 

@@ -723,7 +723,7 @@ def intervention_sets(labels: np.ndarray, predictions: np.ndarray, ids: Sequence
 
 
 def confirm(predict, targets, donors, region, class_index: int, replicates: int, level: float, seed: int,
-            min_effect: float, min_consistency: float = 0.5, core=None) -> dict:
+            min_effect: float, min_consistency: float = 0.75, core=None) -> dict:
     """Return the intervention's figures for one candidate region (`region`: (H, W) bool) of class
     `class_index`: `targets` (T, C, H, W) are other-class inputs, `donors` (D, C, H, W) the class's own; all
     normalised model inputs. `predict(x) -> (N,) predicted classes`.
@@ -755,19 +755,25 @@ def confirm(predict, targets, donors, region, class_index: int, replicates: int,
     return got
 
 
-def consistency(donors, targets, region) -> float:
-    """How much alike the region's pixels are across the class's images, against across other classes':
-    1 - (mean per-pixel spread over donors) / (the same over targets). A tag, a stamp, a frame, a ruler is the
-    same pattern on every image of the class (near 1); the class's own object, wherever a cluster of its
-    images holds it, varies in colour, size and background like anything else there (near 0): pasting an
-    object turns images into its class, which says nothing about a shortcut."""
+def consistency(donors, targets, region, share: float = 0.05) -> float:
+    """Whether the region holds a pattern alike on the class's images: per pixel, the spread of the class's
+    images (donors) over the spread of other classes' (targets) there; the region's most alike `share` of
+    pixels decides: 1 - that quantile of the ratio. A tag, stamp, frame or ruler is the same pattern on every
+    image of the class, so at least its own pixels are near 0 (near 1 here) even when the region is much
+    larger than it (cells of a coarse grid around a small tag, a cluster's cells around a tag that moves); the class's own object, wherever a cluster of its
+    images holds it, varies in colour, size and background like anything else there (well below 1): pasting
+    an object turns images into its class, which says nothing about a shortcut."""
     import torch
     where = torch.as_tensor(region, device=donors.device)
     if len(donors) < 2 or len(targets) < 2 or not bool(where.any()):
         return float("nan")
-    spread_d = donors[:, :, where].double().std(0).mean().item()
-    spread_t = targets[:, :, where].double().std(0).mean().item()
-    return float(1 - spread_d / spread_t) if spread_t > 0 else float("nan")
+    spread_d = donors[:, :, where].double().std(0).mean(0)            # per pixel, averaged over channels
+    spread_t = targets[:, :, where].double().std(0).mean(0)
+    ok = spread_t > 1e-9
+    if not bool(ok.any()):
+        return float("nan")
+    ratio = (spread_d[ok] / spread_t[ok]).cpu().numpy()
+    return float(1 - np.quantile(ratio, share))
 
 
 def paired_effect(flips, ctrl, stays, replicates: int, level: float, seed: int, min_effect: float) -> dict:
@@ -805,7 +811,7 @@ def confirmation_words(r, what: str | None = None) -> str:
     pattern = ""
     if "consistency" in r.index and pd.notna(r.consistency):
         pattern = (f"; what is there is alike on the class's images (consistency {r.consistency:.2f}): a pattern"
-                   if r.confirmed or r.consistency >= 0.5 else
+                   if r.confirmed or r.consistency >= 0.75 else
                    f"; but what is there varies across the class's images as it does across other classes' "
                    f"(consistency {r.consistency:.2f}): the class's own object where this group of its images "
                    f"holds it, not a pattern added to them")
