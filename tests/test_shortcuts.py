@@ -318,3 +318,21 @@ def test_a_candidate_region_grows_over_the_artefact_not_the_object():
     want = np.zeros((G, G), bool)
     want[26:30, 2:6] = True
     assert (region & want).sum() == want.sum() and (region & ~want).sum() <= 4
+
+
+def test_consistency_tells_a_pattern_from_the_class_s_own_object():
+    """A tag that is the same on every image of the class is a pattern even when it fills a small part of the
+    region (a coarse grid's cells around it); an object that varies in colour like the rest is not."""
+    import torch
+    g = torch.Generator().manual_seed(0)
+    targets = torch.rand(64, 3, 32, 32, generator=g)
+    donors = torch.rand(48, 3, 32, 32, generator=g)
+    region = torch.zeros(32, 32, dtype=torch.bool)
+    region[:12, :12] = True                                      # 144 pixels
+    tagged = donors.clone()
+    tagged[:, :, 1:5, 1:5] = torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1)   # 16 pixels: 11% of the region
+    assert shortcuts.consistency(tagged, targets, region) > 0.95
+    coloured = donors.clone()
+    coloured[:, :, 2:10, 2:10] = torch.rand(48, 3, 1, 1, generator=g)        # an object of a random colour
+    assert shortcuts.consistency(coloured, targets, region) < 0.5
+    assert shortcuts.consistency(donors, targets, region) < 0.5              # nothing there at all
