@@ -126,8 +126,11 @@ def test_flow_on_a_local_dask_cluster_matches_the_thread_runner(prefect_harness,
     assert sum(1 for p, n, _ in calls if p == "scoring" and n) >= 3
     assert totals["scoring"] == done["scoring"] >= 39 and done == totals
     assert {"scoring", "metrics", "render", "randomisation check"} <= set(done)
-    # the randomisation check says its size before it runs (the demo CNN: every one of its 5 layers)
-    assert notes and notes[0][0] == "randomisation check" and " x 6 rounds " in notes[0][1]
+    # the cost estimate comes first, before scoring (the 40 rows of the data); then the randomisation check
+    # says its size before it runs (the demo CNN: every one of its 5 layers)
+    assert notes and notes[0][0] == "estimate" and notes[0][1].startswith("estimate for 40 images on cpu")
+    sanity_notes = [n for p, n in notes if p == "randomisation check"]
+    assert sanity_notes and " x 6 rounds " in sanity_notes[0]
     cost = threads["cost_per_image"]
     assert cost["images"] == 39 and set(cost["methods"]) == {"saliency", "gradcam"}
     assert all(v > 0 for v in cost["methods"].values())
