@@ -65,6 +65,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(fn, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def estimate_cost(model: nn.Module, card: ModelCard, device: torch.device, config: AuditConfig,
                   n_images: int, probe: int = PROBE_IMAGES) -> Estimate:
     """Measure the configured work on `probe` probe images and scale it to `n_images` (memoised per model and
@@ -84,20 +91,21 @@ def estimate_cost(model: nn.Module, card: ModelCard, device: torch.device, confi
         return attribute(model, xs, methods, target=ts, params={m: spec.params.get(m, {}) for m in methods},
                          target_layer=card.target_layer, seed=config.seed, max_batch=spec.max_batch,
                          max_elements=spec.max_elements, example_keys=keys).attributions
+    # each figure is the fastest of repeated runs after a warm-up: a one-off stall (the first call of a kernel,
+    # another process taking the cores for a moment) would otherwise be multiplied by every image
     with torch.inference_mode():
         model(x)                                               # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        model(x)
-        _sync(device)
-        forward = (time.perf_counter() - t0) / probe
+        forward = min(_timed(lambda: model(x), device) for _ in range(3)) / probe
     attribute(model, x[:1], list(spec.methods), params=params, target_layer=card.target_layer, seed=config.seed,
               max_batch=spec.max_batch, max_elements=spec.max_elements)            # warm-up
-    t0 = time.perf_counter()
-    res = attribute(model, x, list(spec.methods), params=params, target_layer=card.target_layer, seed=config.seed,
-                    max_batch=spec.max_batch, max_elements=spec.max_elements)
-    _sync(device)
-    attributions = (time.perf_counter() - t0) / probe
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        res = attribute(model, x, list(spec.methods), params=params, target_layer=card.target_layer,
+                        seed=config.seed, max_batch=spec.max_batch, max_elements=spec.max_elements)
+        _sync(device)
+        runs.append(time.perf_counter() - t0)
+    attributions = min(runs) / probe
     checks = 0.0
     if quality.checks:
         maps = {m: display_heatmap(raw, card.input_size) for m, raw in res.attributions.items()}
