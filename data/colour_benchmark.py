@@ -253,11 +253,6 @@ def audit_config(card: Path, data: Path, out: Path, run_id: str) -> dict:
             "history": {"enabled": False}, "output_dir": str(out), "run_id": run_id}
 
 
-def shortcut_checks(run_dir: Path) -> list[dict]:
-    checks = json.loads((Path(run_dir) / "validation.json").read_text())["checks"]
-    return [c for c in checks if c["kind"] in ("hotspot", "hotspot_cells", "property")]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[1])
@@ -265,6 +260,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     args = p.parse_args()
     sys.path.insert(0, str(ROOT.parent))
+    sys.path.insert(0, str(ROOT))
+    from shortcut_families import shortcut_checks      # the same table row as the digit families
     from xaudit.flows.audit import audit
     from xaudit.tasks.config import AuditConfig
     work = Path(tempfile.mkdtemp(prefix="xaudit-colour-"))
